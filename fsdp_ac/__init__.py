@@ -1,0 +1,35 @@
+"""fsdp_ac: activation checkpointing and offloading for PyTorch distributed training.
+
+A drop-in for ``torch.distributed.algorithms._checkpoint.checkpoint_wrapper`` whose wrapped models
+keep the names, state dicts and optimizer ``param_names`` of the unwrapped model.
+
+Example:
+    >>> from fsdp_ac import apply_activation_checkpointing, checkpoint_wrapper
+"""
+
+from fsdp_ac.memory import ActivationMemoryMeter
+from fsdp_ac.names import clean_name, clean_state_dict
+from fsdp_ac.wrappers import (
+    ActivationWrapper,
+    CheckpointImpl,
+    CheckpointWrapper,
+    OffloadWrapper,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+    offload_wrapper,
+)
+
+__all__ = [
+    "ActivationMemoryMeter",
+    "ActivationWrapper",
+    "CheckpointImpl",
+    "CheckpointWrapper",
+    "OffloadWrapper",
+    "apply_activation_checkpointing",
+    "checkpoint_wrapper",
+    "clean_name",
+    "clean_state_dict",
+    "offload_wrapper",
+]
+
+__version__ = "0.1.0"
