@@ -122,6 +122,7 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
                 "CheckpointImpl.NO_REENTRANT (recommended) or CheckpointImpl.REENTRANT."
             )
         self.checkpoint_impl = checkpoint_impl
+        self.checkpoint_fn: partial[Any]
         if checkpoint_fn is None:
             if "use_reentrant" in checkpoint_fn_kwargs:
                 raise TypeError(

@@ -1,0 +1,34 @@
+# Make targets are the interface: CI and the README call these.
+PYTHON ?= python
+NPROC ?= 2
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test test-unit test-distributed bench lint
+
+# Uses the torch already installed; installs the CPU wheel torch==2.13.0 only when there is none,
+# so that the range in setup.cfg never pulls a multi-GB CUDA build.
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -q -e ".[test,dev]"
+
+# The main job: a small GPT trained under torchrun with FSDP2, without and with fsdp_ac.
+demo: install
+	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) scripts/demo.py
+
+# The whole suite: single-process tests and the multi-rank tests (2 ranks, gloo on CPU).
+test: install
+	$(PYTHON) -m pytest -n 2 tests
+
+test-unit: install
+	$(PYTHON) -m pytest -n 2 tests --ignore=tests/distributed
+
+test-distributed: install
+	FSDP_AC_NPROC=$(NPROC) $(PYTHON) -m pytest tests/distributed
+
+bench: install
+	$(PYTHON) scripts/benchmark.py
+
+lint: install
+	$(PYTHON) -m ruff check fsdp_ac tests scripts
+	$(PYTHON) -m ruff format --check fsdp_ac
+	$(PYTHON) -m mypy
