@@ -242,18 +242,29 @@ def offload_wrapper(
 def _policy_targets(
     model: nn.Module, check_fn: Callable[[nn.Module], bool], auto_wrap_policy: Any
 ) -> list[nn.Module]:
-    """Returns the modules to wrap, children before parents, never the root or a wrapper."""
+    """Returns the modules to wrap, children before parents.
+
+    Never the root, a wrapper, or a module a wrapper already holds: applying twice does not nest.
+    """
     from torch.distributed.fsdp.wrap import _Policy
 
+    order = _post_order(model)
+    already_wrapped = {
+        getattr(m, WRAPPED_MODULE_ATTR) for m in order if isinstance(m, _torch_wrappers.ActivationWrapper)
+    }
+
+    def eligible(module: nn.Module) -> bool:
+        return (
+            module is not model
+            and module not in already_wrapped
+            and not isinstance(module, _torch_wrappers.ActivationWrapper)
+        )
+
     if auto_wrap_policy is None:
-        return [
-            m
-            for m in _post_order(model)
-            if m is not model and not isinstance(m, _torch_wrappers.ActivationWrapper) and check_fn(m)
-        ]
+        return [m for m in order if eligible(m) and check_fn(m)]
     if isinstance(auto_wrap_policy, _Policy):
         chosen = auto_wrap_policy._run_policy(model, ignored_modules=set(), root_kwargs={})
-        return [m for m in _post_order(model) if m in chosen and m is not model]
+        return [m for m in order if m in chosen and eligible(m)]
     if not callable(auto_wrap_policy):
         raise TypeError(
             f"auto_wrap_policy must be an FSDP policy object or a callable "
@@ -261,22 +272,25 @@ def _policy_targets(
         )
     chosen_list: list[nn.Module] = []
 
-    def visit(module: nn.Module, is_root: bool) -> int:
+    def visit(module: nn.Module) -> int:
         """Mirrors FSDP's recursive auto-wrap; returns the parameter count it wrapped."""
         numel = sum(p.numel() for p in module.parameters())
         if not auto_wrap_policy(module=module, recurse=True, nonwrapped_numel=numel):
             return 0
-        wrapped = sum(visit(child, False) for child in module.children())
-        if not is_root and auto_wrap_policy(module=module, recurse=False, nonwrapped_numel=numel - wrapped):
+        wrapped = sum(visit(child) for child in module.children())
+        if module is not model and auto_wrap_policy(
+            module=module, recurse=False, nonwrapped_numel=numel - wrapped
+        ):
             chosen_list.append(module)
             return numel
         return wrapped
 
-    visit(model, True)
-    return [m for m in chosen_list if not isinstance(m, _torch_wrappers.ActivationWrapper)]
+    visit(model)
+    return [m for m in chosen_list if eligible(m)]
 
 
 def _post_order(module: nn.Module) -> list[nn.Module]:
+    """Every module reachable from ``module`` once, children before parents."""
     seen: set[nn.Module] = set()
     order: list[nn.Module] = []
 
@@ -324,8 +338,10 @@ def apply_activation_checkpointing(
     targets = _policy_targets(model, check_fn, auto_wrap_policy)
     parents: dict[nn.Module, list[tuple[nn.Module, str]]] = {}
     for parent in _post_order(model):
-        for name, child in parent.named_children():
-            parents.setdefault(child, []).append((parent, name))
+        # _modules, not named_children(): a module shared by two slots must be wrapped in both.
+        for name, child in parent._modules.items():
+            if child is not None:
+                parents.setdefault(child, []).append((parent, name))
     for target in targets:
         wrapper = checkpoint_wrapper_fn(target)
         for parent, name in parents.get(target, []):

@@ -1,0 +1,49 @@
+"""Small models shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fsdp_ac.reference_model import GPTConfig
+
+SMALL_GPT = GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_heads=4, n_layers=2)
+
+
+class ScaledLinear(nn.Module):
+    """Owns a parameter directly and another through a child."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((n_out,), 2.0))
+        self.linear = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.gain
+
+
+class ConvNet(nn.Module):
+    """A model with buffers (BatchNorm) and a block that owns a parameter directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = ScaledLinear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)).mean(dim=(2, 3)))
+
+
+class TiedHead(nn.Module):
+    """An embedding outside a wrapper tied to an output layer that gets wrapped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.out = nn.Linear(8, 16, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(self.embed(tokens)))

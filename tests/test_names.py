@@ -1,0 +1,280 @@
+"""Names through wrappers: parameters, buffers, modules, state dicts, load reports, optimizers."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from models import ConvNet, TiedHead
+from torch import nn
+from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
+
+from fsdp_ac import (
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+    clean_name,
+    clean_state_dict,
+    offload_wrapper,
+)
+from fsdp_ac.reference_model import GPT, TransformerBlock
+
+PREFIX = "_checkpoint_wrapped_module"
+
+
+def nested_wrapper(module: nn.Module) -> nn.Module:
+    return offload_wrapper(checkpoint_wrapper(module))
+
+
+WRAPPER_FNS = {
+    "checkpoint": checkpoint_wrapper,
+    "offload": offload_wrapper,
+    "offload_around_checkpoint": nested_wrapper,
+}
+
+
+def wrapped_copy(model: nn.Module, wrapper_fn, types=(TransformerBlock,)) -> nn.Module:  # type: ignore[no-untyped-def]
+    copy_ = copy.deepcopy(model)
+    apply_activation_checkpointing(copy_, checkpoint_wrapper_fn=wrapper_fn, check_fn=lambda m: isinstance(m, types))
+    return copy_
+
+
+def names(pairs) -> list[str]:  # type: ignore[no-untyped-def]
+    return [name for name, _ in pairs]
+
+
+@pytest.mark.parametrize("wrapper_name", sorted(WRAPPER_FNS))
+def test_names_from_root_match_unwrapped_model(gpt: GPT, wrapper_name: str) -> None:
+    wrapped = wrapped_copy(gpt, WRAPPER_FNS[wrapper_name])
+    assert isinstance(wrapped.layers[0], torch_wrappers.ActivationWrapper)
+    assert names(wrapped.named_parameters()) == names(gpt.named_parameters())
+    assert names(wrapped.named_parameters(remove_duplicate=False)) == names(
+        gpt.named_parameters(remove_duplicate=False)
+    )
+    assert names(wrapped.named_buffers()) == names(gpt.named_buffers())
+    assert names(wrapped.named_modules()) == names(gpt.named_modules())
+    assert list(wrapped.state_dict()) == list(gpt.state_dict())
+    for name, param in gpt.named_parameters():
+        assert torch.equal(wrapped.get_parameter(name), param)
+    for name, module in gpt.named_modules():
+        if name:
+            assert type(wrapped.get_submodule(name)) in (type(module), type(wrapped.layers[0]))
+
+
+@pytest.mark.parametrize("wrapper_name", sorted(WRAPPER_FNS))
+def test_names_from_inner_modules_match_unwrapped_model(gpt: GPT, wrapper_name: str) -> None:
+    wrapped = wrapped_copy(gpt, WRAPPER_FNS[wrapper_name])
+    for inner_wrapped, inner_plain in ((wrapped.layers, gpt.layers), (wrapped.layers[1], gpt.layers[1])):
+        assert names(inner_wrapped.named_parameters()) == names(inner_plain.named_parameters())
+        assert names(inner_wrapped.named_modules()) == names(inner_plain.named_modules())
+        assert list(inner_wrapped.state_dict()) == list(inner_plain.state_dict())
+    assert wrapped.layers[1].get_parameter("attn.qkv.weight") is wrapped.layers[1].attn.qkv.weight
+
+
+def test_named_modules_yields_wrapped_module_in_place_of_wrapper(gpt: GPT) -> None:
+    wrapped = wrapped_copy(gpt, nested_wrapper)
+    modules = dict(wrapped.named_modules())
+    assert isinstance(modules["layers.0"], TransformerBlock)
+    assert modules["layers.0"] is getattr(getattr(wrapped.layers[0], PREFIX), PREFIX)
+    assert sum(isinstance(m, TransformerBlock) for m in wrapped.modules()) == len(gpt.layers)
+
+
+def test_buffers_and_direct_parameters_keep_clean_names() -> None:
+    torch.manual_seed(0)
+    plain = ConvNet()
+    wrapped = copy.deepcopy(plain)
+    wrapped.block = checkpoint_wrapper(wrapped.block)
+    wrapped.head = checkpoint_wrapper(wrapped.head)
+    assert names(wrapped.named_buffers()) == names(plain.named_buffers())
+    assert names(wrapped.named_parameters()) == names(plain.named_parameters())
+    assert "head.gain" in wrapped.state_dict()
+    assert wrapped.get_buffer("block.1.running_mean") is wrapped.block[1].running_mean
+
+
+def test_root_wrapper_names_are_clean(gpt: GPT) -> None:
+    wrapped = checkpoint_wrapper(copy.deepcopy(gpt))
+    assert names(wrapped.named_parameters()) == names(gpt.named_parameters())
+    assert list(wrapped.state_dict()) == list(gpt.state_dict())
+    result = wrapped.load_state_dict(gpt.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+
+
+def legacy_keys(state_dict: dict, levels: int) -> dict:  # type: ignore[type-arg]
+    """Spells block keys as an older tool wrote them: with the wrapper prefix, ``levels`` times."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("layers."):
+            _, index, rest = key.split(".", 2)
+            key = ".".join(["layers", index, *[PREFIX] * levels, rest])
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("levels", [0, 1, 2])
+def test_load_accepts_clean_and_legacy_keys_without_doubling(gpt: GPT, levels: int) -> None:
+    source = copy.deepcopy(gpt)
+    with torch.no_grad():
+        for param in source.parameters():
+            param.add_(1.0)
+    target = wrapped_copy(gpt, nested_wrapper)
+    result = target.load_state_dict(legacy_keys(source.state_dict(), levels), strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for (name, expected), (_, loaded) in zip(source.state_dict().items(), target.state_dict().items(), strict=True):
+        assert torch.equal(expected, loaded), name
+
+
+def test_load_reports_missing_and_unexpected_keys_in_clean_names(gpt: GPT) -> None:
+    target = wrapped_copy(gpt, checkpoint_wrapper)
+    state = legacy_keys(gpt.state_dict(), 1)
+    del state[f"layers.0.{PREFIX}.ln_1.weight"]
+    state[f"layers.1.{PREFIX}.bogus"] = torch.zeros(1)
+    result = target.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["layers.0.ln_1.weight"]
+    assert result.unexpected_keys == ["layers.1.bogus"]
+    with pytest.raises(RuntimeError) as error:
+        target.load_state_dict(state)
+    assert PREFIX not in str(error.value)
+    assert '"layers.0.ln_1.weight"' in str(error.value)
+
+
+def test_load_errors_name_tensors_in_clean_names(gpt: GPT) -> None:
+    target = wrapped_copy(gpt, checkpoint_wrapper)
+    state = gpt.state_dict()
+    state["layers.0.ln_1.weight"] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match=r"size mismatch for layers\.0\.ln_1\.weight") as error:
+        target.load_state_dict(state)
+    assert PREFIX not in str(error.value)
+
+
+def test_load_refuses_clean_and_legacy_spelling_of_one_key(gpt: GPT) -> None:
+    target = wrapped_copy(gpt, checkpoint_wrapper)
+    state = gpt.state_dict()
+    state[f"layers.0.{PREFIX}.ln_1.weight"] = state["layers.0.ln_1.weight"].clone()
+    with pytest.raises(ValueError, match="keep only one"):
+        target.load_state_dict(state)
+
+
+def torch_wrapped(model: nn.Module) -> nn.Module:
+    copy_ = copy.deepcopy(model)
+    torch_wrappers.apply_activation_checkpointing(
+        copy_, check_fn=lambda m: isinstance(m, TransformerBlock)
+    )
+    return copy_
+
+
+MODEL_KINDS = {
+    "plain": lambda m: copy.deepcopy(m),
+    "torch_wrapped": torch_wrapped,
+    "fsdp_ac_wrapped": lambda m: wrapped_copy(m, checkpoint_wrapper),
+    "fsdp_ac_nested": lambda m: wrapped_copy(m, nested_wrapper),
+}
+
+
+@pytest.mark.parametrize("source_kind", sorted(MODEL_KINDS))
+@pytest.mark.parametrize("target_kind", sorted(MODEL_KINDS))
+def test_state_dict_round_trips_bitwise(gpt: GPT, source_kind: str, target_kind: str) -> None:
+    torch.manual_seed(5)
+    other = GPT(gpt.config)
+    source = MODEL_KINDS[source_kind](other)
+    target = MODEL_KINDS[target_kind](gpt)
+    target.load_state_dict(source.state_dict(), strict=True)
+    expected = other.state_dict()
+    loaded = {clean_name(k): v for k, v in target.state_dict().items()}
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    # And back again into the source kind.
+    back = MODEL_KINDS[source_kind](gpt)
+    back.load_state_dict(target.state_dict(), strict=True)
+    for key, value in back.state_dict().items():
+        assert torch.equal(value, expected[clean_name(key)]), key
+
+
+def test_saved_metadata_uses_clean_names() -> None:
+    plain = ConvNet()
+    wrapped = copy.deepcopy(plain)
+    wrapped.block = checkpoint_wrapper(wrapped.block)
+    assert set(wrapped.state_dict()._metadata) == set(plain.state_dict()._metadata)  # type: ignore[attr-defined]
+
+
+def test_tied_weights_across_wrapper_stay_tied_and_load() -> None:
+    torch.manual_seed(0)
+    plain = TiedHead()
+    wrapped = copy.deepcopy(plain)
+    wrapped.out = checkpoint_wrapper(wrapped.out)
+    wrapped.body = checkpoint_wrapper(wrapped.body)
+    assert wrapped.out.weight is wrapped.embed.weight
+    assert names(wrapped.named_parameters()) == names(plain.named_parameters())
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    torch.manual_seed(1)
+    source = TiedHead()
+    wrapped.load_state_dict(source.state_dict())
+    assert wrapped.out.weight is wrapped.embed.weight
+    assert torch.equal(wrapped.embed.weight, source.embed.weight)
+    plain.load_state_dict(wrapped.state_dict())
+    assert plain.out.weight is plain.embed.weight and torch.equal(plain.out.weight, source.out.weight)
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, steps: int) -> None:
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(tokens).logsumexp(-1).mean().backward()
+        optimizer.step()
+
+
+def test_optimizer_param_names_are_clean_and_state_loads_both_ways(gpt: GPT, tokens: torch.Tensor) -> None:
+    wrapped = wrapped_copy(gpt, nested_wrapper)
+    plain = copy.deepcopy(gpt)
+    opt_wrapped = torch.optim.AdamW(wrapped.named_parameters(), lr=1e-2)
+    opt_plain = torch.optim.AdamW(plain.named_parameters(), lr=1e-2)
+    train_steps(wrapped, opt_wrapped, tokens, 2)
+    train_steps(plain, opt_plain, tokens, 2)
+    # state_dict() returns live tensors; a copy keeps the two optimizers independent.
+    saved = copy.deepcopy(opt_wrapped.state_dict())
+    param_names = saved["param_groups"][0]["param_names"]
+    assert param_names == names(gpt.named_parameters())
+    assert param_names == opt_plain.state_dict()["param_groups"][0]["param_names"]
+
+    # Wrapped -> unwrapped: a fresh plain model takes the wrapped model's weights and optimizer state,
+    # then trains on exactly as the wrapped model does.
+    fresh = copy.deepcopy(gpt)
+    fresh.load_state_dict(wrapped.state_dict())
+    opt_fresh = torch.optim.AdamW(fresh.named_parameters(), lr=1e-2)
+    opt_fresh.load_state_dict(saved)
+    train_steps(fresh, opt_fresh, tokens, 1)
+    train_steps(wrapped, opt_wrapped, tokens, 1)
+    for (name, a), (_, b) in zip(fresh.named_parameters(), wrapped.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+    # Unwrapped -> wrapped.
+    rewrapped = wrapped_copy(gpt, checkpoint_wrapper)
+    rewrapped.load_state_dict(fresh.state_dict())
+    opt_rewrapped = torch.optim.AdamW(rewrapped.named_parameters(), lr=1e-2)
+    opt_rewrapped.load_state_dict(copy.deepcopy(opt_fresh.state_dict()))
+    train_steps(rewrapped, opt_rewrapped, tokens, 1)
+    train_steps(fresh, opt_fresh, tokens, 1)
+    for (name, a), (_, b) in zip(fresh.named_parameters(), rewrapped.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_clean_name_removes_every_wrapper_segment() -> None:
+    assert clean_name(f"a.{PREFIX}.{PREFIX}.b.weight") == "a.b.weight"
+    assert clean_name(f"a.{PREFIX}") == "a"
+    assert clean_name(PREFIX) == ""
+    assert clean_name("a.b") == "a.b"
+
+
+def test_clean_state_dict_loads_legacy_checkpoint_into_plain_model(gpt: GPT) -> None:
+    legacy = legacy_keys(gpt.state_dict(), 2)
+    plain = copy.deepcopy(gpt)
+    plain.load_state_dict(clean_state_dict(legacy))
+    with pytest.raises(ValueError, match="name the same tensor"):
+        clean_state_dict({"a.w": torch.zeros(1), f"a.{PREFIX}.w": torch.zeros(1)})
+
+
+def test_dcp_get_model_state_dict_has_clean_keys(gpt: GPT) -> None:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    wrapped = wrapped_copy(gpt, functools.partial(checkpoint_wrapper))
+    assert list(get_model_state_dict(wrapped)) == list(get_model_state_dict(gpt))

@@ -1,0 +1,213 @@
+"""Wrappers: torch-compatible API, gradients equal to no AC, policies, FSDP's view of the wrapper."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from collections.abc import Callable
+
+import pytest
+import torch
+from models import ConvNet
+from torch import nn
+from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
+from torch.distributed.fsdp.wrap import (
+    ModuleWrapPolicy,
+    size_based_auto_wrap_policy,
+    transformer_auto_wrap_policy,
+)
+
+import fsdp_ac
+from fsdp_ac import (
+    ActivationWrapper,
+    CheckpointImpl,
+    CheckpointWrapper,
+    OffloadWrapper,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+    offload_wrapper,
+)
+from fsdp_ac.reference_model import GPT, MLP, TransformerBlock
+
+
+def _default_repr(value: object) -> object:
+    """Functions compare by name (ours is our own ``checkpoint_wrapper``); other defaults by value."""
+    return getattr(value, "__name__", value) if callable(value) else value
+
+
+@pytest.mark.parametrize("name", ["checkpoint_wrapper", "offload_wrapper", "apply_activation_checkpointing"])
+def test_signatures_match_torch(name: str) -> None:
+    ours = inspect.signature(getattr(fsdp_ac, name)).parameters
+    theirs = inspect.signature(getattr(torch_wrappers, name)).parameters
+    shared = [p for p in ours.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    assert [p.name for p in shared] == list(theirs)
+    for param in shared:
+        expected = theirs[param.name]
+        assert param.kind == expected.kind, param.name
+        if param.name != "check_fn":  # a lambda in both: compared by behaviour below
+            assert _default_repr(param.default) == _default_repr(expected.default), param.name
+    if "check_fn" in ours:
+        assert ours["check_fn"].default(nn.Linear(1, 1)) is True
+
+
+def test_checkpoint_impl_is_torchs_enum_and_classes_subclass_torchs() -> None:
+    assert CheckpointImpl.REENTRANT is torch_wrappers.CheckpointImpl.REENTRANT
+    wrapper = checkpoint_wrapper(nn.Linear(2, 2), torch_wrappers.CheckpointImpl.REENTRANT)
+    assert wrapper.checkpoint_impl is CheckpointImpl.REENTRANT
+    assert isinstance(wrapper, torch_wrappers.CheckpointWrapper)
+    assert isinstance(wrapper, ActivationWrapper)
+    assert isinstance(offload_wrapper(nn.Linear(2, 2)), torch_wrappers.OffloadWrapper)
+
+
+def test_bad_arguments_raise_with_the_fix() -> None:
+    with pytest.raises(TypeError, match="CheckpointImpl.NO_REENTRANT"):
+        checkpoint_wrapper(nn.Linear(2, 2), "no_reentrant")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="instead of use_reentrant"):
+        checkpoint_wrapper(nn.Linear(2, 2), use_reentrant=False)
+    with pytest.raises(TypeError, match="wrap an nn.Module"):
+        CheckpointWrapper(lambda x: x)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="min_offload_bytes"):
+        offload_wrapper(nn.Linear(2, 2), min_offload_bytes=-1)
+    with pytest.raises(TypeError, match="auto_wrap_policy"):
+        apply_activation_checkpointing(nn.Sequential(nn.Linear(2, 2)), auto_wrap_policy=3)
+
+
+def block_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+
+
+WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "no_reentrant": checkpoint_wrapper,
+    "reentrant": functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.REENTRANT),
+    "offload": offload_wrapper,
+    "offload_around_checkpoint": lambda m: offload_wrapper(checkpoint_wrapper(m)),
+}
+
+
+@pytest.mark.parametrize("wrapper_name", sorted(WRAPPERS))
+def test_gradients_equal_no_ac_bitwise(gpt: GPT, tokens: torch.Tensor, wrapper_name: str) -> None:
+    wrapped = copy.deepcopy(gpt)
+    apply_activation_checkpointing(
+        wrapped, WRAPPERS[wrapper_name], check_fn=lambda m: isinstance(m, TransformerBlock)
+    )
+    assert sum(isinstance(m, ActivationWrapper) for m in wrapped.layers.children()) == len(gpt.layers)
+    block_loss(gpt, tokens).backward()
+    block_loss(wrapped, tokens).backward()
+    for (name, expected), (_, got) in zip(gpt.named_parameters(), wrapped.named_parameters(), strict=True):
+        assert got.grad is not None, name
+        assert torch.equal(got.grad, expected.grad), name
+
+
+class KwargBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+        return torch.tanh(self.linear(x)) * scale + shift
+
+
+@pytest.mark.parametrize("impl", list(CheckpointImpl))
+def test_keyword_arguments_reach_the_module(impl: CheckpointImpl) -> None:
+    torch.manual_seed(0)
+    plain = KwargBlock()
+    wrapped = checkpoint_wrapper(copy.deepcopy(plain), impl)
+    x = torch.randn(3, 4, requires_grad=True)
+    scale = torch.randn(4, requires_grad=True)
+    expected = plain(x, scale=scale, shift=0.5)
+    expected.sum().backward()
+    grads = (x.grad.clone(), scale.grad.clone(), plain.linear.weight.grad)
+    x.grad = scale.grad = None
+    got = wrapped(x, scale=scale, shift=0.5)
+    got.sum().backward()
+    assert torch.equal(got, expected)
+    assert torch.equal(x.grad, grads[0]) and torch.equal(scale.grad, grads[1])
+    assert torch.equal(wrapped.linear.weight.grad, grads[2])
+
+
+def test_custom_checkpoint_fn_receives_kwargs() -> None:
+    calls: list[dict[str, object]] = []
+
+    def my_checkpoint(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs)
+        return fn(*args)
+
+    wrapper = checkpoint_wrapper(nn.Linear(2, 2), checkpoint_fn=my_checkpoint, tag="x")
+    wrapper(torch.randn(1, 2))
+    assert calls == [{"tag": "x"}]
+
+
+def wrapped_paths(model: nn.Module) -> list[str]:
+    """Raw attribute paths of every activation wrapper, as the module tree holds them."""
+    paths = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, torch_wrappers.ActivationWrapper):
+                paths.append(path)
+            visit(child, path + ".")
+
+    visit(model, "")
+    return paths
+
+
+POLICIES = {
+    "check_fn": {"check_fn": lambda m: isinstance(m, TransformerBlock)},
+    "check_fn_nested": {"check_fn": lambda m: isinstance(m, (TransformerBlock, MLP))},
+    "module_wrap_policy": {"auto_wrap_policy": ModuleWrapPolicy({TransformerBlock})},
+    "transformer_policy": {
+        "auto_wrap_policy": functools.partial(
+            transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock}
+        )
+    },
+    "size_policy": {"auto_wrap_policy": functools.partial(size_based_auto_wrap_policy, min_num_params=5000)},
+}
+
+
+@pytest.mark.parametrize("policy_name", sorted(POLICIES))
+def test_apply_wraps_the_same_modules_as_torch(gpt: GPT, policy_name: str) -> None:
+    ours, theirs = copy.deepcopy(gpt), copy.deepcopy(gpt)
+    apply_activation_checkpointing(ours, **POLICIES[policy_name])
+    torch_wrappers.apply_activation_checkpointing(theirs, **POLICIES[policy_name])
+    assert wrapped_paths(ours) == wrapped_paths(theirs)
+    assert wrapped_paths(ours)
+    assert not isinstance(ours, ActivationWrapper)
+
+
+def test_apply_never_wraps_a_wrapper_or_the_module_it_wraps() -> None:
+    model = ConvNet()
+    model.block = checkpoint_wrapper(model.block)
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, (nn.Sequential, ActivationWrapper)))
+    assert wrapped_paths(model) == ["block"]
+
+
+def test_apply_wraps_a_shared_module_once() -> None:
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, nn.Linear))
+    assert model[0] is model[2]
+    assert isinstance(model[0], CheckpointWrapper)
+
+
+def test_attribute_reads_and_indexing_reach_the_wrapped_module() -> None:
+    inner = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    wrapper = checkpoint_wrapper(inner)
+    assert wrapper[0] is inner[0]
+    linear = checkpoint_wrapper(nn.Linear(2, 3))
+    assert linear.out_features == 3
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_fsdp_unwraps_our_wrapper_like_torchs(single_rank_group: None) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    inner = nn.Linear(4, 4)
+    fsdp = FSDP(checkpoint_wrapper(inner), device_id=torch.device("cpu"), use_orig_params=True)
+    assert fsdp.module is inner
+    plain = FSDP(nn.Linear(4, 4), device_id=torch.device("cpu"), use_orig_params=True)
+    # FSDP's own prefix is FSDP's to strip; ours never appears on top of it.
+    assert [n for n, _ in fsdp.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(fsdp.state_dict()) == ["weight", "bias"]
+    assert isinstance(OffloadWrapper(nn.Linear(1, 1)), ActivationWrapper)
