@@ -84,6 +84,7 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Applies the block to activations of shape ``(batch, seq, d_model)``."""
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -112,6 +113,11 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Returns next-token logits for token ids of shape ``(batch, seq)``.
+
+        Raises:
+            ValueError: The sequence is longer than ``max_seq_len``.
+        """
         seq = tokens.shape[1]
         if seq > self.config.max_seq_len:
             raise ValueError(f"Sequence length {seq} exceeds max_seq_len {self.config.max_seq_len}.")

@@ -5,9 +5,10 @@ The names, parameter order and defaults are those of
 import line. The wrapper classes subclass torch's, so torch's FSDP and DCP treat them exactly as they
 treat torch's own (``FSDP(checkpoint_wrapper(m)).module is m``, FQN cleaning, ``get_model_state_dict``).
 
-What differs is names: a wrapper is invisible in ``named_modules()``, and therefore in
-``named_parameters()``, ``named_buffers()`` and optimizer ``param_names`` computed from any module of
-the model, root included; state dicts are saved with clean keys and load from clean or legacy keys.
+What differs is names: in ``named_modules()`` a wrapper and the module it wraps share one clean name,
+so ``named_parameters()``, ``named_buffers()`` and optimizer ``param_names`` computed from any module
+of the model, root included, are the unwrapped model's; state dicts are saved with clean keys and load
+from clean or legacy keys.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as _torch_wrappers
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
@@ -49,8 +49,8 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
     """Base class of the checkpoint and offload wrappers; not meant to be instantiated directly.
 
     The wrapped module lives at ``self._checkpoint_wrapped_module``. Attribute reads and indexing
-    fall through to it. The wrapper itself does not appear in ``named_modules()``: the wrapped module
-    takes its place and name, so every name derived from module traversal is the unwrapped model's.
+    fall through to it. In ``named_modules()`` the wrapper and the wrapped module share one name, so
+    every name derived from module traversal is the unwrapped model's.
 
     Args:
         mod: The module to wrap.
@@ -75,19 +75,31 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
         prefix: str = "",
         remove_duplicate: bool = True,
     ) -> Iterator[tuple[str, nn.Module]]:
-        """Yields the wrapped module's ``named_modules()`` under this wrapper's name.
+        """Yields this wrapper, then the wrapped module's ``named_modules()``, under one clean name.
 
-        ``nn.Module.named_modules`` of a parent calls this method for each child, so a parent, the
-        root included, lists clean names. The wrapper owns no parameters or buffers, so nothing that
-        ``named_parameters()`` or ``named_buffers()`` would find is skipped.
+        ``nn.Module.named_modules`` of a parent calls this method for each child, so every module
+        of the model, the root included, lists clean names. The wrapper and the module it wraps
+        share a name; the wrapped module comes second, so ``dict(model.named_modules())`` maps each
+        name to the same module an unwrapped model has there. The wrapper itself stays visible:
+        FSDP2 finds the state of a ``fully_shard``-ed wrapper by walking ``named_modules()``.
         """
+        if memo is None:
+            memo = set()
+        if self in memo:
+            return
+        if remove_duplicate:
+            memo.add(self)
+        yield prefix, self
         wrapped: nn.Module = getattr(self, WRAPPED_MODULE_ATTR)
         yield from wrapped.named_modules(memo, prefix, remove_duplicate)
 
     def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]:
-        """Same as ``nn.Module.named_parameters``; names are clean through ``named_modules``."""
+        """Same as ``nn.Module.named_parameters``; names are clean through ``named_modules``.
+
+        Overridden only to drop torch's base-class override, which rewrites names a second time.
+        """
         return nn.Module.named_parameters(self, prefix, recurse, remove_duplicate)
 
 
@@ -138,6 +150,7 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
             self.checkpoint_fn = partial(checkpoint_fn, **checkpoint_fn_kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the wrapped module under the checkpoint function."""
         wrapped: nn.Module = getattr(self, WRAPPED_MODULE_ATTR)
         if self.checkpoint_impl == CheckpointImpl.REENTRANT and kwargs:
             # Reentrant checkpoint takes positional tensors only: carry keyword values positionally.
@@ -177,6 +190,7 @@ class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
         self.min_offload_bytes = min_offload_bytes
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the wrapped module with its saved activations offloaded."""
         wrapped: nn.Module = getattr(self, WRAPPED_MODULE_ATTR)
         with offload_saved_tensors(
             wrapped, pin_memory=self.pin_memory, min_offload_bytes=self.min_offload_bytes

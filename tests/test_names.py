@@ -36,12 +36,19 @@ WRAPPER_FNS = {
 
 def wrapped_copy(model: nn.Module, wrapper_fn, types=(TransformerBlock,)) -> nn.Module:  # type: ignore[no-untyped-def]
     copy_ = copy.deepcopy(model)
-    apply_activation_checkpointing(copy_, checkpoint_wrapper_fn=wrapper_fn, check_fn=lambda m: isinstance(m, types))
+    apply_activation_checkpointing(
+        copy_, checkpoint_wrapper_fn=wrapper_fn, check_fn=lambda m: isinstance(m, types)
+    )
     return copy_
 
 
 def names(pairs) -> list[str]:  # type: ignore[no-untyped-def]
     return [name for name, _ in pairs]
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """Module names in order of first appearance (a wrapper shares its name with what it wraps)."""
+    return list(dict(model.named_modules()))
 
 
 @pytest.mark.parametrize("wrapper_name", sorted(WRAPPER_FNS))
@@ -53,7 +60,7 @@ def test_names_from_root_match_unwrapped_model(gpt: GPT, wrapper_name: str) -> N
         gpt.named_parameters(remove_duplicate=False)
     )
     assert names(wrapped.named_buffers()) == names(gpt.named_buffers())
-    assert names(wrapped.named_modules()) == names(gpt.named_modules())
+    assert module_names(wrapped) == module_names(gpt)
     assert list(wrapped.state_dict()) == list(gpt.state_dict())
     for name, param in gpt.named_parameters():
         assert torch.equal(wrapped.get_parameter(name), param)
@@ -67,17 +74,23 @@ def test_names_from_inner_modules_match_unwrapped_model(gpt: GPT, wrapper_name: 
     wrapped = wrapped_copy(gpt, WRAPPER_FNS[wrapper_name])
     for inner_wrapped, inner_plain in ((wrapped.layers, gpt.layers), (wrapped.layers[1], gpt.layers[1])):
         assert names(inner_wrapped.named_parameters()) == names(inner_plain.named_parameters())
-        assert names(inner_wrapped.named_modules()) == names(inner_plain.named_modules())
+        assert module_names(inner_wrapped) == module_names(inner_plain)
         assert list(inner_wrapped.state_dict()) == list(inner_plain.state_dict())
     assert wrapped.layers[1].get_parameter("attn.qkv.weight") is wrapped.layers[1].attn.qkv.weight
 
 
-def test_named_modules_yields_wrapped_module_in_place_of_wrapper(gpt: GPT) -> None:
+def test_wrapper_and_wrapped_module_share_one_clean_name(gpt: GPT) -> None:
     wrapped = wrapped_copy(gpt, nested_wrapper)
-    modules = dict(wrapped.named_modules())
-    assert isinstance(modules["layers.0"], TransformerBlock)
-    assert modules["layers.0"] is getattr(getattr(wrapped.layers[0], PREFIX), PREFIX)
+    pairs = list(wrapped.named_modules())
+    assert not any(PREFIX in name for name, _ in pairs)
+    outer = wrapped.layers[0]
+    inner = getattr(outer, PREFIX)
+    block = getattr(inner, PREFIX)
+    assert [m for name, m in pairs if name == "layers.0"] == [outer, inner, block]
+    # The last module under a name is the unwrapped model's module there.
+    assert dict(pairs)["layers.0"] is block
     assert sum(isinstance(m, TransformerBlock) for m in wrapped.modules()) == len(gpt.layers)
+    assert len(list(wrapped.modules())) == len(list(gpt.modules())) + 2 * len(gpt.layers)
 
 
 def test_buffers_and_direct_parameters_keep_clean_names() -> None:
@@ -120,7 +133,9 @@ def test_load_accepts_clean_and_legacy_keys_without_doubling(gpt: GPT, levels: i
     target = wrapped_copy(gpt, nested_wrapper)
     result = target.load_state_dict(legacy_keys(source.state_dict(), levels), strict=True)
     assert result.missing_keys == [] and result.unexpected_keys == []
-    for (name, expected), (_, loaded) in zip(source.state_dict().items(), target.state_dict().items(), strict=True):
+    for (name, expected), (_, loaded) in zip(
+        source.state_dict().items(), target.state_dict().items(), strict=True
+    ):
         assert torch.equal(expected, loaded), name
 
 
@@ -157,9 +172,7 @@ def test_load_refuses_clean_and_legacy_spelling_of_one_key(gpt: GPT) -> None:
 
 def torch_wrapped(model: nn.Module) -> nn.Module:
     copy_ = copy.deepcopy(model)
-    torch_wrappers.apply_activation_checkpointing(
-        copy_, check_fn=lambda m: isinstance(m, TransformerBlock)
-    )
+    torch_wrappers.apply_activation_checkpointing(copy_, check_fn=lambda m: isinstance(m, TransformerBlock))
     return copy_
 
 

@@ -61,11 +61,11 @@ def test_checkpoint_impl_is_torchs_enum_and_classes_subclass_torchs() -> None:
 
 
 def test_bad_arguments_raise_with_the_fix() -> None:
-    with pytest.raises(TypeError, match="CheckpointImpl.NO_REENTRANT"):
+    with pytest.raises(TypeError, match=r"CheckpointImpl\.NO_REENTRANT"):
         checkpoint_wrapper(nn.Linear(2, 2), "no_reentrant")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="instead of use_reentrant"):
         checkpoint_wrapper(nn.Linear(2, 2), use_reentrant=False)
-    with pytest.raises(TypeError, match="wrap an nn.Module"):
+    with pytest.raises(TypeError, match=r"wrap an nn\.Module"):
         CheckpointWrapper(lambda x: x)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="min_offload_bytes"):
         offload_wrapper(nn.Linear(2, 2), min_offload_bytes=-1)
@@ -179,7 +179,9 @@ def test_apply_wraps_the_same_modules_as_torch(gpt: GPT, policy_name: str) -> No
 def test_apply_never_wraps_a_wrapper_or_the_module_it_wraps() -> None:
     model = ConvNet()
     model.block = checkpoint_wrapper(model.block)
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, (nn.Sequential, ActivationWrapper)))
+    apply_activation_checkpointing(
+        model, check_fn=lambda m: isinstance(m, (nn.Sequential, ActivationWrapper))
+    )
     assert wrapped_paths(model) == ["block"]
 
 
@@ -211,3 +213,27 @@ def test_fsdp_unwraps_our_wrapper_like_torchs(single_rank_group: None) -> None:
     assert [n for n, _ in fsdp.named_parameters()] == [n for n, _ in plain.named_parameters()]
     assert list(fsdp.state_dict()) == ["weight", "bias"]
     assert isinstance(OffloadWrapper(nn.Linear(1, 1)), ActivationWrapper)
+
+
+def test_fsdp2_shards_our_wrappers_like_torchs(
+    single_rank_group: None, gpt: GPT, tokens: torch.Tensor
+) -> None:
+    """torchtitan's order: wrap the blocks, then ``fully_shard`` each wrapper and the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    wrapped = copy.deepcopy(gpt)
+    apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, TransformerBlock))
+    for layer in wrapped.layers:
+        assert isinstance(layer, CheckpointWrapper)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(wrapped, mesh=mesh)
+    block_loss(gpt, tokens).backward()
+    block_loss(wrapped, tokens).backward()
+    for (name, expected), (got_name, got) in zip(
+        gpt.named_parameters(), wrapped.named_parameters(), strict=True
+    ):
+        assert name == got_name
+        assert torch.equal(got.grad.full_tensor(), expected.grad), name
+    assert list(wrapped.state_dict()) == list(gpt.state_dict())
