@@ -28,6 +28,7 @@ from fsdp_ac.names import (
     strip_prefix_on_save,
 )
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, offload_saved_tensors
+from fsdp_ac.policies import post_order, select_modules
 
 __all__ = [
     "ActivationWrapper",
@@ -41,8 +42,6 @@ __all__ = [
 
 CheckpointImpl = _torch_wrappers.CheckpointImpl
 """torch's own enum (``REENTRANT``, ``NO_REENTRANT``), so members from either import are the same."""
-
-AutoWrapPolicy = Callable[..., bool]
 
 
 class ActivationWrapper(_torch_wrappers.ActivationWrapper):
@@ -253,77 +252,11 @@ def offload_wrapper(
     return OffloadWrapper(module, pin_memory=pin_memory, min_offload_bytes=min_offload_bytes)
 
 
-def _policy_targets(
-    model: nn.Module, check_fn: Callable[[nn.Module], bool], auto_wrap_policy: Any
-) -> list[nn.Module]:
-    """Returns the modules to wrap, children before parents.
-
-    Never the root, a wrapper, or a module a wrapper already holds: applying twice does not nest.
-    """
-    from torch.distributed.fsdp.wrap import _Policy
-
-    order = _post_order(model)
-    already_wrapped = {
-        getattr(m, WRAPPED_MODULE_ATTR) for m in order if isinstance(m, _torch_wrappers.ActivationWrapper)
-    }
-
-    def eligible(module: nn.Module) -> bool:
-        return (
-            module is not model
-            and module not in already_wrapped
-            and not isinstance(module, _torch_wrappers.ActivationWrapper)
-        )
-
-    if auto_wrap_policy is None:
-        return [m for m in order if eligible(m) and check_fn(m)]
-    if isinstance(auto_wrap_policy, _Policy):
-        chosen = auto_wrap_policy._run_policy(model, ignored_modules=set(), root_kwargs={})
-        return [m for m in order if m in chosen and eligible(m)]
-    if not callable(auto_wrap_policy):
-        raise TypeError(
-            f"auto_wrap_policy must be an FSDP policy object or a callable "
-            f"(module, recurse, nonwrapped_numel) -> bool, got {type(auto_wrap_policy).__name__}."
-        )
-    chosen_list: list[nn.Module] = []
-
-    def visit(module: nn.Module) -> int:
-        """Mirrors FSDP's recursive auto-wrap; returns the parameter count it wrapped."""
-        numel = sum(p.numel() for p in module.parameters())
-        if not auto_wrap_policy(module=module, recurse=True, nonwrapped_numel=numel):
-            return 0
-        wrapped = sum(visit(child) for child in module.children())
-        if module is not model and auto_wrap_policy(
-            module=module, recurse=False, nonwrapped_numel=numel - wrapped
-        ):
-            chosen_list.append(module)
-            return numel
-        return wrapped
-
-    visit(model)
-    return [m for m in chosen_list if eligible(m)]
-
-
-def _post_order(module: nn.Module) -> list[nn.Module]:
-    """Every module reachable from ``module`` once, children before parents."""
-    seen: set[nn.Module] = set()
-    order: list[nn.Module] = []
-
-    def visit(m: nn.Module) -> None:
-        seen.add(m)
-        for child in m.children():
-            if child not in seen:
-                visit(child)
-        order.append(m)
-
-    visit(module)
-    return order
-
-
 def apply_activation_checkpointing(
     model: nn.Module,
     checkpoint_wrapper_fn: Callable[[nn.Module], nn.Module] = checkpoint_wrapper,
     check_fn: Callable[[nn.Module], bool] = lambda _: True,
-    auto_wrap_policy: AutoWrapPolicy | Any | None = None,
+    auto_wrap_policy: Callable[..., bool] | Any | None = None,
 ) -> None:
     """Replaces selected submodules of ``model``, in place, by ``checkpoint_wrapper_fn(submodule)``.
 
@@ -349,9 +282,9 @@ def apply_activation_checkpointing(
         >>> [name for name, _ in model.named_parameters()]
         ['0.weight', '0.bias', '2.weight', '2.bias']
     """
-    targets = _policy_targets(model, check_fn, auto_wrap_policy)
+    targets = select_modules(model, check_fn, auto_wrap_policy)
     parents: dict[nn.Module, list[tuple[nn.Module, str]]] = {}
-    for parent in _post_order(model):
+    for parent in post_order(model):
         # _modules, not named_children(): a module shared by two slots must be wrapped in both.
         for name, child in parent._modules.items():
             if child is not None:
