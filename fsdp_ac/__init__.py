@@ -9,6 +9,7 @@ Example:
 
 from fsdp_ac.memory import ActivationMemoryMeter
 from fsdp_ac.names import clean_name, clean_state_dict
+from fsdp_ac.recompute import is_recomputing
 from fsdp_ac.wrappers import (
     ActivationWrapper,
     CheckpointImpl,
@@ -17,6 +18,8 @@ from fsdp_ac.wrappers import (
     apply_activation_checkpointing,
     checkpoint_wrapper,
     offload_wrapper,
+    remove_activation_checkpointing,
+    unwrap,
 )
 
 __all__ = [
@@ -29,7 +32,10 @@ __all__ = [
     "checkpoint_wrapper",
     "clean_name",
     "clean_state_dict",
+    "is_recomputing",
     "offload_wrapper",
+    "remove_activation_checkpointing",
+    "unwrap",
 ]
 
 __version__ = "0.1.0"

@@ -5,18 +5,26 @@ The names, parameter order and defaults are those of
 import line. The wrapper classes subclass torch's, so torch's FSDP and DCP treat them exactly as they
 treat torch's own (``FSDP(checkpoint_wrapper(m)).module is m``, FQN cleaning, ``get_model_state_dict``).
 
-What differs is names: in ``named_modules()`` a wrapper and the module it wraps share one clean name,
-so ``named_parameters()``, ``named_buffers()`` and optimizer ``param_names`` computed from any module
-of the model, root included, are the unwrapped model's; state dicts are saved with clean keys and load
-from clean or legacy keys.
+What differs:
+
+- Names: in ``named_modules()`` a wrapper and the module it wraps share one clean name, so
+  ``named_parameters()``, ``named_buffers()`` and optimizer ``param_names`` computed from any module
+  are the unwrapped model's; state dicts are saved with clean keys and load from clean or legacy keys.
+- Correctness by default: reentrant checkpointing trains a region whose inputs need no gradient, takes
+  any nesting of tensors in and out, and is refused under DDP where DDP cannot support it; the replay
+  in backward does not update buffers or fire user hooks a second time; a random op with
+  ``preserve_rng_state=False`` is refused; a replay that differs from the forward names the region.
+- Wrapping is idempotent and undoable (:func:`unwrap`, :func:`remove_activation_checkpointing`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as _torch_wrappers
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
@@ -29,6 +37,7 @@ from fsdp_ac.names import (
 )
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, offload_saved_tensors
 from fsdp_ac.policies import post_order, select_modules
+from fsdp_ac.recompute import RecomputeRegion
 
 __all__ = [
     "ActivationWrapper",
@@ -38,18 +47,22 @@ __all__ = [
     "apply_activation_checkpointing",
     "checkpoint_wrapper",
     "offload_wrapper",
+    "remove_activation_checkpointing",
+    "unwrap",
 ]
 
 CheckpointImpl = _torch_wrappers.CheckpointImpl
 """torch's own enum (``REENTRANT``, ``NO_REENTRANT``), so members from either import are the same."""
 
+_TorchActivationWrapper = _torch_wrappers.ActivationWrapper
+
 
 class ActivationWrapper(_torch_wrappers.ActivationWrapper):
     """Base class of the checkpoint and offload wrappers; not meant to be instantiated directly.
 
-    The wrapped module lives at ``self._checkpoint_wrapped_module``. Attribute reads and indexing
-    fall through to it. In ``named_modules()`` the wrapper and the wrapped module share one name, so
-    every name derived from module traversal is the unwrapped model's.
+    The wrapped module lives at ``self._checkpoint_wrapped_module``. Attribute reads and writes,
+    ``len()``, iteration and indexing reach it. In ``named_modules()`` the wrapper and the wrapped
+    module share one name, so every name derived from module traversal is the unwrapped model's.
 
     Args:
         mod: The module to wrap.
@@ -58,15 +71,54 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
         TypeError: ``mod`` is not an ``nn.Module``.
     """
 
+    region_name: str
+    """The wrapped module's name in messages: its qualified name when wrapped by
+    :func:`apply_activation_checkpointing`, else its class name."""
+
+    _WRAPPER_ATTRIBUTES = frozenset(
+        {
+            "region_name",
+            "checkpoint_impl",
+            "checkpoint_fn",
+            "allow_rng_divergence",
+            "check_recomputed_values",
+            "pin_memory",
+            "min_offload_bytes",
+        }
+    )
+    """Public attributes that belong to the wrapper itself; every other public one is forwarded."""
+
     def __init__(self, mod: nn.Module) -> None:
         if not isinstance(mod, nn.Module):
             raise TypeError(f"Activation wrappers wrap an nn.Module, got {type(mod).__name__}.")
         # torch's base __init__ registers hooks that double the prefix on legacy keys; ours replace them.
         nn.Module.__init__(self)
-        setattr(self, WRAPPED_MODULE_ATTR, mod)
+        nn.Module.__setattr__(self, WRAPPED_MODULE_ATTR, mod)
         self.register_state_dict_post_hook(strip_prefix_on_save)
         self.register_load_state_dict_pre_hook(restore_prefix_on_load)
         self.register_load_state_dict_post_hook(clean_load_report)
+        self.region_name = type(mod).__name__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Sets public attributes the wrapper does not own on the wrapped module."""
+        own = (
+            name.startswith("_")
+            or name in self._WRAPPER_ATTRIBUTES
+            or name in self.__dict__
+            or hasattr(type(self), name)
+        )
+        if own or WRAPPED_MODULE_ATTR not in self._modules:
+            super().__setattr__(name, value)
+        else:
+            setattr(self._modules[WRAPPED_MODULE_ATTR], name, value)
+
+    def __len__(self) -> int:
+        """The wrapped module's length (e.g. of an ``nn.Sequential`` or ``nn.ModuleList``)."""
+        return len(self._modules[WRAPPED_MODULE_ATTR])  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Iterates the wrapped module (e.g. the layers of an ``nn.Sequential``)."""
+        return iter(self._modules[WRAPPED_MODULE_ATTR])  # type: ignore[call-overload]
 
     def named_modules(
         self,
@@ -105,13 +157,18 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
 class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
     """Recomputes the wrapped module's activations in backward instead of saving them.
 
-    Use it through :func:`checkpoint_wrapper` or :func:`apply_activation_checkpointing`.
+    Use it through :func:`checkpoint_wrapper` or :func:`apply_activation_checkpointing`. Calls in
+    eval mode or under ``torch.no_grad()`` run the module directly, without checkpointing.
 
     Args:
         mod: The module to wrap.
         checkpoint_impl: ``CheckpointImpl.NO_REENTRANT`` (default) or ``CheckpointImpl.REENTRANT``;
             ignored when ``checkpoint_fn`` is given.
         checkpoint_fn: A functional checkpoint to use instead of ``torch.utils.checkpoint.checkpoint``.
+        allow_rng_divergence: With ``preserve_rng_state=False``, allow random ops in the region
+            although their recomputation draws different numbers.
+        check_recomputed_values: Compare every recomputed saved tensor with the forward's, bitwise,
+            and raise on a difference. A debugging aid: it keeps a copy of each saved tensor.
         **checkpoint_fn_kwargs: Passed to the checkpoint function on every call.
 
     Raises:
@@ -124,6 +181,9 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
         mod: nn.Module,
         checkpoint_impl: CheckpointImpl = CheckpointImpl.NO_REENTRANT,
         checkpoint_fn: Callable[..., Any] | None = None,
+        *,
+        allow_rng_divergence: bool = False,
+        check_recomputed_values: bool = False,
         **checkpoint_fn_kwargs: Any,
     ) -> None:
         ActivationWrapper.__init__(self, mod)
@@ -133,6 +193,8 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
                 "CheckpointImpl.NO_REENTRANT (recommended) or CheckpointImpl.REENTRANT."
             )
         self.checkpoint_impl = checkpoint_impl
+        self.allow_rng_divergence = allow_rng_divergence
+        self.check_recomputed_values = check_recomputed_values
         self.checkpoint_fn: partial[Any]
         if checkpoint_fn is None:
             if "use_reentrant" in checkpoint_fn_kwargs:
@@ -147,20 +209,28 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
             )
         else:
             self.checkpoint_fn = partial(checkpoint_fn, **checkpoint_fn_kwargs)
+        self._uses_torch_reentrant = checkpoint_fn is None and checkpoint_impl == CheckpointImpl.REENTRANT
+        self._checked_first_forward = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Runs the wrapped module under the checkpoint function."""
+        """Runs the wrapped module under the checkpoint function (directly in eval or no-grad)."""
         wrapped: nn.Module = getattr(self, WRAPPED_MODULE_ATTR)
-        if self.checkpoint_impl == CheckpointImpl.REENTRANT and kwargs:
-            # Reentrant checkpoint takes positional tensors only: carry keyword values positionally.
-            keys = tuple(kwargs)
-            n_args = len(args)
-
-            def run_with_kwargs(*flat: Any) -> Any:
-                return wrapped(*flat[:n_args], **dict(zip(keys, flat[n_args:], strict=True)))
-
-            return self.checkpoint_fn(run_with_kwargs, *args, *kwargs.values())
-        return self.checkpoint_fn(wrapped, *args, **kwargs)
+        if not (self.training and torch.is_grad_enabled()):
+            return wrapped(*args, **kwargs)
+        if not self._checked_first_forward:
+            _refuse_hf_gradient_checkpointing(wrapped, self.region_name)
+            self._checked_first_forward = True
+        region = RecomputeRegion(
+            wrapped,
+            self.region_name,
+            guard_random_ops=not self.checkpoint_fn.keywords.get("preserve_rng_state", True)
+            and not self.allow_rng_divergence,
+            check_values=self.check_recomputed_values,
+        )
+        if self._uses_torch_reentrant:
+            _refuse_unsupported_ddp(self)
+            return _reentrant_call(self.checkpoint_fn, region, args, kwargs)
+        return self.checkpoint_fn(region, *args, **kwargs)
 
 
 class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
@@ -173,6 +243,9 @@ class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
         mod: The module to wrap.
         pin_memory: Offload into page-locked memory (only where CUDA is available).
         min_offload_bytes: Saved tensors smaller than this stay on their device.
+
+    Raises:
+        ValueError: ``min_offload_bytes`` is negative.
     """
 
     def __init__(
@@ -191,6 +264,8 @@ class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the wrapped module with its saved activations offloaded."""
         wrapped: nn.Module = getattr(self, WRAPPED_MODULE_ATTR)
+        if not torch.is_grad_enabled():
+            return wrapped(*args, **kwargs)
         with offload_saved_tensors(
             wrapped, pin_memory=self.pin_memory, min_offload_bytes=self.min_offload_bytes
         ):
@@ -201,29 +276,52 @@ def checkpoint_wrapper(
     module: nn.Module,
     checkpoint_impl: CheckpointImpl = CheckpointImpl.NO_REENTRANT,
     checkpoint_fn: Callable[..., Any] | None = None,
+    *,
+    allow_rng_divergence: bool = False,
+    check_recomputed_values: bool = False,
     **checkpoint_fn_kwargs: Any,
 ) -> nn.Module:
-    """Wraps ``module`` so that every call recomputes its activations in backward.
+    """Wraps ``module`` so that every training call recomputes its activations in backward.
+
+    Wrapping is idempotent: a module that already is a checkpoint wrapper (fsdp_ac's or torch's),
+    directly or under offload wrappers, is returned as it is when the settings agree.
 
     Args:
         module: The module to wrap.
         checkpoint_impl: ``CheckpointImpl.NO_REENTRANT`` (default) or ``CheckpointImpl.REENTRANT``.
         checkpoint_fn: A functional checkpoint to use instead of ``torch.utils.checkpoint.checkpoint``;
             ``checkpoint_impl`` is then ignored.
-        **checkpoint_fn_kwargs: Passed to the checkpoint function, e.g. ``preserve_rng_state``.
+        allow_rng_divergence: See :class:`CheckpointWrapper`.
+        check_recomputed_values: See :class:`CheckpointWrapper`.
+        **checkpoint_fn_kwargs: Passed to the checkpoint function, e.g. ``context_fn``.
 
     Returns:
-        A :class:`CheckpointWrapper` around ``module``.
+        A :class:`CheckpointWrapper` around ``module``, or ``module`` if it is checkpointed already.
 
     Raises:
         TypeError: See :class:`CheckpointWrapper`.
+        ValueError: ``module`` is checkpointed already with other settings, or has Hugging Face
+            gradient checkpointing enabled.
 
     Example:
         >>> block = checkpoint_wrapper(nn.Linear(8, 8))
         >>> [name for name, _ in block.named_parameters()]
         ['weight', 'bias']
     """
-    return CheckpointWrapper(module, checkpoint_impl, checkpoint_fn, **checkpoint_fn_kwargs)
+    existing = _find_in_wrapper_chain(module, _torch_wrappers.CheckpointWrapper)
+    if existing is not None:
+        return _reuse_checkpoint_wrapper(
+            module, existing, checkpoint_impl, checkpoint_fn, checkpoint_fn_kwargs
+        )
+    _refuse_hf_gradient_checkpointing(module, type(module).__name__)
+    return CheckpointWrapper(
+        module,
+        checkpoint_impl,
+        checkpoint_fn,
+        allow_rng_divergence=allow_rng_divergence,
+        check_recomputed_values=check_recomputed_values,
+        **checkpoint_fn_kwargs,
+    )
 
 
 def offload_wrapper(
@@ -235,7 +333,7 @@ def offload_wrapper(
     """Wraps ``module`` so that the activations it saves for backward live in CPU memory.
 
     Compose with :func:`checkpoint_wrapper` (``offload_wrapper(checkpoint_wrapper(m))``) to offload
-    only the checkpointed block's inputs.
+    only the checkpointed block's inputs. Wrapping an offload wrapper again returns it as it is.
 
     Args:
         module: The module to wrap.
@@ -243,12 +341,17 @@ def offload_wrapper(
         min_offload_bytes: Saved tensors smaller than this stay on their device.
 
     Returns:
-        An :class:`OffloadWrapper` around ``module``.
+        An :class:`OffloadWrapper` around ``module``, or ``module`` if it is one already.
+
+    Raises:
+        ValueError: ``min_offload_bytes`` is negative.
 
     Example:
         >>> block = offload_wrapper(nn.Linear(8, 8))
         >>> block(torch.randn(2, 8)).sum().backward()
     """
+    if isinstance(module, _torch_wrappers.OffloadWrapper):
+        return module
     return OffloadWrapper(module, pin_memory=pin_memory, min_offload_bytes=min_offload_bytes)
 
 
@@ -261,7 +364,7 @@ def apply_activation_checkpointing(
     """Replaces selected submodules of ``model``, in place, by ``checkpoint_wrapper_fn(submodule)``.
 
     The root is never wrapped (use :func:`checkpoint_wrapper` on it directly), and neither is a
-    module that already is an activation wrapper.
+    wrapper or a module a wrapper already holds, so applying twice changes nothing.
 
     Args:
         model: The model to modify in place.
@@ -275,6 +378,7 @@ def apply_activation_checkpointing(
 
     Raises:
         TypeError: ``auto_wrap_policy`` is neither a policy object nor a callable.
+        ValueError: The model has Hugging Face gradient checkpointing enabled.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
@@ -282,7 +386,9 @@ def apply_activation_checkpointing(
         >>> [name for name, _ in model.named_parameters()]
         ['0.weight', '0.bias', '2.weight', '2.bias']
     """
+    _refuse_hf_gradient_checkpointing(model, type(model).__name__)
     targets = select_modules(model, check_fn, auto_wrap_policy)
+    names = {module: name for name, module in model.named_modules()}
     parents: dict[nn.Module, list[tuple[nn.Module, str]]] = {}
     for parent in post_order(model):
         # _modules, not named_children(): a module shared by two slots must be wrapped in both.
@@ -291,5 +397,189 @@ def apply_activation_checkpointing(
                 parents.setdefault(child, []).append((parent, name))
     for target in targets:
         wrapper = checkpoint_wrapper_fn(target)
+        if isinstance(wrapper, ActivationWrapper) and target in names:
+            for layer in _wrapper_chain(wrapper):
+                if isinstance(layer, ActivationWrapper):
+                    layer.region_name = names[target] or type(target).__name__
         for parent, name in parents.get(target, []):
             setattr(parent, name, wrapper)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Returns the module inside any stack of activation wrappers (fsdp_ac's or torch's).
+
+    Args:
+        module: A wrapper, or any module (returned as it is).
+
+    Example:
+        >>> linear = nn.Linear(2, 2)
+        >>> unwrap(offload_wrapper(checkpoint_wrapper(linear))) is linear
+        True
+    """
+    while isinstance(module, _TorchActivationWrapper):
+        module = getattr(module, WRAPPED_MODULE_ATTR)
+    return module
+
+
+def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Removes every activation wrapper from ``model`` in place, restoring the original module tree.
+
+    Afterwards names, module structure and state dicts are exactly the unwrapped model's.
+
+    Args:
+        model: The model to modify in place.
+
+    Returns:
+        ``model``, or the module inside it when ``model`` itself is a wrapper.
+
+    Raises:
+        ValueError: A wrapper carries hooks or a distributed state (e.g. ``fully_shard`` was applied
+            to it), which removing it would lose. Remove activation checkpointing before sharding.
+    """
+    for parent in post_order(model):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, _TorchActivationWrapper):
+                for layer in _wrapper_chain(child):
+                    if layer._forward_pre_hooks or layer._forward_hooks:
+                        raise ValueError(
+                            f"The activation wrapper around '{getattr(layer, 'region_name', name)}' "
+                            "has forward hooks (for example, fully_shard was applied to it); removing "
+                            "it would drop them. Remove activation checkpointing before sharding."
+                        )
+                nn.Module.__setattr__(parent, name, unwrap(child))
+    return unwrap(model)
+
+
+def _wrapper_chain(module: nn.Module) -> list[_TorchActivationWrapper]:
+    chain = []
+    while isinstance(module, _TorchActivationWrapper):
+        chain.append(module)
+        module = getattr(module, WRAPPED_MODULE_ATTR)
+    return chain
+
+
+def _find_in_wrapper_chain(module: nn.Module, kind: type[nn.Module]) -> nn.Module | None:
+    return next((layer for layer in _wrapper_chain(module) if isinstance(layer, kind)), None)
+
+
+def _reuse_checkpoint_wrapper(
+    module: nn.Module,
+    existing: nn.Module,
+    checkpoint_impl: CheckpointImpl,
+    checkpoint_fn: Callable[..., Any] | None,
+    checkpoint_fn_kwargs: dict[str, Any],
+) -> nn.Module:
+    existing_fn = getattr(existing, "checkpoint_fn", None)
+    existing_kwargs = dict(getattr(existing_fn, "keywords", {}))
+    existing_kwargs.pop("use_reentrant", None)
+    same = (
+        getattr(existing, "checkpoint_impl", None) == checkpoint_impl
+        and checkpoint_fn is None
+        and getattr(existing_fn, "func", None) is _torch_checkpoint
+        and existing_kwargs == checkpoint_fn_kwargs
+    )
+    if not same:
+        raise ValueError(
+            f"{type(unwrap(module)).__name__} is already wrapped for activation checkpointing with "
+            "other settings; checkpointing it twice would recompute twice. Call fsdp_ac.unwrap(module) "
+            "first, or keep the existing wrapper."
+        )
+    return module
+
+
+def _refuse_hf_gradient_checkpointing(module: nn.Module, where: str) -> None:
+    """Hugging Face's own checkpointing inside an fsdp_ac region would recompute twice."""
+    for name, sub in module.named_modules():
+        if getattr(sub, "gradient_checkpointing", False) is True:
+            location = f"'{name}' ({type(sub).__name__})" if name else type(sub).__name__
+            raise ValueError(
+                f"Hugging Face gradient checkpointing is enabled on {location} inside {where}; with "
+                "fsdp_ac's checkpointing too, every layer would be recomputed twice. Call "
+                "model.gradient_checkpointing_disable() (or leave gradient_checkpointing off in the "
+                "TrainingArguments/config) and let fsdp_ac do the checkpointing."
+            )
+
+
+def _refuse_unsupported_ddp(wrapper: CheckpointWrapper) -> None:
+    """Reentrant checkpointing breaks DDP's gradient hooks unless DDP knows the graph is static."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel._get_active_ddp_module()
+    if ddp is None or getattr(ddp, "static_graph", False):
+        return
+    raise ValueError(
+        f"Checkpointed region '{wrapper.region_name}' uses CheckpointImpl.REENTRANT inside "
+        "DistributedDataParallel without static_graph=True. Reentrant recomputation runs the "
+        "region's backward outside DDP's view, so DDP fails ('Expected to mark a variable ready only "
+        "once') or reduces gradients wrongly with find_unused_parameters=True, two forwards before a "
+        "backward, or a module checkpointed twice. Use checkpoint_impl=CheckpointImpl.NO_REENTRANT "
+        "(recommended), or DDP(..., static_graph=True)."
+    )
+
+
+@dataclasses.dataclass
+class _Flat:
+    """A nesting of Python containers with its tensors taken out, to rebuild it later."""
+
+    rebuild: Callable[[Iterator[torch.Tensor]], Any]
+    tensors: list[torch.Tensor]
+
+
+def _flatten(value: Any) -> _Flat:
+    """Takes the tensors out of tuples, lists, namedtuples, dicts and dataclasses, recursively."""
+    tensors: list[torch.Tensor] = []
+
+    def take(node: Any) -> Callable[[Iterator[torch.Tensor]], Any]:
+        if isinstance(node, torch.Tensor):
+            tensors.append(node)
+            return lambda it: next(it)
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            parts = [take(v) for v in node]
+            return lambda it: type(node)(*(p(it) for p in parts))
+        if isinstance(node, (tuple, list)):
+            parts = [take(v) for v in node]
+            return lambda it: type(node)(p(it) for p in parts)
+        if isinstance(node, dict):
+            items = [(k, take(v)) for k, v in node.items()]
+            return lambda it: _rebuild_dict(node, {k: p(it) for k, p in items})
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            fields = [(f.name, take(getattr(node, f.name))) for f in dataclasses.fields(node) if f.init]
+            return lambda it: dataclasses.replace(node, **{k: p(it) for k, p in fields})
+        return lambda it: node
+
+    return _Flat(take(value), tensors)
+
+
+def _rebuild_dict(original: dict[Any, Any], values: dict[Any, Any]) -> dict[Any, Any]:
+    try:
+        rebuilt = type(original)(values)
+    except TypeError:  # a dict subclass with another constructor: fill a copy instead
+        rebuilt = original.copy()
+        rebuilt.update(values)
+    return rebuilt
+
+
+def _reentrant_call(
+    checkpoint_fn: Callable[..., Any], region: RecomputeRegion, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Runs reentrant checkpointing with any inputs and outputs, training even frozen-input regions.
+
+    Reentrant checkpointing sees only positional tensor arguments and returns only tensors, and it
+    builds no graph when no input needs a gradient, which silently leaves the region untrained. So
+    inputs and outputs travel as flat tuples of tensors, with one empty tensor that needs a gradient.
+    """
+    inputs = _flatten((args, kwargs))
+    output_rebuild: list[_Flat] = []
+
+    def run(_anchor: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        call_args, call_kwargs = inputs.rebuild(iter(tensors))
+        flat = _flatten(region(*call_args, **call_kwargs))
+        if not output_rebuild:
+            output_rebuild.append(flat)
+        return tuple(flat.tensors)
+
+    anchor = torch.empty(0, requires_grad=True)
+    out_tensors = checkpoint_fn(run, anchor, *inputs.tensors)
+    if isinstance(out_tensors, torch.Tensor):
+        out_tensors = (out_tensors,)
+    return output_rebuild[0].rebuild(iter(out_tensors))

@@ -1,0 +1,392 @@
+"""Correct by default: each case reproduces a silent failure of torch's wrapper, then fsdp_ac's answer."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import warnings
+from collections import namedtuple
+from collections.abc import Callable
+
+import pytest
+import torch
+from models import ConvNet
+from torch import nn
+from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
+
+from fsdp_ac import CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper, is_recomputing
+from fsdp_ac.recompute import (
+    RandomOpWithoutRngStateError,
+    RecomputationMismatchError,
+    _is_framework_hook,
+)
+from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
+
+IMPLS = list(CheckpointImpl)
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_same_grads(expected: nn.Module, got: nn.Module) -> None:
+    for (name, want), (_, have) in zip(grads(expected).items(), grads(got).items(), strict=True):
+        assert have is not None, f"{name} got no gradient"
+        assert torch.equal(want, have), name
+
+
+class FrozenEmbeddingModel(nn.Module):
+    """A LoRA-style setup: a frozen embedding in front of a trainable checkpointed block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16).requires_grad_(False)
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.block(self.embed(tokens))
+
+
+def test_reentrant_trains_a_region_whose_inputs_need_no_gradient() -> None:
+    torch.manual_seed(0)
+    plain = FrozenEmbeddingModel()
+    tokens = torch.randint(0, 32, (4, 8))
+    plain(tokens).square().mean().backward()
+
+    theirs = copy.deepcopy(plain)
+    theirs.zero_grad(set_to_none=True)
+    theirs.block = torch_wrappers.checkpoint_wrapper(theirs.block, torch_wrappers.CheckpointImpl.REENTRANT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = theirs(tokens).square().mean()
+    assert not out.requires_grad  # torch: the block silently trains nothing
+
+    ours = copy.deepcopy(plain)
+    ours.zero_grad(set_to_none=True)
+    ours.block = checkpoint_wrapper(ours.block, CheckpointImpl.REENTRANT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning either
+        ours(tokens).square().mean().backward()
+    assert_same_grads(plain.block, ours.block)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_gradients_equal_no_ac_bitwise(impl: CheckpointImpl) -> None:
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_heads=4, n_layers=2, dropout=0.3))
+    ours = copy.deepcopy(plain)
+    apply_activation_checkpointing(
+        ours,
+        functools.partial(checkpoint_wrapper, checkpoint_impl=impl),
+        check_fn=lambda m: isinstance(m, TransformerBlock),
+    )
+    tokens = torch.randint(0, 64, (2, 12))
+    torch.manual_seed(7)
+    plain(tokens).logsumexp(-1).mean().backward()
+    torch.manual_seed(7)
+    ours(tokens).logsumexp(-1).mean().backward()
+    assert_same_grads(plain, ours)
+
+
+def dropout_block() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 16))
+
+
+def test_random_op_without_rng_state_is_refused_unless_allowed() -> None:
+    plain = dropout_block()
+    x = torch.randn(8, 16)
+    torch.manual_seed(3)
+    plain(x).sum().backward()
+
+    theirs = torch_wrappers.checkpoint_wrapper(dropout_block(), preserve_rng_state=False)
+    torch.manual_seed(3)
+    theirs(x).sum().backward()
+    assert not torch.equal(theirs[0].weight.grad, plain[0].weight.grad)  # torch: silently wrong
+
+    ours = checkpoint_wrapper(dropout_block(), preserve_rng_state=False)
+    with pytest.raises(RandomOpWithoutRngStateError, match=r"preserve_rng_state=False.*allow_rng_divergence"):
+        ours(x)
+    allowed = checkpoint_wrapper(dropout_block(), preserve_rng_state=False, allow_rng_divergence=True)
+    allowed(x).sum().backward()
+    # Without random ops, preserve_rng_state=False is fine and exact.
+    deterministic = checkpoint_wrapper(nn.Sequential(nn.Linear(16, 16), nn.GELU()), preserve_rng_state=False)
+    deterministic(x).sum().backward()
+    # In eval mode dropout draws nothing, so nothing is refused.
+    ours.eval()
+    ours(x)
+
+
+def batchnorm_model() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvNet()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batchnorm_statistics_update_once_per_step(impl: CheckpointImpl) -> None:
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    plain = batchnorm_model()
+    plain(x).sum().backward()
+
+    theirs = batchnorm_model()
+    theirs.block = torch_wrappers.checkpoint_wrapper(theirs.block, impl)
+    theirs(x).sum().backward()
+    assert theirs.block[1].num_batches_tracked.item() == 2  # torch: counted twice
+
+    ours = batchnorm_model()
+    ours.block = checkpoint_wrapper(ours.block, impl)
+    ours(x).sum().backward()
+    for (name, want), (_, have) in zip(plain.state_dict().items(), ours.state_dict().items(), strict=True):
+        assert torch.equal(want, have), name
+    assert_same_grads(plain, ours)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_user_hooks_run_once_and_is_recomputing_tells_the_replay(impl: CheckpointImpl) -> None:
+    def run(wrap: Callable[[nn.Module], nn.Module]) -> tuple[list[str], list[bool]]:
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        calls: list[str] = []
+        seen: list[bool] = []
+        block[0].register_forward_pre_hook(lambda m, a: calls.append("pre"))
+        block[2].register_forward_hook(lambda m, a, o: calls.append("post"))
+        block.register_forward_hook(lambda m, a, o: calls.append("outer"))
+        block[1].register_forward_pre_hook(lambda m, a: seen.append(is_recomputing()), prepend=True)
+        wrapped = wrap(block)
+        wrapped(torch.randn(2, 8, requires_grad=True)).sum().backward()
+        return calls, seen
+
+    theirs, _ = run(functools.partial(torch_wrappers.checkpoint_wrapper, checkpoint_impl=impl))
+    assert theirs.count("pre") == 2  # torch: every hook fires again in backward
+
+    ours, seen = run(functools.partial(checkpoint_wrapper, checkpoint_impl=impl))
+    assert ours == ["pre", "post", "outer"]
+    assert seen == [False]  # the replay skipped the hook, and the forward was not a replay
+    assert is_recomputing() is False
+
+
+def test_framework_hooks_are_kept_in_the_replay() -> None:
+    from torch.distributed._composable_state import _State
+
+    class FakeState(_State):
+        def hook(self, module: nn.Module, args: tuple[object, ...]) -> None:
+            calls.append("framework")
+
+    calls: list[str] = []
+    state = FakeState()
+    assert _is_framework_hook(state.hook)
+    block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    block[0].register_forward_pre_hook(state.hook)
+    checkpoint_wrapper(block)(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert calls == ["framework", "framework"]
+
+
+def test_wrapping_twice_is_idempotent() -> None:
+    linear = nn.Linear(4, 4)
+    once = checkpoint_wrapper(linear)
+    assert checkpoint_wrapper(once) is once
+    nested = torch_wrappers.checkpoint_wrapper(torch_wrappers.checkpoint_wrapper(nn.Linear(4, 4)))
+    assert isinstance(nested._checkpoint_wrapped_module, torch_wrappers.CheckpointWrapper)  # torch nests
+    offloaded = torch_wrappers.offload_wrapper(once)
+    assert checkpoint_wrapper(offloaded) is offloaded
+    with pytest.raises(ValueError, match=r"other settings.*fsdp_ac\.unwrap"):
+        checkpoint_wrapper(once, CheckpointImpl.REENTRANT)
+    model = GPT(GPTConfig(vocab_size=32, max_seq_len=8, d_model=16, n_heads=2, n_layers=2))
+    for _ in range(2):
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
+    assert all(isinstance(layer._checkpoint_wrapped_module, TransformerBlock) for layer in model.layers)
+
+
+def test_hugging_face_gradient_checkpointing_is_refused() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = transformers.LlamaForCausalLM(config)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match=r"gradient_checkpointing_disable\(\)"):
+        apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "LlamaDecoderLayer")
+    with pytest.raises(ValueError, match=r"model\.layers\.0|LlamaDecoderLayer"):
+        checkpoint_wrapper(model.model.layers[0])
+    model.gradient_checkpointing_disable()
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "LlamaDecoderLayer")
+    tokens = torch.randint(0, 64, (1, 6))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+Pair = namedtuple("Pair", ["main", "aux"])
+
+
+@dataclasses.dataclass
+class Output:
+    hidden: torch.Tensor
+    extra: dict[str, torch.Tensor]
+    label: str = "ok"
+
+
+class StructuredBlock(nn.Module):
+    """Takes keyword and nested inputs, returns nested and non-tensor outputs."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, *, bias: dict[str, torch.Tensor]) -> object:
+        h = torch.tanh(self.a(x) + bias["value"])
+        y = self.b(h)
+        if self.kind == "dict":
+            return {"main": y, "aux": h, "count": 3}
+        if self.kind == "namedtuple":
+            return Pair(y, h)
+        if self.kind == "dataclass":
+            return Output(y, {"aux": h})
+        return (y, None, "text")
+
+
+def output_loss(out: object) -> torch.Tensor:
+    if isinstance(out, dict):
+        assert out["count"] == 3
+        return out["main"].sum() + out["aux"].square().sum()
+    if isinstance(out, Pair):
+        return out.main.sum() + out.aux.square().sum()
+    if isinstance(out, Output):
+        assert out.label == "ok"
+        return out.hidden.sum() + out.extra["aux"].square().sum()
+    assert isinstance(out, tuple) and out[1] is None and out[2] == "text"
+    return out[0].sum()
+
+
+@pytest.mark.parametrize("kind", ["dict", "namedtuple", "dataclass", "tuple_with_non_tensors"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nested_inputs_and_outputs(kind: str, impl: CheckpointImpl) -> None:
+    torch.manual_seed(0)
+    plain = StructuredBlock(kind)
+    x = torch.randn(3, 6, requires_grad=True)
+    bias = {"value": torch.randn(6, requires_grad=True)}
+    output_loss(plain(x, bias=bias)).backward()
+    expected = (x.grad.clone(), bias["value"].grad.clone())
+    x.grad = bias["value"].grad = None
+
+    ours = checkpoint_wrapper(copy.deepcopy(plain), impl)
+    ours.zero_grad(set_to_none=True)
+    out = ours(x, bias=bias)
+    assert type(out) is type(plain(x, bias=bias))
+    output_loss(out).backward()
+    assert_same_grads(plain, ours)
+    assert torch.equal(x.grad, expected[0]) and torch.equal(bias["value"].grad, expected[1])
+
+
+def test_torch_reentrant_loses_gradients_of_dict_outputs() -> None:
+    torch.manual_seed(0)
+    theirs = torch_wrappers.checkpoint_wrapper(
+        StructuredBlock("dict"), torch_wrappers.CheckpointImpl.REENTRANT
+    )
+    out = theirs(torch.randn(3, 6, requires_grad=True), bias={"value": torch.randn(6)})
+    assert not out["main"].requires_grad  # the silent failure fsdp_ac fixes
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_and_eval_calls_neither_checkpoint_nor_warn(impl: CheckpointImpl) -> None:
+    calls: list[int] = []
+    block = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    block.register_forward_hook(lambda m, a, o: calls.append(1))
+    wrapped = checkpoint_wrapper(block, impl)
+    x = torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            assert torch.equal(wrapped(x), block(x))
+        wrapped.eval()
+        out = wrapped(x)
+    assert out.grad_fn is not None and "Checkpoint" not in type(out.grad_fn).__name__
+    assert len(calls) == 3
+
+
+def test_attributes_len_iteration_and_indexing_reach_the_wrapped_module() -> None:
+    inner = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    wrapper = checkpoint_wrapper(inner)
+    assert len(wrapper) == 3
+    assert list(wrapper) == list(inner)
+    assert wrapper[2] is inner[2]
+    replacement = nn.Linear(3, 1)
+    wrapper.head = replacement
+    assert inner.head is replacement
+    assert "head" not in wrapper._modules
+    wrapper.note = "kept"
+    assert inner.note == "kept"
+    assert wrapper.checkpoint_impl is CheckpointImpl.NO_REENTRANT
+    assert not hasattr(inner, "checkpoint_impl")
+
+
+def test_remove_activation_checkpointing_restores_the_original_model(gpt: GPT) -> None:
+    from fsdp_ac import remove_activation_checkpointing, unwrap
+    from fsdp_ac.wrappers import offload_wrapper
+
+    original = copy.deepcopy(gpt)
+    apply_activation_checkpointing(
+        gpt,
+        lambda m: offload_wrapper(checkpoint_wrapper(m)),
+        check_fn=lambda m: isinstance(m, TransformerBlock),
+    )
+    block = unwrap(gpt.layers[0])
+    assert isinstance(block, TransformerBlock)
+    assert remove_activation_checkpointing(gpt) is gpt
+    assert gpt.layers[0] is block
+    assert [(n, type(m)) for n, m in gpt.named_modules()] == [
+        (n, type(m)) for n, m in original.named_modules()
+    ]
+    assert list(gpt.state_dict()) == list(original.state_dict())
+    root = checkpoint_wrapper(nn.Linear(2, 2))
+    assert isinstance(remove_activation_checkpointing(root), nn.Linear)
+    hooked = nn.Sequential(checkpoint_wrapper(nn.Linear(2, 2)))
+    hooked[0].register_forward_pre_hook(lambda m, a: None)
+    with pytest.raises(ValueError, match="before sharding"):
+        remove_activation_checkpointing(hooked)
+
+
+class StatefulBlock(nn.Module):
+    """A forward that depends on a mutable attribute: the replay differs from the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.width = 8
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x)[..., : self.width] * self.scale)
+
+
+def test_a_replay_with_other_shapes_names_the_region() -> None:
+    theirs = torch_wrappers.checkpoint_wrapper(StatefulBlock())
+    loss = theirs(torch.randn(2, 8)).sum()
+    theirs._checkpoint_wrapped_module.width = 4  # torch's wrapper does not forward attribute writes
+    with pytest.raises(Exception) as torch_error:
+        loss.backward()
+    assert "StatefulBlock" not in str(torch_error.value)  # torch: no idea which module
+
+    model = nn.Sequential(nn.Linear(8, 8), StatefulBlock())
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, StatefulBlock))
+    loss = model(torch.randn(2, 8)).sum()
+    model[1].width = 4
+    with pytest.raises(RecomputationMismatchError, match=r"region '1'.*Likely cause"):
+        loss.backward()
+
+
+def test_optional_value_check_catches_a_replay_with_other_values() -> None:
+    silent = checkpoint_wrapper(StatefulBlock())
+    loss = silent(torch.randn(2, 8)).sum()
+    silent.scale = 2.0
+    loss.backward()  # same shapes: the default metadata check cannot see it (nor can torch's)
+
+    checked = checkpoint_wrapper(StatefulBlock(), check_recomputed_values=True)
+    loss = checked(torch.randn(2, 8)).sum()
+    checked.scale = 2.0
+    with pytest.raises(RecomputationMismatchError, match="recomputed different values"):
+        loss.backward()
+    exact = checkpoint_wrapper(StatefulBlock(), check_recomputed_values=True)
+    exact(torch.randn(2, 8)).sum().backward()
