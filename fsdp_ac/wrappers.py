@@ -20,6 +20,7 @@ What differs:
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -211,6 +212,7 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
             self.checkpoint_fn = partial(checkpoint_fn, **checkpoint_fn_kwargs)
         self._uses_torch_reentrant = checkpoint_fn is None and checkpoint_impl == CheckpointImpl.REENTRANT
         self._checked_first_forward = False
+        self._last_region: weakref.ref[RecomputeRegion] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the wrapped module under the checkpoint function (directly in eval or no-grad)."""
@@ -229,6 +231,7 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
         )
         if self._uses_torch_reentrant:
             _refuse_unsupported_ddp(self)
+            self._last_region = weakref.ref(region)
             return _reentrant_call(self.checkpoint_fn, region, args, kwargs)
         return self.checkpoint_fn(region, *args, **kwargs)
 
@@ -501,18 +504,32 @@ def _refuse_hf_gradient_checkpointing(module: nn.Module, where: str) -> None:
 
 
 def _refuse_unsupported_ddp(wrapper: CheckpointWrapper) -> None:
-    """Reentrant checkpointing breaks DDP's gradient hooks unless DDP knows the graph is static."""
+    """Refuses the reentrant uses DDP cannot support unless it knows the graph is static.
+
+    Reentrant recomputation runs the region's backward in a nested backward call, so DDP's gradient
+    hooks fire for the region's parameters once per replay. DDP accepts that exactly once per
+    parameter per iteration: not with ``find_unused_parameters=True``, and not when the region runs
+    again (a module checkpointed twice, or two forwards) before its last replay.
+    """
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel._get_active_ddp_module()
     if ddp is None or getattr(ddp, "static_graph", False):
         return
+    if ddp.find_unused_parameters:
+        problem = "with find_unused_parameters=True, which DDP cannot reconcile with reentrant backward"
+    else:
+        previous = wrapper._last_region() if wrapper._last_region is not None else None
+        if previous is None or previous.calls != 1:
+            return
+        problem = (
+            "a second time before its previous call was recomputed in backward (the module is "
+            "checkpointed twice in a step, or two forwards run before one backward), so DDP would "
+            "mark its parameters ready twice"
+        )
     raise ValueError(
-        f"Checkpointed region '{wrapper.region_name}' uses CheckpointImpl.REENTRANT inside "
-        "DistributedDataParallel without static_graph=True. Reentrant recomputation runs the "
-        "region's backward outside DDP's view, so DDP fails ('Expected to mark a variable ready only "
-        "once') or reduces gradients wrongly with find_unused_parameters=True, two forwards before a "
-        "backward, or a module checkpointed twice. Use checkpoint_impl=CheckpointImpl.NO_REENTRANT "
+        f"Checkpointed region '{wrapper.region_name}' runs with CheckpointImpl.REENTRANT inside "
+        f"DistributedDataParallel {problem}. Use checkpoint_impl=CheckpointImpl.NO_REENTRANT "
         "(recommended), or DDP(..., static_graph=True)."
     )
 
