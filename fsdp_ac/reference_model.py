@@ -89,6 +89,14 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _init_weights(module: nn.Module) -> None:
+    """GPT-2's initialisation: small weights keep the initial loss near ln(vocab_size)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class GPT(nn.Module):
     """Decoder-only language model returning logits of shape ``(batch, seq, vocab_size)``.
 
@@ -111,6 +119,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.apply(_init_weights)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Returns next-token logits for token ids of shape ``(batch, seq)``.

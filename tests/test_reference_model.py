@@ -25,3 +25,8 @@ def test_bad_sizes_are_refused(gpt: GPT) -> None:
         GPTConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="max_seq_len"):
         gpt(torch.zeros(1, gpt.config.max_seq_len + 1, dtype=torch.long))
+
+
+def test_initial_loss_is_near_uniform(gpt: GPT, tokens: torch.Tensor) -> None:
+    loss = torch.nn.functional.cross_entropy(gpt(tokens).flatten(0, 1), tokens.flatten())
+    assert abs(loss.item() - torch.log(torch.tensor(float(gpt.config.vocab_size))).item()) < 0.5
