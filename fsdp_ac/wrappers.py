@@ -19,6 +19,7 @@ What differs:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
@@ -543,36 +544,52 @@ class _Flat:
 
 
 def _flatten(value: Any) -> _Flat:
-    """Takes the tensors out of tuples, lists, namedtuples, dicts and dataclasses, recursively."""
+    """Takes the tensors out of tuples, lists, namedtuples, dicts and dataclasses, recursively.
+
+    The rebuild closures hold container types and skeletons, never the tensors: the reentrant
+    checkpoint node holds them, and a tensor held there would keep its own graph alive in a cycle.
+    """
     tensors: list[torch.Tensor] = []
-
-    def take(node: Any) -> Callable[[Iterator[torch.Tensor]], Any]:
-        if isinstance(node, torch.Tensor):
-            tensors.append(node)
-            return lambda it: next(it)
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            parts = [take(v) for v in node]
-            return lambda it: type(node)(*(p(it) for p in parts))
-        if isinstance(node, (tuple, list)):
-            parts = [take(v) for v in node]
-            return lambda it: type(node)(p(it) for p in parts)
-        if isinstance(node, dict):
-            items = [(k, take(v)) for k, v in node.items()]
-            return lambda it: _rebuild_dict(node, {k: p(it) for k, p in items})
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            fields = [(f.name, take(getattr(node, f.name))) for f in dataclasses.fields(node) if f.init]
-            return lambda it: dataclasses.replace(node, **{k: p(it) for k, p in fields})
-        return lambda it: node
-
-    return _Flat(take(value), tensors)
+    return _Flat(_take(value, tensors), tensors)
 
 
-def _rebuild_dict(original: dict[Any, Any], values: dict[Any, Any]) -> dict[Any, Any]:
-    try:
-        rebuilt = type(original)(values)
-    except TypeError:  # a dict subclass with another constructor: fill a copy instead
-        rebuilt = original.copy()
-        rebuilt.update(values)
+def _take(node: Any, tensors: list[torch.Tensor]) -> Callable[[Iterator[torch.Tensor]], Any]:
+    """Appends the tensors in ``node`` to ``tensors``; returns how to rebuild ``node`` from them.
+
+    A module-level function, not a closure: a recursive closure refers to itself, and the cycle
+    would keep ``tensors`` (and so a region's outputs and their graph) alive until a GC pass.
+    """
+    if isinstance(node, torch.Tensor):
+        tensors.append(node)
+        return next
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        names = [f.name for f in dataclasses.fields(node) if f.init]
+        parts = [_take(getattr(node, name), tensors) for name in names]
+        skeleton = copy.copy(node)
+        for name in names:
+            object.__setattr__(skeleton, name, None)
+        return lambda it: dataclasses.replace(
+            skeleton,
+            **{n: p(it) for n, p in zip(names, parts, strict=True)},
+        )
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        cls, parts = type(node), [_take(v, tensors) for v in node]
+        return lambda it: cls(*(p(it) for p in parts))
+    if isinstance(node, (tuple, list)):
+        sequence_cls, items = type(node), [_take(v, tensors) for v in node]
+        return lambda it: sequence_cls(p(it) for p in items)
+    if isinstance(node, dict):
+        keys = list(node)
+        parts = [_take(node[k], tensors) for k in keys]
+        empty = copy.copy(node)
+        empty.clear()
+        return lambda it: _rebuild_dict(empty, {k: p(it) for k, p in zip(keys, parts, strict=True)})
+    return lambda it: node
+
+
+def _rebuild_dict(skeleton: dict[Any, Any], values: dict[Any, Any]) -> dict[Any, Any]:
+    rebuilt = copy.copy(skeleton)
+    rebuilt.update(values)
     return rebuilt
 
 
@@ -586,17 +603,18 @@ def _reentrant_call(
     inputs and outputs travel as flat tuples of tensors, with one empty tensor that needs a gradient.
     """
     inputs = _flatten((args, kwargs))
-    output_rebuild: list[_Flat] = []
+    # Only the rebuild closure is kept: holding the output tensors here would keep their graph alive.
+    output_rebuild: list[Callable[[Iterator[torch.Tensor]], Any]] = []
 
     def run(_anchor: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         call_args, call_kwargs = inputs.rebuild(iter(tensors))
         flat = _flatten(region(*call_args, **call_kwargs))
         if not output_rebuild:
-            output_rebuild.append(flat)
+            output_rebuild.append(flat.rebuild)
         return tuple(flat.tensors)
 
     anchor = torch.empty(0, requires_grad=True)
     out_tensors = checkpoint_fn(run, anchor, *inputs.tensors)
     if isinstance(out_tensors, torch.Tensor):
         out_tensors = (out_tensors,)
-    return output_rebuild[0].rebuild(iter(out_tensors))
+    return output_rebuild[0](iter(out_tensors))

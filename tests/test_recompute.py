@@ -390,3 +390,22 @@ def test_optional_value_check_catches_a_replay_with_other_values() -> None:
         loss.backward()
     exact = checkpoint_wrapper(StatefulBlock(), check_recomputed_values=True)
     exact(torch.randn(2, 8)).sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["dict", "dataclass", "tuple_with_non_tensors"])
+def test_reentrant_outputs_are_freed_as_soon_as_dropped(kind: str) -> None:
+    """No reference cycle keeps a region's outputs (and their graph) alive until a GC pass."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    wrapped = checkpoint_wrapper(StructuredBlock(kind), CheckpointImpl.REENTRANT)
+    gc.disable()
+    try:
+        out = wrapped(torch.randn(3, 6, requires_grad=True), bias={"value": torch.randn(6)})
+        first = out["main"] if isinstance(out, dict) else out.hidden if isinstance(out, Output) else out[0]
+        ref = StorageWeakRef(first.untyped_storage())
+        del out, first
+        assert ref.expired()
+    finally:
+        gc.enable()
