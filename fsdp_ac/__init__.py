@@ -9,7 +9,10 @@ Example:
 
 from fsdp_ac.memory import ActivationMemoryMeter
 from fsdp_ac.names import clean_name, clean_state_dict
+from fsdp_ac.plan import ActivationPlan
+from fsdp_ac.policies import ModulePolicy, check_alignment, fully_shard_by_policy
 from fsdp_ac.recompute import is_recomputing
+from fsdp_ac.selective import SelectiveCheckpoint
 from fsdp_ac.wrappers import (
     ActivationWrapper,
     CheckpointImpl,
@@ -24,14 +27,19 @@ from fsdp_ac.wrappers import (
 
 __all__ = [
     "ActivationMemoryMeter",
+    "ActivationPlan",
     "ActivationWrapper",
     "CheckpointImpl",
     "CheckpointWrapper",
+    "ModulePolicy",
     "OffloadWrapper",
+    "SelectiveCheckpoint",
     "apply_activation_checkpointing",
+    "check_alignment",
     "checkpoint_wrapper",
     "clean_name",
     "clean_state_dict",
+    "fully_shard_by_policy",
     "is_recomputing",
     "offload_wrapper",
     "remove_activation_checkpointing",

@@ -14,11 +14,27 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 __all__ = ["DEFAULT_MIN_OFFLOAD_BYTES", "offload_saved_tensors"]
 
 DEFAULT_MIN_OFFLOAD_BYTES = 1024
 """Saved tensors smaller than this many bytes are not offloaded by default."""
+
+
+def _owned_storages(module: nn.Module) -> set[int]:
+    """Addresses of the storages of ``module``'s parameters and buffers.
+
+    Tensor subclasses without a storage of their own are skipped: FSDP2's sharded DTensor parameters,
+    which an offload wrapper around a ``fully_shard``-ed module sees because that module's pre-forward
+    hook has not yet swapped the unsharded parameters in. Forward saves those unsharded parameters,
+    leaves that need a gradient, which :func:`_is_parameter_like` recognises without the set.
+    """
+    return {
+        t.untyped_storage().data_ptr()
+        for t in (*module.parameters(), *module.buffers())
+        if not is_traceable_wrapper_subclass(t)
+    }
 
 
 def _is_parameter_like(tensor: torch.Tensor, owned_storages: set[int]) -> bool:
@@ -56,7 +72,7 @@ def offload_saved_tensors(
         raise ValueError(f"min_offload_bytes must be >= 0, got {min_offload_bytes}.")
     # Storages are compared by address: FSDP2 swaps unsharded parameters in during forward, so the
     # set is taken when the context is entered, not when the module was wrapped.
-    owned = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    owned = _owned_storages(module)
     pin = pin_memory and torch.cuda.is_available()
 
     def pack(tensor: torch.Tensor) -> Any:

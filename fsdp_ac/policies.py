@@ -1,81 +1,436 @@
-"""Which modules a policy selects for activation checkpointing.
+"""Where to checkpoint and where to shard: one policy object for FSDP1, FSDP2 and activation checkpointing.
 
-The selection rules follow FSDP's auto-wrap exactly, so one policy object passed both to FSDP and to
-:func:`fsdp_ac.apply_activation_checkpointing` gives FSDP units and AC regions that coincide.
+A :class:`ModulePolicy` names the blocks of a model once (module classes, class names, a predicate, or
+one of FSDP's auto-wrap policies) and answers the same way wherever it is used:
+
+- ``FullyShardedDataParallel(model, auto_wrap_policy=policy)`` (FSDP1) makes one unit per block;
+- :func:`fully_shard_by_policy` calls FSDP2's ``fully_shard`` on each block, then on the root;
+- ``apply_activation_checkpointing(model, auto_wrap_policy=policy)`` makes one AC region per block.
+
+A block and the activation wrappers around it count as one match, so the order of application does
+not matter: FSDP1 in either order gives ``FSDP(CheckpointWrapper(block))``, and no policy ever puts
+an FSDP unit around a wrapper and another around the block inside it. :meth:`ModulePolicy.every`,
+:meth:`~ModulePolicy.first` and :meth:`~ModulePolicy.last` derive the policy for "checkpoint one block
+in N" from the sharding policy. :func:`check_alignment` finds AC regions that span several FSDP units
+or that an FSDP unit splits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import copy
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     ActivationWrapper as TorchActivationWrapper,
 )
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointWrapper as TorchCheckpointWrapper,
+)
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import CustomPolicy, _Policy
 
 from fsdp_ac.names import WRAPPED_MODULE_ATTR
 
-__all__ = ["post_order", "select_modules"]
+__all__ = [
+    "ModulePolicy",
+    "PolicySpec",
+    "check_alignment",
+    "fully_shard_by_policy",
+    "post_order",
+    "select_modules",
+]
+
+PolicySpec: TypeAlias = (
+    type[nn.Module] | str | Iterable[type[nn.Module] | str] | Callable[..., bool] | _Policy
+)
+"""What :class:`ModulePolicy` accepts: a module class, a class name, a collection of either, a
+predicate ``(module) -> bool``, an FSDP policy object, or an FSDP callable ``(module, recurse,
+nonwrapped_numel) -> bool`` such as ``partial(transformer_auto_wrap_policy, ...)``."""
+
+_FSDP1_WRAPPED_ATTR = "_fsdp_wrapped_module"
+_Purpose = Literal["checkpoint", "shard"]
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One module of the model together with the activation and FSDP1 wrappers stacked on it."""
+
+    name: str
+    """Clean qualified name (no wrapper segments)."""
+    chain: tuple[nn.Module, ...]
+    """Outermost wrapper first, the wrapped module last (a lone module is a chain of one)."""
+
+    @property
+    def module(self) -> nn.Module:
+        return self.chain[-1]
+
+    @property
+    def top(self) -> nn.Module:
+        """The outermost member below any FSDP1 wrapper: what FSDP1 wraps as one unit."""
+        return next(m for m in self.chain if not isinstance(m, FullyShardedDataParallel))
+
+
+def _inner(module: nn.Module) -> nn.Module | None:
+    """The module an activation wrapper or an FSDP1 wrapper holds; None for any other module."""
+    if isinstance(module, TorchActivationWrapper):
+        return module._modules.get(WRAPPED_MODULE_ATTR)
+    if isinstance(module, FullyShardedDataParallel):
+        return module._modules.get(_FSDP1_WRAPPED_ATTR)
+    return None
+
+
+def _chain(module: nn.Module) -> tuple[nn.Module, ...]:
+    chain = [module]
+    while (inner := _inner(chain[-1])) is not None:
+        chain.append(inner)
+    return tuple(chain)
+
+
+def _sites(root: nn.Module) -> list[_Site]:
+    """Every module below ``root`` once, in forward-definition (pre-)order, wrappers folded in."""
+    sites: list[_Site] = []
+    seen: set[nn.Module] = set(_chain(root))
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        # _modules, not named_children(): the raw tree, with the wrappers that named_children hides.
+        for attr, child in module._modules.items():
+            if child is None or child in seen:
+                continue
+            chain = _chain(child)
+            seen.update(chain)
+            name = f"{prefix}{attr}"
+            sites.append(_Site(name, chain))
+            visit(chain[-1], name + ".")
+
+    visit(_chain(root)[-1], "")
+    return sites
+
+
+def _class_names(module: nn.Module) -> set[str]:
+    # The whole MRO: FSDP2 swaps a sharded module's class for a subclass named "FSDP<Name>".
+    return {n for c in type(module).__mro__ for n in (c.__name__, f"{c.__module__}.{c.__qualname__}")}
+
+
+def _is_fsdp_callable(fn: Callable[..., Any]) -> bool:
+    """True for FSDP's ``(module, recurse, nonwrapped_numel)`` callables, False for predicates."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "recurse" in params and "nonwrapped_numel" in params
+
+
+def _run_fsdp_callable(fn: Callable[..., bool], root: nn.Module) -> set[nn.Module]:
+    """The modules FSDP's recursive auto-wrap picks with ``fn`` (its exact algorithm, root excluded)."""
+    chosen: set[nn.Module] = set()
+
+    def visit(module: nn.Module) -> int:
+        numel = sum(p.numel() for p in module.parameters())
+        if not fn(module=module, recurse=True, nonwrapped_numel=numel):
+            return 0
+        wrapped = sum(visit(child) for child in module.children())
+        if module is not root and fn(module=module, recurse=False, nonwrapped_numel=numel - wrapped):
+            chosen.add(module)
+            return numel
+        return wrapped
+
+    visit(root)
+    return chosen
+
+
+class ModulePolicy(CustomPolicy):
+    """Selects the blocks of a model for FSDP units and activation checkpointing, the same way for both.
+
+    It is an FSDP policy object (a ``CustomPolicy``), so FSDP1 and torch's own
+    ``apply_activation_checkpointing`` accept it as ``auto_wrap_policy``, as do fsdp_ac's
+    :func:`~fsdp_ac.apply_activation_checkpointing` and :func:`fully_shard_by_policy`.
+
+    A module matches when it, or any activation or FSDP1 wrapper around it, matches ``spec``; a
+    module and its wrappers count once. FSDP1 wraps the outermost activation wrapper of a match and
+    activation checkpointing wraps the module inside any FSDP1 wrapper, so both orders give
+    ``FSDP(CheckpointWrapper(block))``. Matches are ordered as the model defines its modules.
+
+    Args:
+        spec: A module class, a class name (``"LlamaDecoderLayer"``, as Accelerate's
+            ``transformer_cls_names_to_wrap`` and Hugging Face's ``_no_split_modules`` give them; a
+            name matches subclasses too), a collection of classes and names, a predicate
+            ``(module) -> bool``, an FSDP policy object (``ModuleWrapPolicy``, ``CustomPolicy``), an
+            FSDP callable ``(module, recurse, nonwrapped_numel) -> bool`` (``partial`` of
+            ``transformer_auto_wrap_policy``, ``size_based_auto_wrap_policy`` or
+            ``lambda_auto_wrap_policy``), or another ``ModulePolicy``.
+
+    Raises:
+        TypeError: ``spec`` is none of these.
+        ValueError: ``spec`` is an empty collection.
+
+    Example:
+        >>> blocks = ModulePolicy({"TransformerBlock"})
+        >>> blocks.names(GPT(GPTConfig(n_layers=2)))
+        ['layers.0', 'layers.1']
+        >>> blocks.every(2).names(GPT(GPTConfig(n_layers=4)))
+        ['layers.0', 'layers.2']
+    """
+
+    def __init__(self, spec: PolicySpec | ModulePolicy) -> None:
+        super().__init__(self._matches_alone)
+        self._classes: tuple[type[nn.Module], ...] = ()
+        self._class_names: frozenset[str] = frozenset()
+        self._predicate: Callable[[nn.Module], bool] | None = None
+        self._fsdp_policy: _Policy | None = None
+        self._fsdp_callable: Callable[..., bool] | None = None
+        self._subsets: tuple[tuple[str, int], ...] = ()
+        self._spec_repr = ""
+        if isinstance(spec, ModulePolicy):
+            self.__dict__.update({k: v for k, v in spec.__dict__.items() if k != "_lambda_fn"})
+            return
+        if isinstance(spec, str):
+            spec = {spec}
+        if isinstance(spec, type):
+            spec = {spec}
+        if isinstance(spec, _Policy):
+            self._fsdp_policy = spec
+            self._spec_repr = type(spec).__name__
+        elif callable(spec):
+            if _is_fsdp_callable(spec):
+                self._fsdp_callable = spec
+            else:
+                self._predicate = spec
+            self._spec_repr = getattr(spec, "__name__", None) or repr(spec)
+        elif isinstance(spec, Iterable):
+            items = list(spec)
+            bad = [
+                i
+                for i in items
+                if not (isinstance(i, str) or (isinstance(i, type) and issubclass(i, nn.Module)))
+            ]
+            if bad:
+                raise TypeError(
+                    f"A ModulePolicy collection holds nn.Module classes or class names, got {bad[0]!r}; "
+                    "pass e.g. {TransformerBlock} or {'LlamaDecoderLayer'}."
+                )
+            if not items:
+                raise ValueError(
+                    "ModulePolicy got an empty collection, which selects nothing; name the block class, "
+                    "e.g. ModulePolicy({'LlamaDecoderLayer'}) (model._no_split_modules lists it for "
+                    "Hugging Face models)."
+                )
+            self._classes = tuple(i for i in items if isinstance(i, type))
+            self._class_names = frozenset(i for i in items if isinstance(i, str))
+            labels = sorted(i if isinstance(i, str) else i.__name__ for i in items)
+            self._spec_repr = "{" + ", ".join(map(repr, labels)) + "}"
+        else:
+            raise TypeError(
+                "A module policy (auto_wrap_policy) must be a module class, a class name, a collection "
+                "of them, a predicate (module) -> bool, or an FSDP auto_wrap_policy such as "
+                "ModuleWrapPolicy({Block}) or partial(transformer_auto_wrap_policy, ...); "
+                f"got {type(spec).__name__} {spec!r}."
+            )
+
+    def __repr__(self) -> str:
+        subsets = "".join(f".{kind}({n})" for kind, n in self._subsets)
+        return f"ModulePolicy({self._spec_repr}){subsets}"
+
+    # --- deriving "one block in N" policies --------------------------------------------------------
+
+    def every(self, n: int) -> ModulePolicy:
+        """Returns a policy that keeps the first match and every ``n``-th one after it.
+
+        Give the result to activation checkpointing and ``self`` to FSDP: every block stays its own
+        FSDP unit and one in ``n`` is checkpointed. The first block is kept because its activations
+        live longest (torchtune's and torchtitan's "checkpoint every N layers").
+
+        Args:
+            n: The period; 1 keeps every match.
+
+        Raises:
+            ValueError: ``n`` is below 1.
+        """
+        return self._with_subset("every", n)
+
+    def first(self, k: int) -> ModulePolicy:
+        """Returns a policy that keeps the first ``k`` matches (Megatron's ``recompute_method='block'``).
+
+        Raises:
+            ValueError: ``k`` is below 1.
+        """
+        return self._with_subset("first", k)
+
+    def last(self, k: int) -> ModulePolicy:
+        """Returns a policy that keeps the last ``k`` matches.
+
+        Raises:
+            ValueError: ``k`` is below 1.
+        """
+        return self._with_subset("last", k)
+
+    def _with_subset(self, kind: str, n: int) -> ModulePolicy:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"ModulePolicy.{kind}() takes a positive integer, got {n!r}.")
+        derived = ModulePolicy(self)
+        derived._subsets = (*self._subsets, (kind, n))
+        return derived
+
+    # --- selection --------------------------------------------------------------------------------
+
+    def names(self, model: nn.Module) -> list[str]:
+        """Returns the clean qualified names of the modules this policy selects in ``model``.
+
+        Raises:
+            ValueError: The policy matches no submodule of ``model``.
+        """
+        return [site.name for site in self._select_sites(model)]
+
+    def _matches_alone(self, module: nn.Module) -> bool:
+        """Per-module answer for class, name and predicate specs (CustomPolicy's ``lambda_fn``)."""
+        return self._member_matches(module, frozenset())
+
+    def _member_matches(self, module: nn.Module, chosen: frozenset[nn.Module]) -> bool:
+        if self._fsdp_policy is not None or self._fsdp_callable is not None:
+            return module in chosen
+        if self._predicate is not None:
+            return bool(self._predicate(module))
+        return isinstance(module, self._classes) or not self._class_names.isdisjoint(_class_names(module))
+
+    def _select_sites(self, model: nn.Module, ignored: frozenset[nn.Module] = frozenset()) -> list[_Site]:
+        chosen: frozenset[nn.Module] = frozenset()
+        if self._fsdp_policy is not None:
+            chosen = frozenset(
+                self._fsdp_policy._run_policy(model, ignored_modules=set(ignored), root_kwargs={})
+            )
+        elif self._fsdp_callable is not None:
+            chosen = frozenset(_run_fsdp_callable(self._fsdp_callable, model))
+        all_sites = _sites(model)
+        matched = [
+            s
+            for s in all_sites
+            if ignored.isdisjoint(s.chain) and any(self._member_matches(m, chosen) for m in s.chain)
+        ]
+        if not matched:
+            raise ValueError(self._no_match_message(model, all_sites))
+        for kind, n in self._subsets:
+            if kind == "every":
+                matched = matched[::n]
+            elif kind == "first":
+                matched = matched[:n]
+            else:
+                matched = matched[-n:]
+        return matched
+
+    def _no_match_message(self, model: nn.Module, sites: list[_Site]) -> str:
+        root = type(_chain(model)[-1]).__name__
+        classes = sorted({type(s.module).__name__ for s in sites} | {root})
+        # Suggest the repeated class with the most parameters per module: the transformer block, usually.
+        counts: dict[type[nn.Module], int] = {}
+        for site in sites:
+            if site.module._modules and not isinstance(
+                site.module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+            ):
+                counts[type(site.module)] = counts.get(type(site.module), 0) + 1
+        repeated = {s.module for s in sites if counts.get(type(s.module), 0) > 1}
+        largest = max(repeated, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+        hint = f", e.g. ModulePolicy({{'{type(largest).__name__}'}})" if largest is not None else ""
+        return (
+            f"{self!r} matched no submodule of {root}, so nothing would be checkpointed or sharded. "
+            f"The model's module classes are: {', '.join(classes)}. Name the block class among them{hint}."
+        )
+
+    def _select(self, model: nn.Module, purpose: _Purpose) -> list[nn.Module]:
+        """The modules to wrap for ``purpose``, children before parents.
+
+        ``checkpoint``: the matched module itself (inside any FSDP1 wrapper), skipping matches that
+        already carry an activation wrapper. ``shard``: the outermost activation wrapper or the
+        module, skipping matches that FSDP2 has sharded already.
+        """
+        picked: list[nn.Module] = []
+        for site in self._select_sites(model):
+            if purpose == "checkpoint":
+                if not any(isinstance(m, TorchActivationWrapper) for m in site.chain):
+                    picked.append(site.module)
+            elif not any(isinstance(m, FSDPModule) for m in site.chain):
+                picked.append(site.top)
+        order = {m: i for i, m in enumerate(post_order(model))}
+        return sorted(picked, key=order.__getitem__)
+
+    def _run_policy(
+        self,
+        root_module: nn.Module,
+        ignored_modules: set[nn.Module],
+        root_kwargs: dict[str, Any],
+    ) -> dict[nn.Module, dict[str, Any]]:
+        """FSDP's policy interface: the outermost activation wrapper of each match, or the match.
+
+        Raises:
+            ValueError: The policy matches no submodule of ``root_module``.
+        """
+        sites = self._select_sites(root_module, frozenset(ignored_modules))
+        return {site.top: copy.copy(root_kwargs) for site in sites}
 
 
 def select_modules(
     model: nn.Module, check_fn: Callable[[nn.Module], bool], auto_wrap_policy: Any
 ) -> list[nn.Module]:
-    """Returns the modules of ``model`` that a policy selects, children before parents.
+    """Returns the modules of ``model`` to checkpoint, children before parents.
 
-    Never the root, a wrapper, or a module a wrapper already holds: applying twice does not nest.
+    Never the root, a wrapper, or a module a wrapper already holds, so applying twice does not nest.
+    A module inside an FSDP1 wrapper is returned itself, so the checkpoint goes inside the FSDP unit.
 
     Args:
         model: The model to search.
-        check_fn: Called on each candidate when ``auto_wrap_policy`` is ``None``.
-        auto_wrap_policy: An FSDP policy object, or a callable ``(module, recurse,
-            nonwrapped_numel) -> bool`` evaluated as FSDP's recursive auto-wrap does.
+        check_fn: A predicate, used when ``auto_wrap_policy`` is ``None``.
+        auto_wrap_policy: Anything :class:`ModulePolicy` accepts (module classes, class names, a
+            predicate, an FSDP policy object or callable), or a ``ModulePolicy``.
 
     Raises:
-        TypeError: ``auto_wrap_policy`` is neither a policy object nor a callable.
+        TypeError: ``auto_wrap_policy`` is none of these.
+        ValueError: The policy matches no submodule (the message lists the model's module classes).
     """
-    from torch.distributed.fsdp.wrap import _Policy
+    return ModulePolicy(check_fn if auto_wrap_policy is None else auto_wrap_policy)._select(
+        model, "checkpoint"
+    )
 
-    order = post_order(model)
-    already_wrapped = {
-        getattr(m, WRAPPED_MODULE_ATTR) for m in order if isinstance(m, TorchActivationWrapper)
-    }
 
-    def eligible(module: nn.Module) -> bool:
-        return (
-            module is not model
-            and module not in already_wrapped
-            and not isinstance(module, TorchActivationWrapper)
-        )
+def fully_shard_by_policy(
+    model: nn.Module, policy: PolicySpec | ModulePolicy, *, shard_root: bool = True, **fully_shard_kwargs: Any
+) -> nn.Module:
+    """Applies FSDP2's ``fully_shard`` to each module ``policy`` selects, then to the root.
 
-    if auto_wrap_policy is None:
-        return [m for m in order if eligible(m) and check_fn(m)]
-    if isinstance(auto_wrap_policy, _Policy):
-        chosen = auto_wrap_policy._run_policy(model, ignored_modules=set(), root_kwargs={})
-        return [m for m in order if m in chosen and eligible(m)]
-    if not callable(auto_wrap_policy):
-        raise TypeError(
-            f"auto_wrap_policy must be an FSDP policy object or a callable "
-            f"(module, recurse, nonwrapped_numel) -> bool, got {type(auto_wrap_policy).__name__}."
-        )
-    chosen_list: list[nn.Module] = []
+    FSDP2 takes no auto-wrap policy; this is the FSDP2 counterpart of
+    ``FullyShardedDataParallel(model, auto_wrap_policy=policy)``. A checkpointed block is sharded
+    through its outermost wrapper (torchtitan's order), and blocks sharded already are left alone, so
+    calling it twice changes nothing. Afterwards :func:`check_alignment` warns about AC regions that
+    do not coincide with FSDP units.
 
-    def visit(module: nn.Module) -> int:
-        """Mirrors FSDP's recursive auto-wrap; returns the parameter count it wrapped."""
-        numel = sum(p.numel() for p in module.parameters())
-        if not auto_wrap_policy(module=module, recurse=True, nonwrapped_numel=numel):
-            return 0
-        wrapped = sum(visit(child) for child in module.children())
-        if module is not model and auto_wrap_policy(
-            module=module, recurse=False, nonwrapped_numel=numel - wrapped
-        ):
-            chosen_list.append(module)
-            return numel
-        return wrapped
+    Args:
+        model: The model to shard in place.
+        policy: Anything :class:`ModulePolicy` accepts.
+        shard_root: Also shard the root (holding the parameters outside the blocks).
+        **fully_shard_kwargs: Passed to every ``fully_shard`` call (``mesh``, ``mp_policy``,
+            ``reshard_after_forward``, ...).
 
-    visit(model)
-    return [m for m in chosen_list if eligible(m)]
+    Returns:
+        ``model``, now an ``FSDPModule`` when ``shard_root``.
+
+    Raises:
+        ValueError: The policy matches no submodule.
+
+    Example:
+        >>> mesh = init_device_mesh("cuda", (world_size,))
+        >>> apply_activation_checkpointing(model, auto_wrap_policy={"LlamaDecoderLayer"})
+        >>> fully_shard_by_policy(model, {"LlamaDecoderLayer"}, mesh=mesh)
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for module in ModulePolicy(policy)._select(model, "shard"):
+        fully_shard(module, **fully_shard_kwargs)
+    if shard_root and not isinstance(model, FSDPModule):
+        fully_shard(model, **fully_shard_kwargs)
+    _check_alignment(model, strict=False, stacklevel=3)
+    return model
 
 
 def post_order(module: nn.Module) -> list[nn.Module]:
@@ -92,3 +447,125 @@ def post_order(module: nn.Module) -> list[nn.Module]:
 
     visit(module)
     return order
+
+
+# --- alignment of AC regions and FSDP units --------------------------------------------------------
+
+
+def _is_unit(module: nn.Module) -> bool:
+    return isinstance(module, (FullyShardedDataParallel, FSDPModule))
+
+
+def _walk(root: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[nn.Module, ...]]]:
+    """Yields (clean name, module, raw ancestors outermost first) for every raw module once."""
+    seen: set[nn.Module] = set()
+
+    def visit(module: nn.Module, name: str, ancestors: tuple[nn.Module, ...]) -> Iterator[Any]:
+        seen.add(module)
+        yield name, module, ancestors
+        for attr, child in module._modules.items():
+            if child is None or child in seen:
+                continue
+            hidden = attr in (WRAPPED_MODULE_ATTR, _FSDP1_WRAPPED_ATTR)
+            child_name = name if hidden else (f"{name}.{attr}" if name else attr)
+            yield from visit(child, child_name, (*ancestors, module))
+
+    yield from visit(root, "", ())
+
+
+def check_alignment(model: nn.Module, *, strict: bool = False) -> list[str]:
+    """Finds activation-checkpoint regions that do not coincide with FSDP units.
+
+    Two placements cost memory and communication without a word from torch:
+
+    - an AC region that spans several FSDP units: recomputing it in backward unshards all of them
+      at once;
+    - an FSDP unit that splits an AC region (the unit lies inside the region, but some of the
+      region's parameters belong to a unit around it): the recomputation needs both units at once.
+
+    FSDP1 (``FullyShardedDataParallel``) and FSDP2 (``fully_shard``) units are both recognised; a
+    model without FSDP units has nothing to check.
+
+    Args:
+        model: The model after both activation checkpointing and FSDP were applied.
+        strict: Raise instead of warning.
+
+    Returns:
+        One message per misplaced region, naming the region and the units (empty when aligned).
+
+    Raises:
+        ValueError: ``strict`` and some region is misplaced.
+
+    Example:
+        >>> blocks = ModulePolicy({"TransformerBlock"})
+        >>> apply_activation_checkpointing(model, auto_wrap_policy=blocks)
+        >>> model = FullyShardedDataParallel(model, auto_wrap_policy=blocks)
+        >>> check_alignment(model, strict=True)
+        []
+    """
+    return _check_alignment(model, strict=strict, stacklevel=3)
+
+
+def _check_alignment(model: nn.Module, *, strict: bool, stacklevel: int) -> list[str]:
+    entries = list(_walk(model))
+    if not any(_is_unit(m) for _, m, _ in entries):
+        return []
+    names = {m: name for name, m, _ in entries}
+    ancestors_of = {m: a for _, m, a in entries}
+
+    def owner(module: nn.Module) -> nn.Module | None:
+        """The FSDP unit that manages ``module``'s own parameters: the nearest unit at or above it."""
+        return next((m for m in reversed((*ancestors_of[module], module)) if _is_unit(m)), None)
+
+    def label(unit: nn.Module | None) -> str:
+        if unit is None:
+            return "no FSDP unit"
+        return f"'{names[unit]}'" if names[unit] else "the root unit"
+
+    # FSDP1 without use_orig_params moves parameters into flat parameters held by the unit; each
+    # records the modules its parameters came from.
+    managed_by: dict[nn.Module, nn.Module | None] = {}
+    for _, module, _ in entries:
+        for param in module._parameters.values():
+            for info in (*getattr(param, "_param_infos", ()), *getattr(param, "_shared_param_infos", ())):
+                managed_by[info.module] = owner(module)
+            if param is not None and not hasattr(param, "_param_infos"):
+                managed_by.setdefault(module, owner(module))
+
+    problems: list[str] = []
+    for name, region, _ in entries:
+        if not isinstance(region, TorchCheckpointWrapper):
+            continue
+        owners = {
+            managed_by[m]
+            for m, ancestors in ancestors_of.items()
+            if (m is region or region in ancestors) and m in managed_by
+        }
+        if len(owners) <= 1:
+            continue
+        inner = sorted((u for u in owners if u is not None and region in ancestors_of[u]), key=label)
+        outer = sorted((u for u in owners if u not in inner), key=label)
+        where = f"'{name}'" if name else "the root"
+        fix = (
+            "pass the same fsdp_ac.ModulePolicy to FSDP (or fsdp_ac.fully_shard_by_policy) and to "
+            "apply_activation_checkpointing."
+        )
+        if outer:
+            units = ", ".join(map(label, inner))
+            problems.append(
+                f"FSDP unit{'s' if len(inner) > 1 else ''} {units} split{'' if len(inner) > 1 else 's'} "
+                f"AC region {where}: its parameters belong to {units} inside it and to "
+                f"{', '.join(map(label, outer))} around it, so recomputing it in backward needs all of "
+                f"them unsharded at once. Make each AC region exactly one FSDP unit: {fix}"
+            )
+        else:
+            problems.append(
+                f"AC region {where} spans {len(inner)} FSDP units ({', '.join(map(label, inner))}): "
+                "recomputing it in backward unshards all of them at once. Checkpoint each unit "
+                f"instead: {fix}"
+            )
+    if problems and strict:
+        raise ValueError("\n".join(problems))
+    for message in problems:
+        warnings.warn(message, UserWarning, stacklevel=stacklevel)
+    return problems

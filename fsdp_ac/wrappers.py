@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -38,7 +39,7 @@ from fsdp_ac.names import (
     strip_prefix_on_save,
 )
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, offload_saved_tensors
-from fsdp_ac.policies import post_order, select_modules
+from fsdp_ac.policies import ModulePolicy, PolicySpec, _check_alignment, post_order, select_modules
 from fsdp_ac.recompute import RecomputeRegion
 
 __all__ = [
@@ -113,6 +114,10 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
             super().__setattr__(name, value)
         else:
             setattr(self._modules[WRAPPED_MODULE_ATTR], name, value)
+
+    def __bool__(self) -> bool:
+        """Always true, as for any module (``__len__`` alone would make an empty one falsy or fail)."""
+        return True
 
     def __len__(self) -> int:
         """The wrapped module's length (e.g. of an ``nn.Sequential`` or ``nn.ModuleList``)."""
@@ -230,6 +235,7 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
             and not self.allow_rng_divergence,
             check_values=self.check_recomputed_values,
         )
+        _refuse_stateful_cache(self.region_name, args, kwargs)
         if self._uses_torch_reentrant:
             _refuse_unsupported_ddp(self)
             self._last_region = weakref.ref(region)
@@ -363,12 +369,14 @@ def apply_activation_checkpointing(
     model: nn.Module,
     checkpoint_wrapper_fn: Callable[[nn.Module], nn.Module] = checkpoint_wrapper,
     check_fn: Callable[[nn.Module], bool] = lambda _: True,
-    auto_wrap_policy: Callable[..., bool] | Any | None = None,
+    auto_wrap_policy: PolicySpec | ModulePolicy | None = None,
 ) -> None:
     """Replaces selected submodules of ``model``, in place, by ``checkpoint_wrapper_fn(submodule)``.
 
     The root is never wrapped (use :func:`checkpoint_wrapper` on it directly), and neither is a
-    wrapper or a module a wrapper already holds, so applying twice changes nothing.
+    wrapper or a module a wrapper already holds, so applying twice changes nothing. When the model
+    already has FSDP units, an AC region that spans several units, or a unit that splits a region,
+    is reported with a warning that names both (see :func:`fsdp_ac.check_alignment`).
 
     Args:
         model: The model to modify in place.
@@ -376,13 +384,16 @@ def apply_activation_checkpointing(
             :func:`offload_wrapper`, or a ``functools.partial`` of either.
         check_fn: Called on each submodule; ``True`` wraps it. Ignored when ``auto_wrap_policy``
             is given.
-        auto_wrap_policy: An FSDP auto-wrap policy (``ModuleWrapPolicy``, ``CustomPolicy``, or a
-            callable such as ``partial(transformer_auto_wrap_policy, ...)``); the same object can be
-            passed to FSDP so AC regions and FSDP units coincide.
+        auto_wrap_policy: What to wrap: a :class:`fsdp_ac.ModulePolicy`, a module class, a class
+            name (as Accelerate's ``transformer_cls_names_to_wrap`` gives them), a set of either, a
+            predicate, or an FSDP policy (``ModuleWrapPolicy``, ``CustomPolicy``, or a callable such
+            as ``partial(transformer_auto_wrap_policy, ...)``). The same object passed to FSDP gives
+            FSDP units and AC regions that coincide.
 
     Raises:
-        TypeError: ``auto_wrap_policy`` is neither a policy object nor a callable.
-        ValueError: The model has Hugging Face gradient checkpointing enabled.
+        TypeError: ``auto_wrap_policy`` is of none of those kinds.
+        ValueError: The policy or ``check_fn`` matches no submodule (the message lists the model's
+            module classes), or the model has Hugging Face gradient checkpointing enabled.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
@@ -392,6 +403,7 @@ def apply_activation_checkpointing(
     """
     _refuse_hf_gradient_checkpointing(model, type(model).__name__)
     targets = select_modules(model, check_fn, auto_wrap_policy)
+    _turn_off_hf_cache(model)
     names = {module: name for name, module in model.named_modules()}
     parents: dict[nn.Module, list[tuple[nn.Module, str]]] = {}
     for parent in post_order(model):
@@ -407,6 +419,7 @@ def apply_activation_checkpointing(
                     layer.region_name = names[target] or type(target).__name__
         for parent, name in parents.get(target, []):
             setattr(parent, name, wrapper)
+    _check_alignment(model, strict=False, stacklevel=3)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -501,6 +514,30 @@ def _refuse_hf_gradient_checkpointing(module: nn.Module, where: str) -> None:
                 "fsdp_ac's checkpointing too, every layer would be recomputed twice. Call "
                 "model.gradient_checkpointing_disable() (or leave gradient_checkpointing off in the "
                 "TrainingArguments/config) and let fsdp_ac do the checkpointing."
+            )
+
+
+def _turn_off_hf_cache(model: nn.Module) -> None:
+    """Sets ``config.use_cache = False`` on a Hugging Face model, as its own checkpointing does."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) is True:
+        config.use_cache = False  # type: ignore[union-attr]
+        warnings.warn(
+            f"fsdp_ac set {type(model).__name__}.config.use_cache = False: a key/value cache is "
+            "appended to again when a checkpointed layer is recomputed. Set it back for generation.",
+            stacklevel=3,
+        )
+
+
+def _refuse_stateful_cache(region_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A key/value cache the region appends to would be appended to again by the replay."""
+    for value in (*args, *kwargs.values()):
+        cls = type(value)
+        if cls.__module__.startswith("transformers") and cls.__name__.endswith("Cache"):
+            raise ValueError(
+                f"Checkpointed region '{region_name}' was called with a Hugging Face {cls.__name__}; "
+                "its recomputation in backward would append to the cache a second time. Train with "
+                "use_cache=False (model(..., use_cache=False) or model.config.use_cache = False)."
             )
 
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from fsdp_ac.environment import collective_timeout, select_backend
+from fsdp_ac.environment import collective_timeout, select_backend, suite_nproc
 
 
 def test_backend_defaults_to_gloo_without_enough_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,3 +36,14 @@ def test_timeout_is_read_and_validated(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("FSDP_AC_TIMEOUT_S", bad)
         with pytest.raises(ValueError, match="positive number"):
             collective_timeout()
+
+
+def test_suite_nproc_is_read_and_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FSDP_AC_NPROC", raising=False)
+    assert suite_nproc() == 2
+    monkeypatch.setenv("FSDP_AC_NPROC", " 8 ")
+    assert suite_nproc() == 8
+    for bad in ("0", "-1", "two", "1.5", ""):
+        monkeypatch.setenv("FSDP_AC_NPROC", bad)
+        with pytest.raises(ValueError, match="FSDP_AC_NPROC must be a positive integer"):
+            suite_nproc()

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 from fsdp_ac import offload_wrapper
 from fsdp_ac.offload import _is_parameter_like, offload_saved_tensors
@@ -71,3 +72,18 @@ def test_negative_threshold_is_refused() -> None:
         offload_saved_tensors(nn.Linear(1, 1), min_offload_bytes=-1),
     ):
         pass
+
+
+@pytest.mark.usefixtures("single_rank_group")
+def test_offload_around_a_fully_sharded_module_trains_like_without() -> None:
+    """The wrapper's forward sees FSDP2's sharded DTensor parameters, which have no storage."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32))
+    reference = copy.deepcopy(module)
+    fully_shard(module)
+    wrapped = offload_wrapper(module, pin_memory=False, min_offload_bytes=0)
+    x = torch.randn(4, 32)
+    wrapped(x).sum().backward()
+    reference(x).sum().backward()
+    for (name, param), expected in zip(module.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(param.grad.full_tensor(), expected.grad, rtol=0, atol=0, msg=name)

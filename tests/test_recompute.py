@@ -409,3 +409,19 @@ def test_reentrant_outputs_are_freed_as_soon_as_dropped(kind: str) -> None:
         assert ref.expired()
     finally:
         gc.enable()
+
+
+def test_hugging_face_cache_in_training_is_refused() -> None:
+    from hf_models import tiny_llama
+
+    model = tiny_llama()
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "LlamaDecoderLayer")
+    tokens = torch.randint(0, 64, (1, 6))
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(input_ids=tokens, use_cache=True)
+    model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+
+
+def test_a_wrapper_is_truthy() -> None:
+    assert checkpoint_wrapper(nn.Linear(2, 2))
+    assert checkpoint_wrapper(nn.Sequential())

@@ -1,0 +1,485 @@
+"""Hugging Face Accelerate integration: Accelerate's activation checkpointing settings, done by fsdp_ac.
+
+One line in the training script replaces ``accelerator.prepare``::
+
+    model, optimizer, loader = fsdp_ac.accelerate.prepare(accelerator, model, optimizer, loader)
+
+It reads Accelerate's settings (``fsdp_activation_checkpointing``,
+``fsdp_activation_checkpointing_offload``, the auto-wrap policy, ``fsdp_transformer_layer_cls_to_wrap``
+or the model's ``_no_split_modules``, ``fsdp_version``) and fsdp_ac's own (``FSDP_AC_*`` variables or
+``fsdp_ac_*`` keys of the config file, see :mod:`fsdp_ac.environment`), turns Accelerate's own
+checkpointing off for the call, lets Accelerate shard or replicate the model exactly as configured, and
+then checkpoints the chosen blocks with fsdp_ac's wrappers, inside the FSDP units Accelerate made.
+
+Why after ``accelerator.prepare`` and not before: Accelerate's FSDP2 path shards every module its class
+policy matches, looking through checkpoint wrappers, so a block checkpointed before sharding becomes
+two nested FSDP units (the wrapper and the block). Checkpointing after sharding gives exactly one FSDP
+unit and one activation-checkpoint region per block, for FSDP1, FSDP2 and DDP alike.
+
+What this fixes in Accelerate 1.15 (``docs/accelerate.md`` has the details and the tests):
+
+- FSDP2 checkpoints with ``preserve_rng_state=False``: with dropout, gradients differ from those
+  without checkpointing. fsdp_ac preserves the RNG state.
+- ``NO_WRAP`` with activation checkpointing crashes (FSDP2) or checkpoints every module, nested
+  (FSDP1); a transformer policy whose classes match nothing checkpoints nothing. fsdp_ac raises a
+  ``ValueError`` that names the setting to change.
+- FSDP2 makes two nested FSDP units per checkpointed block; fsdp_ac makes one.
+- Without GPUs Accelerate runs DDP (or, without ``cpu=True``, one unrelated process per rank) and drops
+  activation checkpointing; fsdp_ac still checkpoints, and refuses processes that would not train
+  together.
+- Parameter and state-dict names carry ``_checkpoint_wrapped_module``; fsdp_ac's do not.
+
+``accelerate`` is imported only when these functions run, so ``fsdp_ac`` imports without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import functools
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+from torch import nn
+
+from fsdp_ac import environment
+from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES
+from fsdp_ac.plan import ActivationPlan
+from fsdp_ac.policies import ModulePolicy
+from fsdp_ac.wrappers import OffloadWrapper
+
+__all__ = ["ActivationCheckpointingSettings", "activation_plan", "prepare", "read_settings"]
+
+logger = logging.getLogger(__name__)
+
+_FILE_KEY_PREFIX = "fsdp_ac_"
+_FILE_SECTION = "fsdp_config"
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationCheckpointingSettings:
+    """What :func:`prepare` does, merged from Accelerate's settings and fsdp_ac's.
+
+    Each fsdp_ac setting comes from ``FSDP_AC_<NAME>`` if set, else from the key ``fsdp_ac_<name>`` in
+    the ``fsdp_config`` section of the file named by ``FSDP_AC_CONFIG_FILE``, else from Accelerate.
+    """
+
+    enabled: bool
+    """Whether blocks are checkpointed: Accelerate's ``activation_checkpointing``, or any of fsdp_ac's
+    ``policy``, ``strategy`` or ``plan`` given; ``policy: none`` turns it off."""
+    policy: str = "all"
+    """Which blocks: ``all``, ``every:N``, ``first:K``, ``last:K`` or ``budget:F`` (checkpoint the
+    first ``ceil((1 - F) * blocks)`` blocks, so that about ``F`` of the activations stay)."""
+    strategy: str = "full"
+    """What each chosen block gets: an :class:`~fsdp_ac.ActivationPlan` strategy (``full``,
+    ``selective[:preset]``, ``offload``, ``full+offload``)."""
+    plan: Path | None = None
+    """An :class:`~fsdp_ac.ActivationPlan` JSON file applied instead of ``policy`` and ``strategy``."""
+    blocks: tuple[str, ...] | None = None
+    """Block class names; None to take Accelerate's (its transformer classes, ``_no_split_modules``)."""
+    offload: bool = False
+    """Offload the inputs of checkpointed blocks to CPU memory (``full`` becomes ``full+offload``)."""
+    offload_min_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES
+    """Saved tensors smaller than this stay on their device."""
+    pin_memory: bool = True
+    """Offload into page-locked memory (where CUDA is available)."""
+    fsdp_version: int | None = None
+    """Accelerate's ``fsdp_version`` when it was configured for FSDP, else None."""
+    fsdp_active: bool = False
+    """Whether Accelerate runs FSDP; False when it dropped an FSDP config (no GPU) or has none."""
+
+
+def read_settings(accelerator: Any) -> ActivationCheckpointingSettings:
+    """Returns the activation checkpointing settings that :func:`prepare` applies for ``accelerator``.
+
+    Args:
+        accelerator: The ``accelerate.Accelerator`` of the run.
+
+    Raises:
+        ValueError: A setting has an invalid value, the config file holds an unknown ``fsdp_ac_*`` key,
+            ``plan`` is combined with ``policy``, ``strategy`` or ``offload``, or ``offload`` is asked
+            for without activation checkpointing or with a strategy it does not combine with. Each
+            message names the setting.
+
+    Example:
+        >>> settings = fsdp_ac.accelerate.read_settings(accelerator)
+        >>> settings.enabled, settings.policy, settings.strategy
+        (True, 'all', 'full')
+    """
+    plugin, active = _fsdp_plugin(accelerator)
+    return _merge_settings(plugin, active, _fsdp_ac_settings())
+
+
+def activation_plan(accelerator: Any, model: nn.Module) -> ActivationPlan:
+    """Returns the plan :func:`prepare` applies to ``model``: which blocks get which strategy.
+
+    Call it before ``prepare`` to print or save the plan (``plan.table(model)``). Empty when
+    activation checkpointing is off.
+
+    Args:
+        accelerator: The ``accelerate.Accelerator`` of the run.
+        model: The model as it will be passed to ``prepare`` (not yet prepared).
+
+    Raises:
+        ValueError: See :func:`read_settings`; also when the blocks cannot be determined: FSDP with
+            ``NO_WRAP`` (or ``SIZE_BASED_WRAP`` with ``min_num_params`` 0) and no ``blocks`` setting, a
+            transformer policy without classes, or block classes that match no module of ``model``.
+    """
+    plugin, active = _fsdp_plugin(accelerator)
+    return _plan(model, _merge_settings(plugin, active, _fsdp_ac_settings()), plugin)
+
+
+def prepare(accelerator: Any, *args: Any, device_placement: list[bool] | None = None) -> Any:
+    """Drop-in for ``accelerator.prepare(*args)`` that does the activation checkpointing with fsdp_ac.
+
+    Accelerate's own activation checkpointing is switched off for the call (and switched back on
+    after it), so a model is never checkpointed twice. Each model is first prepared by Accelerate
+    exactly as configured (FSDP1, FSDP2, DDP, one process); then the blocks chosen by
+    :func:`activation_plan` are wrapped in place, inside the FSDP units Accelerate made.
+
+    Args:
+        accelerator: The ``accelerate.Accelerator`` of the run.
+        *args: What ``accelerator.prepare`` takes: models, optimizers, data loaders, schedulers.
+        device_placement: Passed to ``accelerator.prepare``.
+
+    Returns:
+        What ``accelerator.prepare`` returns: the prepared objects in order, or the only one.
+
+    Raises:
+        ValueError: See :func:`activation_plan`; also when ``accelerate launch`` started several
+            processes that Accelerate runs as unrelated single-process jobs (no GPU and no
+            ``cpu=True``), which would train one model per process without a word, and when
+            checkpointing is asked for under DeepSpeed, Megatron-LM or XLA.
+
+    Example:
+        >>> import fsdp_ac.accelerate
+        >>> accelerator = Accelerator()
+        >>> model, optimizer = fsdp_ac.accelerate.prepare(accelerator, model, optimizer)
+    """
+    plugin, active = _fsdp_plugin(accelerator)
+    settings = _merge_settings(plugin, active, _fsdp_ac_settings())
+    _refuse_unrelated_processes(accelerator)
+    if settings.enabled:
+        _refuse_unsupported(accelerator)
+    if plugin is not None and not active and settings.enabled:
+        warnings.warn(
+            f"Accelerate was configured for FSDP but runs {accelerator.distributed_type} (Accelerate "
+            "uses FSDP only on GPUs and other accelerators) and would drop activation checkpointing; "
+            "fsdp_ac checkpoints the blocks anyway.",
+            UserWarning,
+            stacklevel=2,
+        )
+    plans = {i: _plan(arg, settings, plugin) for i, arg in enumerate(args) if isinstance(arg, nn.Module)}
+    for index, plan in plans.items():
+        if len(plan):
+            _turn_off_hugging_face_cache(args[index])
+    with _accelerate_checkpointing_off(plugin if active else None):
+        prepared = accelerator.prepare(*args, device_placement=device_placement)
+    # One object for one argument; a tuple, or a list under FSDP2, for several.
+    results = (prepared,) if len(args) == 1 else tuple(prepared)
+    for index, plan in plans.items():
+        if len(plan):
+            _apply(plan, results[index], settings, accelerator.is_main_process)
+    return prepared
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+def _fsdp_plugin(accelerator: Any) -> tuple[Any, bool]:
+    """Accelerate's FSDP plugin, and whether Accelerate runs FSDP with it.
+
+    When ``accelerate launch`` had an FSDP config but Accelerate dropped it (no GPU), the plugin is
+    rebuilt from the ``FSDP_*`` variables the launcher set, which is how Accelerate builds it.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return accelerator.state.fsdp_plugin, True
+    if environment.accelerate_fsdp_requested():
+        return FullyShardedDataParallelPlugin(), False
+    return None, False
+
+
+def _fsdp_ac_settings() -> dict[str, tuple[object, str]]:
+    """fsdp_ac's own settings: ``{name: (value, where it came from)}``, the environment over the file."""
+    found: dict[str, tuple[object, str]] = {}
+    config_file = environment.ac_config_file()
+    if config_file is not None:
+        found.update(_read_config_file(config_file))
+    readers = {
+        "policy": environment.ac_policy,
+        "strategy": environment.ac_strategy,
+        "plan": environment.ac_plan,
+        "blocks": environment.ac_blocks,
+        "offload": environment.ac_offload,
+        "offload_min_bytes": environment.ac_offload_min_bytes,
+        "pin_memory": environment.ac_pin_memory,
+    }
+    for name, read in readers.items():
+        value = read()
+        if value is not None:
+            found[name] = (value, f"FSDP_AC_{name.upper()}")
+    return found
+
+
+def _read_config_file(path: Path) -> dict[str, tuple[object, str]]:
+    """The ``fsdp_ac_*`` keys of the ``fsdp_config`` section of an Accelerate config file, parsed."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        import json
+
+        document = json.loads(text)
+    else:
+        import yaml  # a dependency of accelerate
+
+        document = yaml.safe_load(text)
+    section = document.get(_FILE_SECTION) if isinstance(document, dict) else None
+    stray = sorted(k for k in (document or {}) if isinstance(k, str) and k.startswith(_FILE_KEY_PREFIX))
+    if stray:
+        raise ValueError(
+            f"{path} has {', '.join(stray)} at the top level, where accelerate launch rejects unknown "
+            f"keys; move them into the {_FILE_SECTION} section."
+        )
+    found: dict[str, tuple[object, str]] = {}
+    for key, raw in (section or {}).items():
+        if not (isinstance(key, str) and key.startswith(_FILE_KEY_PREFIX)):
+            continue
+        name = key[len(_FILE_KEY_PREFIX) :]
+        parse = environment.AC_SETTING_PARSERS.get(name)
+        if parse is None:
+            known = ", ".join(_FILE_KEY_PREFIX + n for n in environment.AC_SETTING_PARSERS)
+            raise ValueError(f"{path}: unknown key {_FILE_SECTION}.{key}; the fsdp_ac keys are {known}.")
+        source = f"{_FILE_SECTION}.{key} in {path}"
+        if name == "plan":
+            raw = path.parent / Path(str(raw)).expanduser()  # relative to the config file
+        found[name] = (parse(raw, source), source)
+    return found
+
+
+def _merge_settings(
+    plugin: Any, active: bool, own: Mapping[str, tuple[object, str]]
+) -> ActivationCheckpointingSettings:
+    """Accelerate's flags, overridden by fsdp_ac's settings; checks that they fit together."""
+    value = {name: found[0] for name, found in own.items()}
+    source = {name: found[1] for name, found in own.items()}
+    accelerate_ac = bool(plugin is not None and plugin.activation_checkpointing)
+    accelerate_offload = bool(plugin is not None and plugin.activation_checkpointing_offload)
+    if "plan" in value and ("policy" in value or "strategy" in value or value.get("offload")):
+        other = source.get("policy") or source.get("strategy") or source["offload"]
+        raise ValueError(
+            f"{source['plan']} gives an activation plan, which already says which block gets what; "
+            f"remove {other}, or the plan."
+        )
+    policy = str(value.get("policy", "all"))
+    enabled = policy != "none" and (accelerate_ac or any(k in value for k in ("policy", "strategy", "plan")))
+    # Accelerate's offload flag goes with its checkpointing flag, which fsdp_ac's policy none overrides.
+    offload = bool(value["offload"]) if "offload" in value else accelerate_offload and enabled
+    strategy = str(value.get("strategy", "full"))
+    if offload and not enabled:
+        raise ValueError(
+            f"{source['offload']} asks to offload the inputs of checkpointed blocks, but activation "
+            "checkpointing is off; set fsdp_activation_checkpointing: true (or FSDP_AC_POLICY=all), or "
+            "drop the offload."
+        )
+    if offload and "plan" not in value:
+        if strategy == "full":
+            strategy = "full+offload"
+        elif strategy not in ("offload", "full+offload"):
+            raise ValueError(
+                f"Offloading checkpointed inputs combines with full checkpointing only, not with "
+                f"{strategy!r} ({source.get('strategy', 'strategy')}); use strategy full+offload, or "
+                "turn the offload off."
+            )
+    if policy.startswith("budget:") and strategy not in ("full", "full+offload"):
+        raise ValueError(
+            f"{source.get('policy', 'policy')}={policy} counts fully checkpointed blocks; it does not "
+            f"combine with strategy {strategy!r}. Use policy first:K, or strategy full."
+        )
+    return ActivationCheckpointingSettings(
+        enabled=enabled,
+        policy=policy,
+        strategy=strategy,
+        plan=cast("Path | None", value.get("plan")),
+        blocks=cast("tuple[str, ...] | None", value.get("blocks")),
+        offload=offload,
+        offload_min_bytes=cast(int, value.get("offload_min_bytes", DEFAULT_MIN_OFFLOAD_BYTES)),
+        pin_memory=cast(bool, value.get("pin_memory", True)),
+        fsdp_version=int(plugin.fsdp_version) if plugin is not None else None,
+        fsdp_active=active,
+    )
+
+
+# --- which blocks --------------------------------------------------------------------------------
+
+
+def _plan(model: nn.Module, settings: ActivationCheckpointingSettings, plugin: Any) -> ActivationPlan:
+    if not settings.enabled:
+        return ActivationPlan({})
+    if settings.plan is not None:
+        plan = ActivationPlan.load(settings.plan)
+        names = dict(model.named_modules())
+        missing = [name for name in plan if name not in names]
+        if missing:
+            close = difflib.get_close_matches(missing[0], list(names), n=3)
+            hint = f" Close names: {', '.join(map(repr, close))}." if close else ""
+            raise ValueError(
+                f"The activation plan {settings.plan} names {missing[0]!r}, which is not a module of "
+                f"{type(model).__name__}.{hint}"
+            )
+        return plan
+    blocks = _blocks(model, settings, plugin)
+    kind, _, arg = settings.policy.partition(":")
+    if kind == "every":
+        blocks = blocks.every(int(arg))
+    elif kind == "first":
+        blocks = blocks.first(int(arg))
+    elif kind == "last":
+        blocks = blocks.last(int(arg))
+    elif kind == "budget":
+        count = math.ceil((1 - float(arg)) * len(blocks.names(model)))
+        if count == 0:
+            return ActivationPlan({})
+        blocks = blocks.first(count)
+    return ActivationPlan.from_policy(model, blocks, settings.strategy)
+
+
+def _blocks(model: nn.Module, settings: ActivationCheckpointingSettings, plugin: Any) -> ModulePolicy:
+    """The blocks to checkpoint, chosen as Accelerate chooses its FSDP units."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    model_name = type(model).__name__
+    if settings.blocks is not None:
+        return ModulePolicy(set(settings.blocks))
+    if plugin is None:
+        names = getattr(model, "_no_split_modules", None)
+        if names:
+            return ModulePolicy(set(names))
+        raise ValueError(
+            f"Activation checkpointing is on, but nothing names the blocks of {model_name}: it has no "
+            "_no_split_modules and Accelerate has no FSDP transformer policy. Set FSDP_AC_BLOCKS (or "
+            "fsdp_ac_blocks in the config file) to the block class name, e.g. LlamaDecoderLayer."
+        )
+    # Accelerate's own resolution (transformer_cls_names_to_wrap, else _no_split_modules); prepare
+    # would make the same call, so the plugin ends up as it would anyway.
+    plugin.set_auto_wrap_policy(model)
+    policy = plugin.auto_wrap_policy
+    if policy is None:
+        raise ValueError(
+            "fsdp_activation_checkpointing is on with fsdp_auto_wrap_policy NO_WRAP (or SIZE_BASED_WRAP "
+            "with fsdp_min_num_params 0), so FSDP makes no unit per block and nothing says which modules "
+            "to checkpoint (Accelerate's FSDP2 crashes here, its FSDP1 checkpoints every module, nested). "
+            "Set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP (with fsdp_transformer_layer_cls_to_wrap "
+            "unless the model has _no_split_modules), or name the blocks with FSDP_AC_BLOCKS."
+        )
+    func = policy.func if isinstance(policy, functools.partial) else policy
+    if func is transformer_auto_wrap_policy:
+        classes = (
+            set(policy.keywords.get("transformer_layer_cls", ()))
+            if isinstance(policy, functools.partial)
+            else set()
+        )
+        if not classes:
+            raise ValueError(
+                f"fsdp_auto_wrap_policy is TRANSFORMER_BASED_WRAP, but no block class is known: "
+                f"fsdp_transformer_layer_cls_to_wrap is unset and {model_name} has no _no_split_modules, "
+                "so Accelerate would shard and checkpoint nothing. Set fsdp_transformer_layer_cls_to_wrap "
+                "to the block class name, e.g. LlamaDecoderLayer."
+            )
+        return ModulePolicy(classes)
+    return ModulePolicy(policy)
+
+
+# --- applying ------------------------------------------------------------------------------------
+
+
+def _refuse_unrelated_processes(accelerator: Any) -> None:
+    launched = environment.launched_world_size()
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ValueError(
+            f"accelerate launch started {launched} processes, but Accelerate runs each of them as a "
+            "separate single-process job (it found no GPU and was not asked to use the CPU), so each "
+            "would train its own model. Use Accelerator(cpu=True) or set ACCELERATE_USE_CPU=true for "
+            "multi-CPU DDP on gloo."
+        )
+
+
+def _refuse_unsupported(accelerator: Any) -> None:
+    from accelerate.utils import DistributedType
+
+    supported = {DistributedType.FSDP, DistributedType.NO} | {
+        kind for kind in DistributedType if kind.name.startswith("MULTI_")
+    }
+    if accelerator.distributed_type not in supported:
+        raise ValueError(
+            f"fsdp_ac.accelerate.prepare checkpoints FSDP, DDP and one-process runs; this one is "
+            f"{accelerator.distributed_type}. Use that engine's own activation checkpointing and "
+            "accelerator.prepare, or unset fsdp_ac's settings (FSDP_AC_*)."
+        )
+
+
+@contextlib.contextmanager
+def _accelerate_checkpointing_off(plugin: Any) -> Iterator[None]:
+    """Switches Accelerate's own activation checkpointing off for the duration of a ``prepare``."""
+    if plugin is None:
+        yield
+        return
+    saved = plugin.activation_checkpointing, plugin.activation_checkpointing_offload
+    plugin.activation_checkpointing = plugin.activation_checkpointing_offload = False
+    try:
+        yield
+    finally:
+        plugin.activation_checkpointing, plugin.activation_checkpointing_offload = saved
+
+
+def _apply(
+    plan: ActivationPlan, prepared: nn.Module, settings: ActivationCheckpointingSettings, main: bool
+) -> None:
+    """Applies ``plan`` inside the parallel wrappers of ``prepared``; sets the offload options."""
+    model = _inside_wrappers(prepared)
+    existing = {m for m in model.modules() if isinstance(m, OffloadWrapper)}
+    plan.apply(model)
+    for module in model.modules():
+        if isinstance(module, OffloadWrapper) and module not in existing:
+            module.pin_memory = settings.pin_memory
+            module.min_offload_bytes = settings.offload_min_bytes
+    if main:
+        logger.info("fsdp_ac activation checkpointing:\n%s", plan.table(model))
+
+
+def _turn_off_hugging_face_cache(model: nn.Module) -> None:
+    """Sets ``config.use_cache = False`` on a Hugging Face model, as its own gradient checkpointing does.
+
+    With the key/value cache on, the replay of a checkpointed decoder layer in backward appends its
+    keys and values to the cache a second time: the cache grows, and selective checkpointing, which
+    matches operators between forward and replay, fails. Training has no use for the cache.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is True:
+        config.use_cache = False  # type: ignore[union-attr]
+        logger.info(
+            "fsdp_ac set %s.config.use_cache = False: the replay of a checkpointed layer would update "
+            "the key/value cache a second time (Hugging Face's gradient checkpointing does the same).",
+            type(model).__name__,
+        )
+
+
+def _inside_wrappers(model: nn.Module) -> nn.Module:
+    """The model inside DDP and ``torch.compile`` wrappers.
+
+    FSDP1 and FSDP2 units stay: plans see through them, and the alignment check needs them.
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(compiled := getattr(model, "_orig_mod", None), nn.Module):
+            model = compiled
+        else:
+            return model

@@ -1,0 +1,361 @@
+"""Selective (op-level) activation checkpointing: keep some operator outputs, recompute the rest.
+
+Built on ``torch.utils.checkpoint.create_selective_checkpoint_contexts``: inside a checkpointed block,
+every operator output is either saved in forward (``MUST_SAVE``) or recomputed in backward
+(``PREFER_RECOMPUTE``). Saving the outputs of the expensive operators (matmuls, attention) and
+recomputing the cheap ones keeps most of full checkpointing's memory savings at a fraction of its
+recompute time. Every choice gives the same gradients; the presets differ only in memory and time.
+
+Presets (``SelectiveCheckpoint(save=...)``):
+
+``"default"``
+    Saves attention outputs, and the output of each matmul (``mm``, ``addmm``, ``bmm``, ``baddbmm``,
+    convolution) that backward reads: one that some operator consumes, directly or through views and
+    copies, and whose derivative needs that input (a GELU, a LayerNorm, another matmul, attention).
+    A matmul output that only feeds operators whose backward does not read it (residual adds,
+    dropout, sums) is recomputed instead. In a pre-LN transformer block that recomputes the two
+    output projections and every cheap op, and saves QKV, attention and the MLP's first matmul.
+    The data flow is observed on the first call of each kind of block (that call saves every matmul
+    output) and reused for later calls; blocks of one kind share what was learned when they share one
+    ``SelectiveCheckpoint`` object, as :func:`~fsdp_ac.apply_activation_checkpointing` arranges.
+``"torchtitan"``
+    torchtitan's op-level default: saves attention outputs and reduce-scatters, and every other
+    matmul (the 1st, 3rd, ... of a block). torchtitan counts ``aten.mm`` only, as its models have no
+    biases; ``aten.addmm`` (a ``Linear`` with bias) counts here too, and the CPU attention kernel is
+    an attention output, so that the preset means on any model what it means on torchtitan's.
+``"matmul"``
+    Saves every matmul and attention output; recomputes only cheap operators.
+``"attention"``
+    Saves attention outputs only; recomputes every matmul.
+
+A collection of ``OpOverload`` saves exactly those operators' outputs; a callable is used as torch's
+``policy_fn(ctx, op, *args, **kwargs)`` as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch._ops import OpOverload
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from fsdp_ac.wrappers import CheckpointImpl, checkpoint_wrapper, unwrap
+
+__all__ = ["ATTENTION_OPS", "MATMUL_OPS", "SelectiveCheckpoint"]
+
+
+def _resolve(*names: str) -> frozenset[OpOverload]:
+    """Operators by qualified name (``"aten.mm.default"``); names this torch build lacks are skipped."""
+    ops = []
+    for name in names:
+        namespace, packet, overload = name.split(".")
+        op = getattr(getattr(getattr(torch.ops, namespace), packet, None), overload, None)
+        if isinstance(op, OpOverload):
+            ops.append(op)
+    return frozenset(ops)
+
+
+MATMUL_OPS = _resolve(
+    "aten.mm.default",
+    "aten.addmm.default",
+    "aten.bmm.default",
+    "aten.baddbmm.default",
+    "aten.convolution.default",
+    "aten._scaled_mm.default",
+)
+"""Compute-bound operators whose outputs are worth saving when backward reads them."""
+
+ATTENTION_OPS = _resolve(
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+    "aten._scaled_dot_product_fused_attention_overrideable.default",
+    "aten._flash_attention_forward.default",
+    "aten._efficient_attention_forward.default",
+)
+"""Attention kernels: expensive, and their backward reads their own output, so always saved."""
+
+_TORCHTITAN_MATMULS = _resolve("aten.mm.default", "aten.addmm.default")
+_COLLECTIVE_OPS = _resolve("_c10d_functional.reduce_scatter_tensor.default")
+
+_VALUE_COPIES = _resolve(
+    "aten.clone.default",
+    "aten._to_copy.default",
+    "aten._unsafe_view.default",
+    "aten.view_copy.default",
+    "aten.permute_copy.default",
+    "aten.transpose_copy.int",
+    "aten.t_copy.default",
+    "aten.expand_copy.default",
+    "aten.alias_copy.default",
+)
+"""Operators whose output is the input's value, copied: their readers read the original's value."""
+
+_BACKWARD_IGNORES_INPUT = _resolve(
+    "aten.add.Tensor",
+    "aten.add_.Tensor",
+    "aten.add.Scalar",
+    "aten.sub.Tensor",
+    "aten.sub_.Tensor",
+    "aten.sub.Scalar",
+    "aten.mul.Scalar",
+    "aten.div.Scalar",
+    "aten.neg.default",
+    "aten.native_dropout.default",
+    "aten.cat.default",
+    "aten.stack.default",
+    "aten.sum.default",
+    "aten.sum.dim_IntList",
+    "aten.mean.default",
+    "aten.mean.dim",
+    "aten.constant_pad_nd.default",
+    "aten.copy_.default",
+)
+"""Operators whose derivative does not read their tensor inputs' values (only shapes, or a mask).
+Any operator not listed is assumed to read its inputs, which errs towards saving."""
+
+_OpKey = tuple[OpOverload, int]
+"""An operator and how many calls of it came before in the same region call."""
+
+
+def _storage_id(tensor: torch.Tensor) -> int | None:
+    try:
+        return int(StorageWeakRef(tensor.untyped_storage()).cdata)
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+        return None
+
+
+class _DataflowRecorder(TorchDispatchMode):
+    """Records which matmul outputs an operator reads in backward, during one forward of a region."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[_OpKey] = []
+        self.read: set[_OpKey] = set()
+        self._producer: dict[int, _OpKey] = {}
+        self._calls: defaultdict[OpOverload, int] = defaultdict(int)
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        out_ids = {_storage_id(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+        in_keys = {
+            self._producer[sid]: sid
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and (sid := _storage_id(t)) in self._producer
+        }
+        for key, sid in in_keys.items():
+            if sid in out_ids or func in _VALUE_COPIES:
+                # A view, an in-place op or a copy: the output carries the same value onwards.
+                self._producer.update({oid: key for oid in out_ids if oid is not None})
+            elif func not in _BACKWARD_IGNORES_INPUT:
+                self.read.add(key)
+        if func in MATMUL_OPS:
+            key = (func, self._calls[func])
+            self._calls[func] += 1
+            self.order.append(key)
+            self._producer.update({oid: key for oid in out_ids if oid is not None})
+        return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the default preset learned about one kind of block: which matmul outputs to save."""
+
+    known: frozenset[_OpKey]
+    save: frozenset[_OpKey]
+
+
+class _RegionCall:
+    """Policy state for one call of one selectively checkpointed region."""
+
+    def __init__(self, owner: SelectiveCheckpoint, key: Hashable) -> None:
+        self.owner = owner
+        self.key = key
+        self.plan = owner._plans.get(key) if owner.name == "default" else None
+        self.recorder = _DataflowRecorder() if owner.name == "default" and self.plan is None else None
+        self.calls: defaultdict[OpOverload, int] = defaultdict(int)
+        self.replays: defaultdict[OpOverload, int] = defaultdict(int)
+        self.decisions: dict[_OpKey, CheckpointPolicy] = {}
+        self.stale = False
+
+    def policy(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if ctx.is_recompute:
+            # Only torch versions that consult the policy again in backward get here: replay forward.
+            key = (func, self.replays[func])
+            self.replays[func] += 1
+            return self.decisions.get(key, CheckpointPolicy.PREFER_RECOMPUTE)
+        if func in ATTENTION_OPS or (func in _COLLECTIVE_OPS and self.owner.name == "torchtitan"):
+            return CheckpointPolicy.MUST_SAVE
+        if func not in MATMUL_OPS:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        key = (func, self.calls[func])
+        self.calls[func] += 1
+        self.decisions[key] = decision = self._decide(func, key)
+        return decision
+
+    def _decide(self, func: OpOverload, key: _OpKey) -> CheckpointPolicy:
+        if self.owner.name == "torchtitan":
+            matmuls = sum(n for op, n in self.calls.items() if op in _TORCHTITAN_MATMULS)
+            save = func in _TORCHTITAN_MATMULS and matmuls % 2 == 1
+        elif self.plan is None:
+            save = True  # learning: save every matmul output this once
+        elif key in self.plan.known:
+            save = key in self.plan.save
+        else:
+            save = self.stale = True  # the block took another path: save, and learn again next call
+        return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    @contextlib.contextmanager
+    def forward(self, caching: Any) -> Iterator[None]:
+        with caching, self.recorder if self.recorder is not None else contextlib.nullcontext():
+            yield
+        if self.recorder is not None:
+            known = frozenset(self.recorder.order)
+            self.owner._plans[self.key] = _Plan(known, known & self.recorder.read)
+        elif self.plan is not None and (self.stale or len(self.decisions) != len(self.plan.known)):
+            self.owner._plans.pop(self.key, None)
+
+
+def _kind(module: nn.Module) -> Hashable:
+    """Blocks of one kind (class and parameter shapes) run the same operators, so share a plan."""
+    inner = unwrap(module)
+    return (type(inner), tuple((n, tuple(p.shape), p.dtype) for n, p in inner.named_parameters()))
+
+
+@dataclass(frozen=True)
+class _ContextFn:
+    """The ``context_fn`` of one wrapped block: fresh selective-checkpoint contexts per call."""
+
+    owner: SelectiveCheckpoint
+    key: Hashable
+
+    def __call__(self) -> tuple[Any, Any]:
+        if self.owner._policy_fn is not None:
+            return create_selective_checkpoint_contexts(self.owner._policy_fn)
+        if self.owner._save_ops is not None:
+            return create_selective_checkpoint_contexts(sorted(self.owner._save_ops, key=str))
+        call = _RegionCall(self.owner, self.key)
+        caching, cached = create_selective_checkpoint_contexts(call.policy)
+        return call.forward(caching), cached
+
+
+class SelectiveCheckpoint:
+    """Wraps modules for selective (op-level) activation checkpointing; use as ``checkpoint_wrapper_fn``.
+
+    One object wraps any number of blocks; blocks of the same class and parameter shapes share what
+    the ``"default"`` preset learns on the first call of the first of them.
+
+    Args:
+        save: A preset name (see :attr:`PRESETS` and the module docstring), a collection of operators
+            (``OpOverload``, e.g. ``torch.ops.aten.mm.default``) whose outputs to save, or torch's
+            ``policy_fn(ctx, op, *args, **kwargs) -> CheckpointPolicy``.
+        **checkpoint_kwargs: Passed to :func:`~fsdp_ac.checkpoint_wrapper` (``preserve_rng_state``,
+            ``allow_rng_divergence``, ``determinism_check``, ...).
+
+    Raises:
+        ValueError: ``save`` is an unknown preset name or an empty collection.
+        TypeError: ``save`` holds something other than ``OpOverload`` (e.g. ``torch.ops.aten.mm``
+            without ``.default``), or ``checkpoint_kwargs`` asks for reentrant checkpointing or sets
+            ``context_fn``.
+
+    Example:
+        >>> apply_activation_checkpointing(
+        ...     model, SelectiveCheckpoint("default"), auto_wrap_policy={"TransformerBlock"}
+        ... )
+    """
+
+    PRESETS: ClassVar[tuple[str, ...]] = ("default", "torchtitan", "matmul", "attention")
+    """The preset names ``save`` accepts."""
+
+    def __init__(
+        self, save: str | Iterable[OpOverload] | Callable[..., Any] = "default", **checkpoint_kwargs: Any
+    ) -> None:
+        self._policy_fn: Callable[..., Any] | None = None
+        self._save_ops: frozenset[OpOverload] | None = None
+        self._plans: dict[Hashable, _Plan] = {}
+        if isinstance(save, str):
+            if save not in self.PRESETS:
+                raise ValueError(
+                    f"Unknown selective checkpointing preset {save!r}; use one of {self.PRESETS}."
+                )
+            self.name = save
+            if save == "matmul":
+                self._save_ops = MATMUL_OPS | ATTENTION_OPS
+            elif save == "attention":
+                self._save_ops = ATTENTION_OPS
+        elif callable(save):
+            self.name = "custom"
+            self._policy_fn = save
+        else:
+            ops = list(save)
+            for op in ops:
+                if not isinstance(op, OpOverload):
+                    hint = f" Use {op}.default." if isinstance(op, torch._ops.OpOverloadPacket) else ""
+                    raise TypeError(
+                        f"SelectiveCheckpoint saves outputs of OpOverloads such as "
+                        f"torch.ops.aten.mm.default, got {op!r}.{hint}"
+                    )
+            if not ops:
+                raise ValueError(
+                    "SelectiveCheckpoint got no operators to save, which is full checkpointing; use "
+                    "fsdp_ac.checkpoint_wrapper for that, or name the operators to save."
+                )
+            self.name = "custom"
+            self._save_ops = frozenset(ops)
+        if (
+            checkpoint_kwargs.get("checkpoint_impl", CheckpointImpl.NO_REENTRANT)
+            != CheckpointImpl.NO_REENTRANT
+        ):
+            raise TypeError(
+                "Selective checkpointing needs CheckpointImpl.NO_REENTRANT (torch's reentrant "
+                "checkpoint has no context_fn); drop checkpoint_impl."
+            )
+        if "context_fn" in checkpoint_kwargs:
+            raise TypeError("SelectiveCheckpoint sets context_fn itself; pass the policy as `save` instead.")
+        self._checkpoint_kwargs = checkpoint_kwargs
+
+    def __repr__(self) -> str:
+        return f"SelectiveCheckpoint({self.name!r})"
+
+    def __call__(self, module: nn.Module) -> nn.Module:
+        """Returns ``module`` wrapped in a checkpoint wrapper that applies this selection.
+
+        Raises:
+            ValueError: ``module`` is checkpointed already with other settings.
+        """
+        return checkpoint_wrapper(
+            module, context_fn=_ContextFn(self, _kind(module)), **self._checkpoint_kwargs
+        )
+
+    def learned(self, module: nn.Module) -> list[str] | None:
+        """Returns the matmul outputs the ``"default"`` preset saves in blocks like ``module``.
+
+        Each entry reads ``"<operator> #<n>"``: the ``n``-th call (from 0) of that operator in one
+        call of the block. Attention outputs are always saved and not listed.
+
+        Args:
+            module: A block wrapped by this object, or one like it.
+
+        Returns:
+            The saved matmuls in call order, or None before the first training call of such a block.
+        """
+        plan = self._plans.get(_kind(module))
+        if plan is None:
+            return None
+        return [f"{op} #{n}" for op, n in sorted(plan.save, key=lambda k: (str(k[0]), k[1]))]

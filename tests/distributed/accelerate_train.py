@@ -1,0 +1,292 @@
+"""The training script that ``test_accelerate_launch.py`` runs with ``accelerate launch``.
+
+    accelerate launch --config_file CONFIG tests/distributed/accelerate_train.py OUT_DIR
+
+For each model (the reference GPT with dropout, a tiny ``LlamaForCausalLM`` with attention dropout) it
+trains two steps three ways from the same initialisation and data: Accelerate without activation
+checkpointing (the reference), Accelerate's own checkpointing (what the config flag does today), and
+``fsdp_ac.accelerate.prepare``. It records the full gradients, which FSDP units and checkpoint
+wrappers each block got and the parameter names; for fsdp_ac also the checkpoints written by
+``get_state_dict`` and ``save_state`` and what ``load_state`` reads back. Each rank writes
+``OUT_DIR/rank<r>.pt``; the test compares the values.
+
+Accelerate 1.15 runs FSDP only on accelerators: without GPUs it runs an FSDP config as DDP
+(``MULTI_CPU``) and drops activation checkpointing. The script first records that run as it is; then,
+on CPU, it switches Accelerate's state to FSDP (see :func:`use_fsdp_on_cpu`) so that Accelerate's
+FSDP1 and FSDP2 code paths run for real on gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.fsdp as fsdp
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, OffloadWrapper
+from torch.distributed.fsdp import FSDPModule, FullStateDictConfig
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+import fsdp_ac.accelerate
+from fsdp_ac import ModulePolicy
+from fsdp_ac.environment import accelerate_fsdp_requested, collective_timeout
+from fsdp_ac.reference_model import GPT, GPTConfig
+
+MODELS = ("gpt", "llama")
+VOCAB = 64
+STEPS = 2
+_HIDDEN_SEGMENTS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")
+
+
+def build(kind: str) -> nn.Module:
+    """The model, initialised the same way in every run and on every rank."""
+    torch.manual_seed(0)
+    if kind == "gpt":
+        config = GPTConfig(vocab_size=VOCAB, max_seq_len=16, d_model=32, n_heads=4, n_layers=2, dropout=0.1)
+        model = GPT(config)
+        model._no_split_modules = ["TransformerBlock"]  # how Hugging Face models name their blocks
+        return model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        attention_dropout=0.1,
+    )
+    return LlamaForCausalLM(config)
+
+
+def loss_of(model: nn.Module, kind: str, tokens: torch.Tensor) -> torch.Tensor:
+    if kind == "gpt":
+        logits = model(tokens)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+def clean(name: str) -> str:
+    parts = [p for p in name.split(".") if p not in _HIDDEN_SEGMENTS]
+    return ".".join(parts)
+
+
+def inner(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def structure(model: nn.Module) -> dict[str, dict[str, int]]:
+    """FSDP units, checkpoint wrappers (selective ones too) and offload wrappers, by clean module name."""
+    found: dict[str, Counter[str]] = {
+        key: Counter() for key in ("units", "checkpoints", "selective", "offloads")
+    }
+
+    def visit(module: nn.Module, raw: str) -> None:
+        name = clean(raw)
+        if isinstance(module, (FSDPModule, FSDP1)):
+            found["units"][name] += 1
+        if isinstance(module, CheckpointWrapper):
+            found["checkpoints"][name] += 1
+            if "context_fn" in getattr(module.checkpoint_fn, "keywords", {}):
+                found["selective"][name] += 1
+        if isinstance(module, OffloadWrapper):
+            found["offloads"][name] += 1
+        for attr, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{raw}.{attr}" if raw else attr)
+
+    visit(inner(model), "")
+    return {key: dict(counter) for key, counter in found.items()}
+
+
+def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    summon = FSDP1.summon_full_params(model, with_grads=True) if isinstance(model, FSDP1) else None
+    with summon or contextlib.nullcontext():
+        grads = {}
+        for name, param in inner(model).named_parameters():
+            grad = param.grad
+            if hasattr(grad, "full_tensor"):
+                grad = grad.full_tensor()
+            grads[clean(name)] = grad.detach().cpu().clone()
+    return grads
+
+
+def fsdp_plugin(accelerator: Accelerator) -> FullyShardedDataParallelPlugin | None:
+    return accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+
+
+def train(accelerator: Accelerator, kind: str, mode: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Prepares a fresh model (``mode``: none, accelerate or fsdp_ac) and trains it for STEPS steps."""
+    accelerator.free_memory()  # forget earlier runs' models: save_state saves every prepared model
+    model = build(kind)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    plugin = fsdp_plugin(accelerator)
+    if plugin is not None:
+        # Accelerate's plugin resolves the block classes of the first model it prepares and keeps
+        # them; a fresh launch per model would start from the config, as here.
+        plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = transformer_auto_wrap_policy, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mode == "fsdp_ac":
+            model, optimizer = fsdp_ac.accelerate.prepare(accelerator, model, optimizer)
+        else:
+            configured = plugin.activation_checkpointing if plugin is not None else False
+            if plugin is not None:
+                plugin.activation_checkpointing = mode == "accelerate"
+            model, optimizer = accelerator.prepare(model, optimizer)
+            if plugin is not None:
+                plugin.activation_checkpointing = configured
+    record: dict[str, Any] = {
+        "structure": structure(model),
+        "names": [name for name, _ in inner(model).named_parameters()],
+        "warnings": [str(w.message) for w in caught if "fsdp_ac" in str(w.message)],
+        "grads": [],
+    }
+    for step in range(STEPS):
+        torch.manual_seed(1000 * step + accelerator.process_index)
+        tokens = torch.randint(0, VOCAB, (2, 12))
+        accelerator.backward(loss_of(model, kind, tokens))
+        record["grads"].append(full_grads(model))
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, record
+
+
+def checkpoints(accelerator: Accelerator, model: nn.Module, kind: str, directory: Path) -> dict[str, Any]:
+    """State dicts through Accelerate: their keys, a plain model loading them, and the way back."""
+    main = accelerator.is_main_process
+    record: dict[str, Any] = {}
+    state = accelerator.get_state_dict(model)
+    if main:
+        record["get_state_dict"] = list(state)
+        build(kind).load_state_dict(state, strict=True)
+    accelerator.save_state(directory)
+    if main:
+        saved = read_model_file(directory)
+        record["saved"] = list(saved)
+        plain = build(kind)
+        # strict=False: safetensors files keep one of two tied weights; the test checks what is missing.
+        report = plain.load_state_dict(saved, strict=False)
+        record["missing"], record["unexpected"] = list(report.missing_keys), list(report.unexpected_keys)
+        perturbed = {k: v + 1 if v.is_floating_point() else v for k, v in saved.items()}
+        write_model_file(directory, perturbed)
+        record["written"] = perturbed
+    accelerator.wait_for_everyone()
+    accelerator.load_state(directory)
+    back = accelerator.get_state_dict(model)
+    if main:
+        record["loaded"] = dict(back)
+    return record
+
+
+def read_model_file(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / "pytorch_model_fsdp_0").is_dir():  # FSDP SHARDED_STATE_DICT: a DCP checkpoint
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(directory / "pytorch_model_fsdp_0", directory / "dcp.pt")
+        return torch.load(directory / "dcp.pt", weights_only=True)["model"]
+    if (directory / "pytorch_model_fsdp.bin").exists():  # FSDP FULL_STATE_DICT
+        return torch.load(directory / "pytorch_model_fsdp.bin", weights_only=True)
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def write_model_file(directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """Writes ``state`` where and how :func:`read_model_file` found the model."""
+    if (directory / "pytorch_model_fsdp_0").is_dir():
+        from torch.distributed.checkpoint.format_utils import torch_save_to_dcp
+
+        shutil.rmtree(directory / "pytorch_model_fsdp_0")
+        torch.save({"model": state}, directory / "dcp.pt")
+        torch_save_to_dcp(directory / "dcp.pt", directory / "pytorch_model_fsdp_0")
+    elif (directory / "pytorch_model_fsdp.bin").exists():
+        torch.save(state, directory / "pytorch_model_fsdp.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, directory / "model.safetensors")
+
+
+def use_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Switches Accelerate's state from the DDP it chose on CPU to the FSDP the config asked for.
+
+    Accelerate 1.15 takes its FSDP path only on accelerators. Its state lives in two shared dicts
+    (AcceleratorState's and PartialState's); both get the FSDP type, and the device ``cpu``: on CPU
+    Accelerate's device is ``cpu:0``, which FSDP1 rejects as its ``device_id`` (its compute device
+    is ``cpu``).
+    """
+    state = accelerator.state
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables, as Accelerate builds it
+    state.fsdp_plugin = plugin
+    for shared in (state.__dict__, PartialState._shared_state):
+        shared["distributed_type"] = DistributedType.FSDP
+        shared["device"] = torch.device("cpu")
+    if plugin.fsdp_version == 1:
+        # torch's FSDP1 segfaults offloading a full state dict to the CPU it is on already, which
+        # Accelerate's get_state_dict always asks for: keep the full state dict where it is.
+        fsdp.FullStateDictConfig = full_state_dict_in_place  # what get_state_dict imports
+
+
+def full_state_dict_in_place(offload_to_cpu: bool = False, rank0_only: bool = False) -> FullStateDictConfig:
+    return FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only)
+
+
+def run_models(
+    accelerator: Accelerator, directory: Path | None, kinds: tuple[str, ...] = MODELS
+) -> dict[str, Any]:
+    results: dict[str, Any] = {"distributed_type": str(accelerator.distributed_type)}
+    plugin = fsdp_plugin(accelerator)
+    for kind in kinds:
+        plain = build(kind)
+        per_kind: dict[str, Any] = {"blocks": ModulePolicy(set(plain._no_split_modules)).names(plain)}
+        per_kind["none"] = train(accelerator, kind, "none")[1]
+        if plugin is not None or accelerate_fsdp_requested():
+            per_kind["accelerate"] = train(accelerator, kind, "accelerate")[1]
+        model, per_kind["fsdp_ac"] = train(accelerator, kind, "fsdp_ac")
+        if directory is not None:
+            per_kind["checkpoints"] = checkpoints(accelerator, model, kind, directory / kind)
+        results[kind] = per_kind
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    out = parser.parse_args().out
+    # A hung or desynchronised rank fails within FSDP_AC_TIMEOUT_S instead of Accelerate's 30 minutes.
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())])
+    phases = {}
+    on_cpu_fallback = accelerate_fsdp_requested() and accelerator.distributed_type != DistributedType.FSDP
+    if on_cpu_fallback:  # the GPT is enough to show what happens to checkpointing there
+        phases["as_configured"] = run_models(accelerator, None, kinds=("gpt",))
+    else:
+        phases["as_configured"] = run_models(accelerator, out / "ckpt")
+    if on_cpu_fallback:
+        use_fsdp_on_cpu(accelerator)
+        phases["fsdp"] = run_models(accelerator, out / "ckpt")
+    if not accelerator.is_main_process:
+        for phase in phases.values():
+            for kind in set(MODELS) & set(phase):
+                for record in phase[kind].values():
+                    if isinstance(record, dict):
+                        record.pop("grads", None)
+    torch.save(phases, out / f"rank{accelerator.process_index}.pt")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,444 @@
+"""The Accelerate integration in one process: settings, plans, errors, and Accelerate's own defects.
+
+The multi-process runs through ``accelerate launch`` are in ``tests/distributed/test_accelerate_launch.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_models import tiny_llama
+from models import SMALL_GPT
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+from fsdp_ac import ActivationPlan, OffloadWrapper, clean_name, environment
+from fsdp_ac.reference_model import GPT, GPTConfig
+
+accelerate = pytest.importorskip("accelerate")
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # noqa: E402
+
+import fsdp_ac.accelerate as fsdp_ac_accelerate  # noqa: E402
+
+DROPOUT_GPT = GPTConfig(**{**SMALL_GPT.__dict__, "n_layers": 4, "dropout": 0.2})
+BLOCKS = ["layers.0", "layers.1", "layers.2", "layers.3"]
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No setting of Accelerate, torchrun or fsdp_ac leaks in from the shell, or out to other tests.
+
+    Accelerate writes some variables itself, so the whole environment is restored afterwards.
+    """
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith(("FSDP_", "ACCELERATE_")) or key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(key)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def real_accelerator() -> Iterator[Any]:
+    """A real one-process CPU Accelerator; Accelerate's shared state is reset afterwards."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield accelerate.Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def gpt(config: GPTConfig = DROPOUT_GPT) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(config)
+    model._no_split_modules = ["TransformerBlock"]  # type: ignore[assignment]
+    return model
+
+
+def plugin(**kwargs: Any) -> FullyShardedDataParallelPlugin:
+    return FullyShardedDataParallelPlugin(**{"fsdp_version": 2, "activation_checkpointing": True, **kwargs})
+
+
+def fsdp_accelerator(fsdp_plugin: Any, prepared: list[bool] | None = None) -> Any:
+    """An Accelerator running FSDP as far as fsdp_ac can tell; ``prepare`` returns its arguments."""
+
+    def prepare(*args: Any, device_placement: Any = None) -> Any:
+        if prepared is not None:
+            prepared.append(fsdp_plugin.activation_checkpointing)
+        return args[0] if len(args) == 1 else args
+
+    return SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        state=SimpleNamespace(fsdp_plugin=fsdp_plugin),
+        num_processes=1,
+        is_main_process=True,
+        prepare=prepare,
+    )
+
+
+def no_fsdp_accelerator() -> Any:
+    return SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1)
+
+
+def gradients(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    tokens = torch.randint(0, DROPOUT_GPT.vocab_size, (2, 12))
+    logits = model(tokens)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+def regions(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, CheckpointWrapper)]
+
+
+# --- imports -------------------------------------------------------------------------------------
+
+
+def test_fsdp_ac_and_the_integration_import_without_accelerate() -> None:
+    code = "import sys; sys.modules['accelerate'] = None; import fsdp_ac, fsdp_ac.accelerate; print('ok')"
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def test_environment_readers_parse_and_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert environment.ac_policy() is None
+    for raw, parsed in [
+        ("ALL", "all"),
+        ("every:2", "every:2"),
+        ("first: 3", "first:3"),
+        ("budget:0.50", "budget:0.5"),
+    ]:
+        monkeypatch.setenv("FSDP_AC_POLICY", raw)
+        assert environment.ac_policy() == parsed
+    for bad in ("every:0", "every", "budget:1.5", "half"):
+        monkeypatch.setenv("FSDP_AC_POLICY", bad)
+        with pytest.raises(ValueError, match=r"FSDP_AC_POLICY must be one of all, none, every:N"):
+            environment.ac_policy()
+    monkeypatch.setenv("FSDP_AC_STRATEGY", "selective:torchtitan")
+    assert environment.ac_strategy() == "selective:torchtitan"
+    monkeypatch.setenv("FSDP_AC_STRATEGY", "none")
+    with pytest.raises(ValueError, match=r"FSDP_AC_STRATEGY must be one of full, selective"):
+        environment.ac_strategy()
+    monkeypatch.setenv("FSDP_AC_BLOCKS", " LlamaDecoderLayer, MLP ")
+    assert environment.ac_blocks() == ("LlamaDecoderLayer", "MLP")
+    monkeypatch.setenv("FSDP_AC_OFFLOAD", "Yes")
+    monkeypatch.setenv("FSDP_AC_PIN_MEMORY", "0")
+    monkeypatch.setenv("FSDP_AC_OFFLOAD_MIN_BYTES", "4096")
+    assert (environment.ac_offload(), environment.ac_pin_memory(), environment.ac_offload_min_bytes()) == (
+        True,
+        False,
+        4096,
+    )
+    monkeypatch.setenv("FSDP_AC_OFFLOAD_MIN_BYTES", "-1")
+    with pytest.raises(ValueError, match=r"FSDP_AC_OFFLOAD_MIN_BYTES must be a non-negative integer"):
+        environment.ac_offload_min_bytes()
+    monkeypatch.setenv("FSDP_AC_PLAN", "/nonexistent/plan.json")
+    with pytest.raises(ValueError, match=r"FSDP_AC_PLAN names '/nonexistent/plan.json', which is not a file"):
+        environment.ac_plan()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert (environment.launched_world_size(), environment.accelerate_fsdp_requested()) == (4, True)
+
+
+def test_accelerate_flags_become_settings() -> None:
+    read = fsdp_ac_accelerate.read_settings
+    assert read(no_fsdp_accelerator()).enabled is False
+    settings = read(fsdp_accelerator(plugin(activation_checkpointing_offload=True)))
+    assert (settings.enabled, settings.policy, settings.strategy, settings.offload) == (
+        True,
+        "all",
+        "full+offload",
+        True,
+    )
+    assert (settings.fsdp_version, settings.fsdp_active) == (2, True)
+    assert read(fsdp_accelerator(plugin(activation_checkpointing=False))).enabled is False
+
+
+def test_fsdp_ac_settings_turn_checkpointing_on_and_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    read = fsdp_ac_accelerate.read_settings
+    monkeypatch.setenv("FSDP_AC_STRATEGY", "selective")
+    settings = read(no_fsdp_accelerator())  # DDP: no Accelerate flag, fsdp_ac's setting turns it on
+    assert (settings.enabled, settings.strategy) == (True, "selective")
+    monkeypatch.setenv("FSDP_AC_POLICY", "none")
+    off = read(fsdp_accelerator(plugin(activation_checkpointing_offload=True)))
+    assert (off.enabled, off.offload) == (False, False)  # none wins over Accelerate's flags
+
+
+def test_settings_that_do_not_fit_together_are_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    read = fsdp_ac_accelerate.read_settings
+    monkeypatch.setenv("FSDP_AC_OFFLOAD", "true")
+    with pytest.raises(
+        ValueError, match=r"FSDP_AC_OFFLOAD asks to offload .* activation checkpointing is off"
+    ):
+        read(no_fsdp_accelerator())
+    monkeypatch.setenv("FSDP_AC_STRATEGY", "selective")
+    with pytest.raises(ValueError, match=r"combines with full checkpointing only, not with 'selective'"):
+        read(no_fsdp_accelerator())
+    monkeypatch.delenv("FSDP_AC_OFFLOAD")
+    monkeypatch.setenv("FSDP_AC_POLICY", "budget:0.5")
+    with pytest.raises(ValueError, match=r"FSDP_AC_POLICY=budget:0.5 counts fully checkpointed blocks"):
+        read(no_fsdp_accelerator())
+    plan = tmp_path / "plan.json"
+    ActivationPlan({"layers.0": "full"}).save(plan)
+    monkeypatch.setenv("FSDP_AC_PLAN", str(plan))
+    with pytest.raises(ValueError, match=r"FSDP_AC_PLAN gives an activation plan.* remove FSDP_AC_POLICY"):
+        read(no_fsdp_accelerator())
+
+
+def test_config_file_keys_with_the_environment_winning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ActivationPlan({"layers.1": "selective"}).save(tmp_path / "plan.json")
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        "distributed_type: MULTI_GPU\n"
+        "fsdp_config:\n"
+        "  fsdp_ac_policy: every:2\n"
+        "  fsdp_ac_blocks: [TransformerBlock]\n"
+        "  fsdp_ac_offload: true\n"
+        "  fsdp_ac_offload_min_bytes: 0\n"
+        "  fsdp_ac_pin_memory: false\n"
+    )
+    monkeypatch.setenv("FSDP_AC_CONFIG_FILE", str(config))
+    settings = fsdp_ac_accelerate.read_settings(no_fsdp_accelerator())
+    assert (settings.enabled, settings.policy, settings.strategy, settings.blocks) == (
+        True,
+        "every:2",
+        "full+offload",
+        ("TransformerBlock",),
+    )
+    assert (settings.offload_min_bytes, settings.pin_memory) == (0, False)
+    monkeypatch.setenv("FSDP_AC_POLICY", "last:1")
+    assert fsdp_ac_accelerate.read_settings(no_fsdp_accelerator()).policy == "last:1"
+    # A plan path in the file is relative to the file; JSON config files work as well.
+    json_config = tmp_path / "accelerate.json"
+    json_config.write_text('{"fsdp_config": {"fsdp_ac_plan": "plan.json"}}')
+    monkeypatch.delenv("FSDP_AC_POLICY")
+    monkeypatch.setenv("FSDP_AC_CONFIG_FILE", str(json_config))
+    model = gpt()
+    assert fsdp_ac_accelerate.activation_plan(no_fsdp_accelerator(), model).strategies == {
+        "layers.1": "selective"
+    }
+
+
+def test_config_file_mistakes_name_the_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "accelerate.yaml"
+    monkeypatch.setenv("FSDP_AC_CONFIG_FILE", str(config))
+    config.write_text("fsdp_config:\n  fsdp_ac_polcy: all\n")
+    with pytest.raises(
+        ValueError, match=r"unknown key fsdp_config.fsdp_ac_polcy; the fsdp_ac keys are fsdp_ac_policy"
+    ):
+        fsdp_ac_accelerate.read_settings(no_fsdp_accelerator())
+    config.write_text("fsdp_ac_policy: all\n")
+    with pytest.raises(
+        ValueError, match=r"fsdp_ac_policy at the top level, .* move them into the fsdp_config"
+    ):
+        fsdp_ac_accelerate.read_settings(no_fsdp_accelerator())
+    config.write_text("fsdp_config:\n  fsdp_ac_policy: every:0\n")
+    with pytest.raises(ValueError, match=r"fsdp_config.fsdp_ac_policy in .*accelerate.yaml must be one of"):
+        fsdp_ac_accelerate.read_settings(no_fsdp_accelerator())
+
+
+# --- which blocks ----------------------------------------------------------------------------------
+
+
+def test_blocks_come_from_accelerates_settings_as_accelerate_picks_them() -> None:
+    plan = fsdp_ac_accelerate.activation_plan
+    by_name = plugin(
+        auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["TransformerBlock"]
+    )
+    assert plan(fsdp_accelerator(by_name), gpt()).strategies == dict.fromkeys(BLOCKS, "full")
+    from_model = plugin(auto_wrap_policy="transformer_based_wrap")  # the model's _no_split_modules
+    assert plan(fsdp_accelerator(from_model), gpt()).strategies == dict.fromkeys(BLOCKS, "full")
+    by_size = plugin(fsdp_version=1, auto_wrap_policy="size_based_wrap", min_num_params=10_000)
+    assert list(plan(fsdp_accelerator(by_size), gpt())) == BLOCKS  # FSDP's own size rule picks blocks
+
+
+def test_policies_pick_a_subset_of_the_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    accelerator = fsdp_accelerator(plugin(auto_wrap_policy="transformer_based_wrap"))
+    expected = {
+        "every:2": ["layers.0", "layers.2"],
+        "first:1": ["layers.0"],
+        "last:2": ["layers.2", "layers.3"],
+        "budget:0.5": ["layers.0", "layers.1"],  # checkpoint ceil((1 - 0.5) * 4) blocks
+        "budget:0.3": ["layers.0", "layers.1", "layers.2"],
+        "budget:1": [],
+    }
+    for policy, blocks in expected.items():
+        monkeypatch.setenv("FSDP_AC_POLICY", policy)
+        assert list(fsdp_ac_accelerate.activation_plan(accelerator, gpt())) == blocks, policy
+    monkeypatch.setenv("FSDP_AC_POLICY", "every:2")
+    monkeypatch.setenv("FSDP_AC_STRATEGY", "selective:matmul")
+    plan = fsdp_ac_accelerate.activation_plan(accelerator, gpt())
+    assert plan.strategies == {"layers.0": "selective:matmul", "layers.2": "selective:matmul"}
+
+
+def test_no_wrap_with_checkpointing_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for no_blocks in (plugin(auto_wrap_policy="no_wrap"), plugin(auto_wrap_policy="size_based_wrap")):
+        with pytest.raises(ValueError, match=r"NO_WRAP .* Set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP"):
+            fsdp_ac_accelerate.activation_plan(fsdp_accelerator(no_blocks), gpt())
+    monkeypatch.setenv("FSDP_AC_BLOCKS", "TransformerBlock")  # naming the blocks is a deliberate choice
+    assert (
+        list(fsdp_ac_accelerate.activation_plan(fsdp_accelerator(plugin(auto_wrap_policy="no_wrap")), gpt()))
+        == BLOCKS
+    )
+
+
+def test_a_policy_that_matches_nothing_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    anonymous = GPT(SMALL_GPT)  # no _no_split_modules
+    with pytest.raises(ValueError, match=r"TRANSFORMER_BASED_WRAP, but no block class is known.*GPT has no"):
+        fsdp_ac_accelerate.activation_plan(
+            fsdp_accelerator(plugin(auto_wrap_policy="transformer_based_wrap")), anonymous
+        )
+    monkeypatch.setenv("FSDP_AC_POLICY", "all")
+    with pytest.raises(ValueError, match=r"nothing names the blocks of GPT.* Set FSDP_AC_BLOCKS"):
+        fsdp_ac_accelerate.activation_plan(no_fsdp_accelerator(), anonymous)
+    monkeypatch.setenv("FSDP_AC_BLOCKS", "LlamaDecoderLayer")
+    with pytest.raises(ValueError, match=r"matched no submodule of GPT.*TransformerBlock"):
+        fsdp_ac_accelerate.activation_plan(no_fsdp_accelerator(), anonymous)
+
+
+def test_a_plan_file_is_checked_against_the_model_before_accelerate_prepares(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ActivationPlan({"layers.9": "full"}).save(tmp_path / "plan.json")
+    monkeypatch.setenv("FSDP_AC_PLAN", str(tmp_path / "plan.json"))
+    prepared: list[bool] = []
+    with pytest.raises(
+        ValueError, match=r"names 'layers.9', which is not a module of GPT. Close names: 'layers.3'"
+    ):
+        fsdp_ac_accelerate.prepare(fsdp_accelerator(plugin(), prepared), gpt())
+    assert prepared == []
+
+
+def test_engines_other_than_fsdp_and_ddp_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FSDP_AC_POLICY", "all")
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1)
+    with pytest.raises(
+        ValueError, match=r"checkpoints FSDP, DDP and one-process runs; this one is .*DEEPSPEED"
+    ):
+        fsdp_ac_accelerate.prepare(accelerator, gpt())
+
+
+# --- Accelerate's own activation checkpointing, reproduced ------------------------------------------
+
+
+def test_accelerates_fsdp2_checkpointing_crashes_with_no_wrap() -> None:
+    from accelerate.utils.fsdp_utils import fsdp2_apply_ac
+
+    accelerator = fsdp_accelerator(plugin(auto_wrap_policy="no_wrap"))
+    with pytest.raises(TypeError, match=r"'NoneType' object is not callable"):
+        fsdp2_apply_ac(accelerator, gpt())
+
+
+def test_accelerates_fsdp2_checkpointing_changes_dropout_gradients_and_fsdp_acs_does_not() -> None:
+    from accelerate.utils.fsdp_utils import fsdp2_apply_ac
+
+    expected = gradients(gpt())
+    accelerator = fsdp_accelerator(plugin(auto_wrap_policy="transformer_based_wrap"))
+    # Accelerate's wrappers use preserve_rng_state=False: the replay draws other dropout masks.
+    theirs = {clean_name(n): g for n, g in gradients(fsdp2_apply_ac(accelerator, gpt())).items()}
+    assert max((theirs[n] - g).abs().max().item() for n, g in expected.items()) > 1e-3
+    model = fsdp_ac_accelerate.prepare(accelerator, gpt())
+    assert regions(model) == BLOCKS
+    got = gradients(model)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(g, expected[n]) for n, g in got.items())
+
+
+# --- prepare ---------------------------------------------------------------------------------------
+
+
+def test_prepare_switches_accelerates_checkpointing_off_during_the_call_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[bool] = []
+    fsdp_plugin = plugin(auto_wrap_policy="transformer_based_wrap", activation_checkpointing_offload=True)
+    monkeypatch.setenv("FSDP_AC_OFFLOAD_MIN_BYTES", "0")
+    monkeypatch.setenv("FSDP_AC_PIN_MEMORY", "false")
+    model, optimizer = fsdp_ac_accelerate.prepare(fsdp_accelerator(fsdp_plugin, seen), gpt(), "optimizer")
+    assert (seen, fsdp_plugin.activation_checkpointing, fsdp_plugin.activation_checkpointing_offload) == (
+        [False],
+        True,
+        True,
+    )
+    assert optimizer == "optimizer"
+    offloads = [m for m in model.modules() if isinstance(m, OffloadWrapper)]
+    assert len(offloads) == 4
+    assert {(m.pin_memory, m.min_offload_bytes) for m in offloads} == {(False, 0)}
+
+
+def test_prepare_in_one_process_checkpoints_and_keeps_gradients(
+    real_accelerator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FSDP_AC_POLICY", "all")
+    expected = gradients(gpt())
+    model = fsdp_ac_accelerate.prepare(real_accelerator, gpt())
+    assert regions(model) == BLOCKS
+    assert all(torch.equal(g, expected[n]) for n, g in gradients(model).items())
+
+
+def test_prepare_checkpoints_an_fsdp_config_that_accelerate_ran_without_fsdp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    for key, value in {
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_VERSION": "2",
+        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_ACTIVATION_CHECKPOINTING": "true",
+    }.items():
+        monkeypatch.setenv(key, value)  # what accelerate launch sets for an FSDP config
+    try:
+        accelerator = accelerate.Accelerator(cpu=True)
+        assert accelerator.distributed_type == DistributedType.NO
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = fsdp_ac_accelerate.prepare(accelerator, gpt())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert regions(model) == BLOCKS
+    assert any("configured for FSDP but runs DistributedType.NO" in str(w.message) for w in caught)
+
+
+def test_prepare_refuses_processes_that_would_train_apart(
+    real_accelerator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started two, Accelerate runs each alone
+    with pytest.raises(ValueError, match=r"started 2 processes.*Accelerator\(cpu=True\)"):
+        fsdp_ac_accelerate.prepare(real_accelerator, gpt())
+
+
+def test_hugging_face_models_train_without_their_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llama()
+    assert model.config.use_cache is True
+    monkeypatch.setenv("FSDP_AC_STRATEGY", "selective")
+    accelerator = fsdp_accelerator(plugin(auto_wrap_policy="transformer_based_wrap"))
+    model = fsdp_ac_accelerate.prepare(accelerator, model)
+    assert model.config.use_cache is False  # else the replay appends to the cache a second time
+    assert regions(model) == ["model.layers.0", "model.layers.1"]
+    tokens = torch.randint(0, 64, (2, 12))
+    model(input_ids=tokens, labels=tokens).loss.backward()  # selective AC matches forward and replay

@@ -1,0 +1,221 @@
+"""Activation plans: every strategy, one shared selective object, table, JSON, errors, FSDP1."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hf_models import tiny_llama
+from torch import nn
+
+from fsdp_ac import (
+    ActivationPlan,
+    CheckpointWrapper,
+    ModulePolicy,
+    OffloadWrapper,
+    SelectiveCheckpoint,
+    apply_activation_checkpointing,
+)
+from fsdp_ac.plan import STRATEGIES
+from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
+
+WRAPPED_ATTRS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+MIXED = {
+    "layers.0": "full",
+    "layers.1": "selective",
+    "layers.2": "selective:matmul",
+    "layers.3": "offload",
+    "layers.4": "full+offload",
+    "layers.5": "none",
+}
+"""One block per strategy."""
+
+WRAPPERS_BY_STRATEGY = {
+    "full": "CheckpointWrapper>TransformerBlock",
+    "selective": "CheckpointWrapper>TransformerBlock",
+    "selective:matmul": "CheckpointWrapper>TransformerBlock",
+    "offload": "OffloadWrapper>TransformerBlock",
+    "full+offload": "OffloadWrapper>CheckpointWrapper>TransformerBlock",
+    "none": "TransformerBlock",
+}
+
+
+@pytest.fixture
+def six_blocks() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=32, max_seq_len=8, d_model=16, n_heads=2, n_layers=6))
+
+
+def chain_of(module: nn.Module) -> str:
+    """Class names from the outermost wrapper (activation or FSDP1) down to the wrapped module."""
+    names = [type(module).__name__]
+    while attrs := [a for a in WRAPPED_ATTRS if a in module._modules]:
+        module = module._modules[attrs[0]]  # type: ignore[assignment]
+        names.append(type(module).__name__)
+    return ">".join(names)
+
+
+def grads(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
+    loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+    loss.backward()
+    out = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_each_strategy_wraps_as_named_and_keeps_gradients(six_blocks: GPT) -> None:
+    tokens = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    planned = copy.deepcopy(six_blocks)
+    assert ActivationPlan(MIXED).apply(planned) is planned
+    layers = list(planned.layers._modules.values())
+    assert [chain_of(layer) for layer in layers] == [WRAPPERS_BY_STRATEGY[s] for s in MIXED.values()]
+    assert [getattr(layer, "region_name", None) for layer in layers] == [*list(MIXED)[:5], None]
+    assert layers[2].checkpoint_fn.keywords["context_fn"].owner.name == "matmul"
+    expected = grads(six_blocks, tokens)
+    for _ in range(2):
+        for got, want in zip(grads(planned, tokens), expected, strict=True):
+            assert torch.equal(got, want)
+
+
+def test_blocks_with_one_preset_share_one_selective_object(six_blocks: GPT) -> None:
+    ActivationPlan.from_policy(six_blocks, {TransformerBlock}, "selective").apply(six_blocks)
+    owners = {layer.checkpoint_fn.keywords["context_fn"].owner for layer in six_blocks.layers}
+    assert len(owners) == 1 and isinstance(owners.pop(), SelectiveCheckpoint)
+
+
+def test_from_policy_with_every_n(six_blocks: GPT) -> None:
+    plan = ActivationPlan.from_policy(six_blocks, ModulePolicy({"TransformerBlock"}).every(2), "full+offload")
+    assert plan.strategies == {
+        "layers.0": "full+offload",
+        "layers.2": "full+offload",
+        "layers.4": "full+offload",
+    }
+    assert list(plan) == ["layers.0", "layers.2", "layers.4"] and len(plan) == 3
+
+
+def test_table(six_blocks: GPT) -> None:
+    plan = ActivationPlan({"layers.0": "full", "layers.1": "selective:torchtitan", "lm_head": "none"})
+    assert plan.table() == (
+        "module    strategy\n"
+        "--------  --------------------\n"
+        "layers.0  full\n"
+        "layers.1  selective:torchtitan\n"
+        "lm_head   none"
+    )
+    block_params = f"{sum(p.numel() for p in six_blocks.layers[0].parameters()):,}"
+    assert (
+        plan.table(six_blocks).splitlines()[2]
+        == f"layers.0  full                  TransformerBlock  {block_params}"
+    )
+    assert plan.table(six_blocks).splitlines()[4] == "lm_head   none                  Linear            512"
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    plan = ActivationPlan(MIXED)
+    assert json.loads(plan.to_json()) == {
+        "format": "fsdp_ac.ActivationPlan",
+        "version": 1,
+        "strategies": MIXED,
+    }
+    plan.save(tmp_path / "plan.json")
+    loaded = ActivationPlan.load(tmp_path / "plan.json")
+    assert loaded == plan and list(loaded) == list(MIXED)
+    assert repr(loaded) == f"ActivationPlan({MIXED!r})"
+    assert loaded != ActivationPlan({"layers.0": "full"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "does not parse"),
+        ('{"strategies": {}}', 'expected a JSON object with "format": "fsdp_ac.ActivationPlan"'),
+        (
+            '{"format": "fsdp_ac.ActivationPlan", "version": 9, "strategies": {}}',
+            "version 9 is not supported",
+        ),
+        (
+            '{"format": "fsdp_ac.ActivationPlan", "version": 1, "strategies": []}',
+            'needs a "strategies" object',
+        ),
+        (
+            '{"format": "fsdp_ac.ActivationPlan", "version": 1, "strategies": {"a": "ful"}}',
+            "Did you mean 'full'",
+        ),
+    ],
+)
+def test_bad_json_is_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ActivationPlan.from_json(text)
+
+
+def test_invalid_plans_raise_with_the_fix() -> None:
+    with pytest.raises(
+        ValueError, match=r"Unknown strategy 'selective:fast' for module 'layers\.0'; use one of"
+    ):
+        ActivationPlan({"layers.0": "selective:fast"})
+    with pytest.raises(ValueError, match="cannot name the root module"):
+        ActivationPlan({"": "full"})
+    with pytest.raises(ValueError, match=r"wraps both 'layers\.0' \(full\) and 'layers\.0\.mlp' \(offload\)"):
+        ActivationPlan({"layers.0": "full", "layers.0.mlp": "offload"})
+    with pytest.raises(TypeError, match="strategy names"):
+        ActivationPlan({"layers.0": 1})  # type: ignore[dict-item]
+    ActivationPlan({"layers.0": "none", "layers.0.mlp": "full", "layers.1": "full"})  # "none" never nests
+    assert set(STRATEGIES) >= {"none", "full", "offload", "full+offload", "selective:default"}
+
+
+def test_unknown_or_wrapped_modules_are_refused(six_blocks: GPT) -> None:
+    with pytest.raises(
+        ValueError, match=r"names 'layer.0', which is not a module of GPT\. Close names: 'layers.0'"
+    ):
+        ActivationPlan({"layer.0": "full"}).apply(six_blocks)
+    apply_activation_checkpointing(six_blocks, auto_wrap_policy={TransformerBlock})
+    with pytest.raises(ValueError, match=r"wraps 'layers\.1', but it is already wrapped"):
+        ActivationPlan({"layers.1": "offload"}).apply(six_blocks)
+    with pytest.raises(
+        ValueError, match=r"'layers\.1\.mlp', but it lies inside 'layers\.1', which is already"
+    ):
+        ActivationPlan({"layers.1.mlp": "full"}).apply(six_blocks)
+    with pytest.raises(ValueError, match="not a module of the model"):
+        ActivationPlan({"nope": "full"}).table(six_blocks)
+
+
+def test_hugging_face_plan_by_module_name() -> None:
+    model = tiny_llama()
+    planned = copy.deepcopy(model)
+    ActivationPlan({"model.layers.0": "selective", "model.layers.1": "full+offload"}).apply(planned)
+    assert isinstance(planned.model.layers._modules["0"], CheckpointWrapper)
+    assert isinstance(planned.model.layers._modules["1"], OffloadWrapper)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(tokens, labels=tokens, use_cache=False).loss.backward()
+    for _ in range(2):
+        planned(tokens, labels=tokens, use_cache=False).loss.backward()
+        for got, want in zip(planned.parameters(), model.parameters(), strict=True):
+            assert torch.equal(got.grad, want.grad)
+            got.grad = None
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_plan_inside_fsdp1_units(single_rank_group: None, six_blocks: GPT) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    blocks = ModulePolicy({TransformerBlock})
+    model = FSDP(six_blocks, auto_wrap_policy=blocks, use_orig_params=True, device_id=torch.device("cpu"))
+    ActivationPlan({"layers.0": "full", "layers.1": "selective"}).apply(model)
+    layers = list(model._fsdp_wrapped_module.layers._modules.values())
+    assert [chain_of(layer) for layer in layers[:3]] == [
+        "FullyShardedDataParallel>CheckpointWrapper>TransformerBlock",
+        "FullyShardedDataParallel>CheckpointWrapper>TransformerBlock",
+        "FullyShardedDataParallel>TransformerBlock",
+    ]
+    with pytest.warns(UserWarning, match=r"AC region 'layers' spans 4 FSDP units"):
+        ActivationPlan({"layers": "full"}).apply(
+            FSDP(
+                GPT(GPTConfig(vocab_size=32, max_seq_len=8, d_model=16, n_heads=2, n_layers=4)),
+                auto_wrap_policy=blocks,
+                device_id=torch.device("cpu"),
+            )
+        )
