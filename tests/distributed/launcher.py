@@ -1,20 +1,38 @@
-"""Runs a function on several ranks, each a fresh process, for the distributed tests.
+"""Runs a function on several ranks started by torchrun, for the distributed tests.
 
-``run_on_ranks(fn, cases)`` starts ``FSDP_AC_NPROC`` ranks (default 2), joins them in one process
-group and calls ``fn(ctx, case)`` on every rank for each case in turn, so one process start-up (the
-slow part) serves a whole list of configurations. It returns ``results[case_index][rank]``, what
-``fn`` returned, for the test to compare. If a rank raises, the test fails with the case, the rank and
-that rank's traceback; if the launch outlives ``timeout_s``, it fails with the case each rank was in
-and their Python stacks. Ranks never outlive the call.
+``run_on_ranks(fn, cases)`` starts ``FSDP_AC_NPROC`` ranks (default 2) with torchrun, exactly as a
+user's job starts::
 
-Ranks meet through a ``FileStore`` in a fresh temporary directory, never a port, so any number of
-launches (pytest-xdist workers) run side by side. ``fn`` and the cases travel by pickle: ``fn`` must be
-a module-level function, and a case any picklable value (a frozen dataclass reads best in reports).
-Return values travel by ``torch.save``; keep them small (CPU tensors, numbers, strings).
+    python -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=N --max-restarts=0 \\
+        --log-dir=RUN_DIR/torchrun -m launcher RUN_DIR
+
+Each rank joins the default process group (``env://``: the rendezvous store torchrun set up on a
+free port, so launches never collide) and calls ``fn(ctx, case)`` for each case in turn, so one
+start-up (the slow part) serves a whole list of configurations. It returns
+``results[case_index][rank]``, what ``fn`` returned, for the test to compare.
+
+Failures name the case and the rank:
+
+- a rank that raises: that rank's traceback;
+- a rank that exits or dies of a signal (a segfault) without a Python error: its exit code or signal
+  and the end of its output, where ``faulthandler`` has written the Python stack of a crash;
+- the ranks torchrun stops after the first failure: where each one was (the stack it printed);
+- a launch that outlives ``timeout_s`` (a hang, or a desync longer than the collective timeout): the
+  case each rank was in and every thread's stack.
+
+Collectives time out after ``FSDP_AC_TIMEOUT_S`` (60 s here unless set), so a rank that skips a
+collective fails its peers long before the launch timeout. torchrun and every process the ranks start
+are gone when ``run_on_ranks`` returns.
+
+``fn`` and the cases travel by pickle: ``fn`` must be a module-level function, and a case any picklable
+value (a frozen dataclass reads best in reports). Return values travel by ``torch.save``; keep them
+small (CPU tensors, numbers, strings).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import itertools
 import json
 import os
@@ -26,7 +44,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,16 +53,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fsdp_ac.environment import collective_timeout, select_backend
+from fsdp_ac.environment import collective_timeout, select_backend, suite_nproc
 
-__all__ = ["RankContext", "grid", "run_on_ranks", "world_size"]
+__all__ = ["RankContext", "grid", "run_on_ranks", "torchrun_arguments"]
 
-DEFAULT_NPROC = 2
 COLLECTIVE_TIMEOUT_S = "60"
 """``FSDP_AC_TIMEOUT_S`` for ranks unless set: well under a test's timeout, so a hang fails fast."""
-GRACE_S = 10.0
-"""How long the other ranks get to report their own errors after one rank fails."""
 LOG_TAIL_LINES = 40
+STACK_DUMP_WAIT_S = 1.0
+"""How long hung ranks get to write their stacks before they are killed."""
+_TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""Variables torchrun sets for its ranks (with ``TORCHELASTIC_*``); a launch from inside a rank, e.g.
+pytest itself run under torchrun, must not hand them to the torchrun it starts."""
 
 
 @dataclass(frozen=True)
@@ -55,15 +75,7 @@ class RankContext:
     world_size: int
     backend: str
     device: torch.device
-    """``cuda:<rank>`` under NCCL, else the CPU."""
-
-
-def world_size() -> int:
-    """Ranks per launch: ``FSDP_AC_NPROC``, default 2."""
-    raw = os.environ.get("FSDP_AC_NPROC", str(DEFAULT_NPROC))
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"FSDP_AC_NPROC must be a positive integer, got {raw!r}.")
-    return int(raw)
+    """``cuda:<local rank>`` under NCCL, else the CPU."""
 
 
 def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
@@ -74,6 +86,20 @@ def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
         {'parallel': 'ddp', 'ac': 'no_reentrant'}
     """
     return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def torchrun_arguments(run_dir: Path, nproc: int) -> list[str]:
+    """torchrun's arguments that start ``nproc`` ranks running the job in ``run_dir``."""
+    return [
+        "--standalone",  # a c10d rendezvous on a free local port
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--max-restarts=0",  # a failed rank fails the launch; a restart would hide it
+        f"--log-dir={run_dir / 'torchrun'}",  # else torchrun leaves a directory in /tmp per launch
+        "-m",
+        __name__,
+        str(run_dir),
+    ]
 
 
 def run_on_ranks(
@@ -88,35 +114,41 @@ def run_on_ranks(
     Args:
         fn: A module-level function (it is pickled by name into fresh processes).
         cases: The configurations; all ranks run case ``i`` together, with a barrier after each.
-        nproc: Ranks to start; default :func:`world_size`.
+        nproc: Ranks to start; default ``FSDP_AC_NPROC`` (:func:`fsdp_ac.environment.suite_nproc`).
         timeout_s: Limit for the whole launch, start-up included.
 
     Raises:
         pytest.fail.Exception: A rank failed (the message names the case and rank and holds its
-            traceback), exited without a result, or the launch timed out.
+            traceback or its last output), torchrun failed, or the launch timed out.
         TypeError: ``fn`` is not a module-level function.
     """
     if "<" in getattr(fn, "__qualname__", "<"):
         raise TypeError(f"run_on_ranks needs a module-level function so ranks can import it, got {fn!r}.")
-    nproc = world_size() if nproc is None else nproc
+    nproc = suite_nproc() if nproc is None else nproc
     cases = list(cases)
     with tempfile.TemporaryDirectory(prefix="fsdp_ac_ranks_") as tmp:
         run_dir = Path(tmp)
         (run_dir / "job.pkl").write_bytes(pickle.dumps((fn, cases)))
-        procs = [_start_rank(run_dir, rank, nproc) for rank in range(nproc)]
+        agent = _start_torchrun(run_dir, nproc)
         try:
-            in_time = _wait(procs, time.monotonic() + timeout_s)
-            stuck = [proc.poll() is None for proc in procs]
-            if any(stuck):
-                _dump_stacks(procs)
+            try:
+                agent.wait(timeout=timeout_s)
+                in_time = True
+            except subprocess.TimeoutExpired:
+                in_time = False
+                _dump_stacks(run_dir, nproc)
         finally:
-            _kill(procs)
+            _kill(agent, run_dir, nproc)
         if not in_time:
             pytest.fail(_timeout_report(run_dir, nproc, cases, timeout_s), pytrace=False)
-        reports = [
-            _rank_report(run_dir, rank, proc.returncode, stuck[rank], cases)
-            for rank, proc in enumerate(procs)
-        ]
+        if not any((run_dir / f"rank{rank}.pid").exists() for rank in range(nproc)):
+            pytest.fail(
+                f"torchrun exited with code {agent.returncode} before starting any rank; its last "
+                f"output:\n{_log_tail(run_dir / 'torchrun.log')}",
+                pytrace=False,
+            )
+        exits = _read_json(run_dir / "exits.json") or {}
+        reports = [_rank_report(run_dir, rank, exits.get(str(rank)), cases) for rank in range(nproc)]
         failures = sorted(report for report in reports if report is not None)
         if failures:
             first, *rest = (text for _, text in failures)
@@ -124,28 +156,34 @@ def run_on_ranks(
                 "\n\n".join([first, *(f"then (probably as a consequence) {text}" for text in rest)]),
                 pytrace=False,
             )
+        if agent.returncode != 0:
+            pytest.fail(
+                f"torchrun exited with code {agent.returncode} although every rank finished; its last "
+                f"output:\n{_log_tail(run_dir / 'torchrun.log')}",
+                pytrace=False,
+            )
         per_rank = [torch.load(run_dir / f"rank{rank}.pt", weights_only=False) for rank in range(nproc)]
     return [[per_rank[rank][index] for rank in range(nproc)] for index in range(len(cases))]
 
 
-# --- parent side -------------------------------------------------------------------------------------
+# --- the launching (pytest) side ---------------------------------------------------------------------
 
 
-def _start_rank(run_dir: Path, rank: int, nproc: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
+def _start_torchrun(run_dir: Path, nproc: int) -> subprocess.Popen[bytes]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _TORCHRUN_ENV and not key.startswith("TORCHELASTIC_")
+    }
     env.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(nproc),
-        LOCAL_WORLD_SIZE=str(nproc),
         OMP_NUM_THREADS="1",
-        # The child must import fn's module by the name it was pickled under.
+        # The ranks must import fn's module by the name it was pickled under.
         PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path),
     )
     env.setdefault("FSDP_AC_TIMEOUT_S", COLLECTIVE_TIMEOUT_S)
-    code = f"from {__name__} import _rank_main; _rank_main({str(run_dir)!r})"
-    with open(run_dir / f"rank{rank}.log", "wb") as log:
-        # A session of its own lets _kill reach whatever the rank started (e.g. compile workers).
+    code = f"from {__name__} import _torchrun_main; _torchrun_main({str(run_dir)!r}, {nproc})"
+    with open(run_dir / "torchrun.log", "wb") as log:
+        # A session of its own, so that _kill reaches torchrun and nothing else.
         return subprocess.Popen(
             [sys.executable, "-c", code],
             env=env,
@@ -155,35 +193,43 @@ def _start_rank(run_dir: Path, rank: int, nproc: int) -> subprocess.Popen[bytes]
         )
 
 
-def _wait(procs: list[subprocess.Popen[bytes]], deadline: float) -> bool:
-    """Waits for all ranks, or GRACE_S after the first failure; False if the deadline came first."""
-    failed_at: float | None = None
-    while any(proc.poll() is None for proc in procs):
-        now = time.monotonic()
-        if failed_at is None and any(proc.returncode for proc in procs):
-            failed_at = now
-        if failed_at is not None and now > failed_at + GRACE_S:
-            return True  # the others are stuck behind the failed rank, whose error is the report
-        if now > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _dump_stacks(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGUSR1)  # faulthandler in the rank writes every thread's stack
-    time.sleep(1.0)
-
-
-def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
+def _rank_pids(run_dir: Path, nproc: int) -> Iterator[int]:
+    """Pids of this launch's ranks that are still running (each leads a session torchrun made)."""
+    for rank in range(nproc):
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # the rank and everything it started are gone already
-        proc.wait()
+            pid = int((run_dir / f"rank{rank}.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            continue
+        try:
+            # The command line names run_dir: never signal a process that reused a finished rank's pid.
+            if str(run_dir) in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                yield pid
+        except FileNotFoundError:
+            if not Path("/proc").is_dir():  # no /proc to check (macOS): trust the pid if it runs
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, 0)
+                    yield pid
+
+
+def _dump_stacks(run_dir: Path, nproc: int) -> None:
+    for pid in _rank_pids(run_dir, nproc):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)  # faulthandler in the rank writes every thread's stack
+    time.sleep(STACK_DUMP_WAIT_S)
+
+
+def _kill(agent: subprocess.Popen[bytes], run_dir: Path, nproc: int) -> None:
+    """Kills torchrun and each rank's session (compile workers and other children included)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(agent.pid, signal.SIGKILL)
+    agent.wait()
+    for pid in _rank_pids(run_dir, nproc):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _case_label(run_dir: Path, rank: int, cases: list[Any], index: int | None = None) -> str:
@@ -196,71 +242,116 @@ def _case_label(run_dir: Path, rank: int, cases: list[Any], index: int | None = 
     return f"case {index + 1}/{len(cases)} ({cases[index]!r})"
 
 
-def _log_tail(run_dir: Path, rank: int) -> str:
-    lines = (run_dir / f"rank{rank}.log").read_text(errors="replace").splitlines()
+def _log_tail(path: Path) -> str:
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
     return "\n".join(lines[-LOG_TAIL_LINES:]) or "(no output)"
 
 
+def _rank_output(run_dir: Path, rank: int) -> str:
+    log = run_dir / f"rank{rank}.log"
+    if log.exists():
+        return f"its last output:\n{_log_tail(log)}"
+    # The rank died before it could redirect its output: whatever it printed went to torchrun's log.
+    return f"it wrote no log; torchrun's last output:\n{_log_tail(run_dir / 'torchrun.log')}"
+
+
+def _exit_description(exitcode: int) -> str:
+    if exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by signal {signal.Signals(-exitcode).name}"
+        return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
 def _rank_report(
-    run_dir: Path, rank: int, returncode: int, stuck: bool, cases: list[Any]
+    run_dir: Path, rank: int, exitcode: int | None, cases: list[Any]
 ) -> tuple[tuple[int, float], str] | None:
     """(sort key, report) for a rank that failed, None for one that finished cleanly.
 
-    A rank that died by itself without a Python error (a crash, a signal) comes first: peers of a
-    failed rank fail with Python errors. Then Python errors by time, then ranks stopped while stuck.
+    ``exitcode`` is what torchrun saw when the launch failed, None for a rank it did not report. A
+    rank that died by itself without a Python error (an exit, a crash) comes first: peers of a failed
+    rank fail with Python errors. Then Python errors by time, then the ranks torchrun stopped.
     """
-    error_file = run_dir / f"rank{rank}.error.json"
-    if error_file.exists():
-        error = json.loads(error_file.read_text())
+    error = _read_json(run_dir / f"rank{rank}.error.json")
+    if error is not None:
         where = _case_label(run_dir, rank, cases, error["case"])
         return (1, error["time"]), f"{where} failed on rank {rank}:\n{error['traceback']}"
-    if stuck:
-        return (2, 0.0), (
-            f"rank {rank} was still in {_case_label(run_dir, rank, cases)} {GRACE_S:.0f} s after the "
-            f"first failure and was stopped; its last output:\n{_log_tail(run_dir, rank)}"
-        )
-    if returncode == 0 and (run_dir / f"rank{rank}.pt").exists():
+    if (run_dir / f"rank{rank}.pt").exists() and not exitcode:
         return None
+    if not (run_dir / f"rank{rank}.pid").exists():
+        return (3, 0.0), (
+            f"rank {rank} never started; torchrun's last output:\n{_log_tail(run_dir / 'torchrun.log')}"
+        )
+    where = _case_label(run_dir, rank, cases)
+    if exitcode is None or exitcode == -signal.SIGTERM:
+        return (2, 0.0), (
+            f"rank {rank} was stopped by torchrun in {where} after another rank failed; "
+            f"{_rank_output(run_dir, rank)}"
+        )
     return (0, 0.0), (
-        f"rank {rank} exited with code {returncode} in {_case_label(run_dir, rank, cases)} without a "
-        f"Python error; its last output:\n{_log_tail(run_dir, rank)}"
+        f"rank {rank} {_exit_description(exitcode)} in {where} without a Python error; "
+        f"{_rank_output(run_dir, rank)}"
     )
 
 
 def _timeout_report(run_dir: Path, nproc: int, cases: list[Any], timeout_s: float) -> str:
     reports = [
-        f"rank {rank} was in {_case_label(run_dir, rank, cases)}; its last output:\n"
-        f"{_log_tail(run_dir, rank)}"
+        f"rank {rank} was in {_case_label(run_dir, rank, cases)}; {_rank_output(run_dir, rank)}"
         for rank in range(nproc)
     ]
     return f"The launch of {nproc} ranks timed out after {timeout_s:.0f} s.\n\n" + "\n\n".join(reports)
 
 
-# --- rank side ---------------------------------------------------------------------------------------
+# --- torchrun's side ---------------------------------------------------------------------------------
+
+
+def _torchrun_main(run_dir_name: str, nproc: int) -> None:
+    """Runs torchrun's own entry point; records the exit code of each rank it saw fail.
+
+    torchrun reports failed ranks only in text; the launcher needs their exit codes (a rank killed by
+    a signal has no Python error to report), which its ``ChildFailedError`` holds.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    _exit_with_parent()
+    run_dir = Path(run_dir_name)
+    try:
+        main(torchrun_arguments(run_dir, nproc))
+    except ChildFailedError as error:
+        exits = {rank: failure.exitcode for rank, failure in error.failures.items()}
+        (run_dir / "exits.json").write_text(json.dumps(exits))
+        sys.exit(1)
+
+
+# --- the ranks' side ---------------------------------------------------------------------------------
 
 
 def _rank_main(run_dir_name: str) -> None:
-    """Entry point of a rank process: runs every case, then saves the results or the error."""
+    """Entry point of a rank: runs every case, then saves the results or the error."""
     import faulthandler
 
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    run_dir = Path(run_dir_name)
+    rank = int(os.environ["RANK"])
+    (run_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+    _redirect_output(run_dir / f"rank{rank}.log")
+    faulthandler.enable(all_threads=True)  # the Python stack of a segfault, into the log
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the stacks of a hung rank
+    # Where a rank was when torchrun stopped it after another rank failed; then it dies of SIGTERM.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     _exit_with_parent()
     torch.set_num_threads(1)
-    run_dir = Path(run_dir_name)
-    rank, nproc = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     index: int | None = None
     failed_at: float | None = None
     try:
         fn, cases = pickle.loads((run_dir / "job.pkl").read_bytes())
-        backend = select_backend(nproc)
+        nproc = int(os.environ["WORLD_SIZE"])
+        backend = select_backend(int(os.environ["LOCAL_WORLD_SIZE"]))
         device = torch.device("cpu")
         if backend == "nccl":
-            device = torch.device("cuda", rank)
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        store = dist.FileStore(str(run_dir / "store"), nproc)
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=nproc, timeout=collective_timeout()
-        )
+        dist.init_process_group(backend, timeout=collective_timeout())
         try:
             ctx = RankContext(rank=rank, world_size=nproc, backend=backend, device=device)
             results = []
@@ -282,6 +373,16 @@ def _rank_main(run_dir_name: str) -> None:
         sys.exit(1)
 
 
+def _redirect_output(path: Path) -> None:
+    """Sends this process's stdout and stderr, C++ and faulthandler output included, to ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def _reset_compile_caches() -> None:
     # Otherwise the compiled frames of many cases pile up until dynamo's recompile limit silently
     # falls back to eager for the later ones.
@@ -290,7 +391,7 @@ def _reset_compile_caches() -> None:
 
 
 def _exit_with_parent() -> None:
-    """Ends this rank if the launching process dies without cleaning up (e.g. a hard pytest kill)."""
+    """Ends this process if its parent dies without cleaning up (e.g. a hard pytest kill)."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -299,3 +400,9 @@ def _exit_with_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+if __name__ == "__main__":
+    # torchrun runs this file as __main__; run the rank from the module under its importable name,
+    # so that whatever the job pickles refers to that module and not to __main__.
+    importlib.import_module(__spec__.name)._rank_main(sys.argv[1])
