@@ -103,7 +103,14 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
         self.region_name = type(mod).__name__
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """Sets public attributes the wrapper does not own on the wrapped module."""
+        """Sets public attributes the wrapper does not own on the wrapped module.
+
+        Raises:
+            ValueError: FSDP1's auto-wrap is putting an FSDP unit inside this wrapper, a nesting
+                whose optimizer state torch's DCP cannot load.
+        """
+        if name == WRAPPED_MODULE_ATTR and name in self._modules:
+            _refuse_fsdp1_inside(self, value)
         own = (
             name.startswith("_")
             or name in self._WRAPPER_ATTRIBUTES
@@ -225,6 +232,12 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
         wrapped: nn.Module = getattr(self, WRAPPED_MODULE_ATTR)
         if not (self.training and torch.is_grad_enabled()):
             return wrapped(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            # Under compile the replay happens inside the compiled backward graph: no Python hooks or
+            # buffer updates run twice, and RecomputeRegion's bookkeeping would break the graph.
+            if self._uses_torch_reentrant:
+                return _reentrant_call(self.checkpoint_fn, wrapped, args, kwargs)
+            return self.checkpoint_fn(wrapped, *args, **kwargs)
         if not self._checked_first_forward:
             _refuse_hf_gradient_checkpointing(wrapped, self.region_name)
             self._checked_first_forward = True
@@ -417,6 +430,8 @@ def apply_activation_checkpointing(
             for layer in _wrapper_chain(wrapper):
                 if isinstance(layer, ActivationWrapper):
                     layer.region_name = names[target] or type(target).__name__
+        for parent, _ in parents.get(target, []):
+            _refuse_nested_wrappers_in_flat_unit(parent, wrapper, target)
         for parent, name in parents.get(target, []):
             setattr(parent, name, wrapper)
     _check_alignment(model, strict=False, stacklevel=3)
@@ -529,6 +544,43 @@ def _turn_off_hf_cache(model: nn.Module) -> None:
         )
 
 
+def _refuse_fsdp1_inside(wrapper: ActivationWrapper, module: Any) -> None:
+    """``CheckpointWrapper(FSDP(block))`` trains, but its checkpoints cannot be restored.
+
+    torch's DCP maps optimizer state by names it walks through the model; it strips the wrapper's
+    segment first and then reaches the FSDP unit through attribute forwarding, so it never sees the
+    unit as FSDP's and reports "Missing optimizer state" on load. ``FSDP(CheckpointWrapper(block))``
+    has none of that, and :class:`fsdp_ac.ModulePolicy` chooses it in either order of application.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(module, FullyShardedDataParallel):
+        raise ValueError(
+            f"FSDP1's auto-wrap is placing an FSDP unit inside the activation wrapper around "
+            f"'{wrapper.region_name}', giving CheckpointWrapper(FSDP(block)): torch's DCP cannot load "
+            "optimizer state saved from that nesting ('Missing optimizer state'). Pass "
+            "auto_wrap_policy=fsdp_ac.ModulePolicy(<your block classes>) to FSDP, which makes the unit "
+            "around the wrapper, or apply activation checkpointing after FSDP."
+        )
+
+
+def _refuse_nested_wrappers_in_flat_unit(parent: nn.Module, wrapper: nn.Module, target: nn.Module) -> None:
+    """FSDP1 without ``use_orig_params`` unwraps only one wrapper level of the module it holds."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if (
+        isinstance(parent, FullyShardedDataParallel)
+        and not parent._use_orig_params
+        and len(_wrapper_chain(wrapper)) > 1
+    ):
+        raise ValueError(
+            f"{type(target).__name__} is the whole module of an FSDP1 unit with use_orig_params=False; "
+            "torch's FSDP1 looks through only one activation wrapper there, so two (offload around "
+            "checkpoint) would put FSDP's flat parameter into the state dict. Apply activation "
+            "checkpointing before FSDP1, or use use_orig_params=True."
+        )
+
+
 def _refuse_stateful_cache(region_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """A key/value cache the region appends to would be appended to again by the replay."""
     for value in (*args, *kwargs.values()):
@@ -631,7 +683,10 @@ def _rebuild_dict(skeleton: dict[Any, Any], values: dict[Any, Any]) -> dict[Any,
 
 
 def _reentrant_call(
-    checkpoint_fn: Callable[..., Any], region: RecomputeRegion, args: tuple[Any, ...], kwargs: dict[str, Any]
+    checkpoint_fn: Callable[..., Any],
+    region: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Any:
     """Runs reentrant checkpointing with any inputs and outputs, training even frozen-input regions.
 

@@ -237,3 +237,59 @@ def test_fsdp2_shards_our_wrappers_like_torchs(
         assert name == got_name
         assert torch.equal(got.grad.full_tensor(), expected.grad), name
     assert list(wrapped.state_dict()) == list(gpt.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_fsdp1_unit_inside_a_wrapper_is_refused_and_fsdp_ac_policy_nests_it_outside(
+    single_rank_group: None, gpt: GPT
+) -> None:
+    """CheckpointWrapper(FSDP(block)) trains, but DCP cannot load its optimizer state: refused."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = copy.deepcopy(gpt)
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
+    with pytest.raises(ValueError, match=r"CheckpointWrapper\(FSDP\(block\)\).*fsdp_ac\.ModulePolicy"):
+        FSDP(model, auto_wrap_policy=ModuleWrapPolicy({TransformerBlock}), device_id=torch.device("cpu"))
+    model = copy.deepcopy(gpt)
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
+    sharded = FSDP(
+        model, auto_wrap_policy=fsdp_ac.ModulePolicy({TransformerBlock}), device_id=torch.device("cpu")
+    )
+    layer = sharded.module.layers[0]
+    assert isinstance(layer, FSDP) and isinstance(layer.module, TransformerBlock)
+    assert isinstance(layer._fsdp_wrapped_module, CheckpointWrapper)
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_two_wrappers_inside_an_fsdp1_flat_unit_are_refused(single_rank_group: None, gpt: GPT) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = FSDP(
+        copy.deepcopy(gpt),
+        auto_wrap_policy=ModuleWrapPolicy({TransformerBlock}),
+        use_orig_params=False,
+        device_id=torch.device("cpu"),
+    )
+    with pytest.raises(ValueError, match=r"use_orig_params=True"):
+        apply_activation_checkpointing(
+            model, WRAPPERS["offload_around_checkpoint"], check_fn=lambda m: isinstance(m, TransformerBlock)
+        )
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))  # one: fine
+
+
+def test_compiles_into_one_graph_with_correct_gradients(gpt: GPT, tokens: torch.Tensor) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    block = checkpoint_wrapper(copy.deepcopy(gpt.layers[0]))
+    block.compile(backend="aot_eager")
+    x = torch.randn(2, 8, gpt.config.d_model, requires_grad=True)
+    block(x).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0
+    reference = copy.deepcopy(gpt.layers[0])
+    reference(x).sum().backward()
+    for (name, want), got in zip(reference.named_parameters(), block.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-6, atol=1e-7, msg=name)
+    torch._dynamo.reset()

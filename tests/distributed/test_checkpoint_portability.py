@@ -11,12 +11,11 @@ parameters, Adam's step, first and second moments, bitwise. Finally this process
 checkpoint into a plain unwrapped model and optimizer, without any process group
 (``dcp.load(..., no_dist=True)``), as a user would to inspect or fine-tune it.
 
-One torch limitation is recorded rather than hidden: DCP cannot load optimizer state into FSDP1
-units that sit inside a checkpoint wrapper (``CheckpointWrapper(FSDP(block))``, what AC before FSDP1's
-auto-wrap with ``ModuleWrapPolicy`` gives; fsdp_ac's ``ModulePolicy`` gives the nesting that loads).
-Those targets load the model state here, and
-:func:`test_dcp_optimizer_state_loads_into_checkpoint_wrapper_around_fsdp1` (an expected failure)
-holds the optimizer half.
+One torch limitation is not a configuration here: DCP cannot load optimizer state into FSDP1 units
+that sit inside a checkpoint wrapper (``CheckpointWrapper(FSDP(block))``, what AC before FSDP1's
+auto-wrap with torch's ``ModuleWrapPolicy`` gives; it reports "Missing optimizer state"). fsdp_ac
+refuses that nesting at wrap time (``tests/test_wrappers.py``); AC before FSDP1 goes with
+``fsdp_ac.ModulePolicy``, which gives ``FSDP(CheckpointWrapper(block))``, and that loads.
 """
 
 from __future__ import annotations
@@ -57,11 +56,12 @@ CONFIGURATIONS = {
     "plain": [Setup("plain"), Setup("plain", ac="no_reentrant")],
     "ddp": [Setup("ddp"), Setup("ddp", ac="no_reentrant"), Setup("ddp", ac="no_reentrant", ac_first=False)],
     "fsdp1": [
-        Setup("fsdp1", use_orig_params=orig, ac=ac, ac_first=first)
+        # AC before FSDP1 with fsdp_ac's policy: torch's would nest the unit inside the wrapper,
+        # which fsdp_ac refuses because DCP cannot load that nesting's optimizer state.
+        Setup("fsdp1", use_orig_params=orig, ac=ac, ac_first=first, fsdp1_policy="fsdp_ac" if ac else "torch")
         for orig in (True, False)
         for ac, first in ((None, True), ("no_reentrant", True), ("no_reentrant", False))
-    ]
-    + [Setup("fsdp1", ac="no_reentrant", fsdp1_policy="fsdp_ac")],
+    ],
     "fsdp2": [
         Setup("fsdp2"),
         Setup("fsdp2", ac="no_reentrant"),
@@ -72,30 +72,6 @@ CONFIGURATIONS = {
 """Every configuration a checkpoint is saved from and loaded into, by parallel wrapper."""
 TARGETS = [setup for family in CONFIGURATIONS.values() for setup in family]
 
-DCP_OPTIMIZER_LIMITATION = (
-    "torch 2.13: set_optimizer_state_dict cannot map optimizer state onto FSDP1 units inside a "
-    "checkpoint wrapper. Its FQN walk (torch.distributed.checkpoint.state_dict._get_fqns) strips "
-    "'_checkpoint_wrapped_module' from the name first, then reaches the FSDP unit through the "
-    "wrapper's attribute forwarding, so '_fsdp_wrapped_module' is never recognised as FSDP's and stays "
-    "in the FQN ('layers.0._fsdp_wrapped_module.ln_1.weight'); the checkpoint's keys are clean, so "
-    "every parameter of the unit reports 'Missing optimizer state'. The same with torch's own "
-    "checkpoint_wrapper."
-)
-
-
-def optimizer_cannot_load(target: Setup) -> bool:
-    """CheckpointWrapper(FSDP(block)): the nesting :data:`DCP_OPTIMIZER_LIMITATION` is about.
-
-    AC before FSDP1 gives it with torch's ``ModuleWrapPolicy``; with ``fsdp_ac.ModulePolicy`` the same
-    order gives ``FSDP(CheckpointWrapper(block))``, which loads.
-    """
-    return (
-        target.parallel == "fsdp1"
-        and target.ac is not None
-        and target.ac_first
-        and target.fsdp1_policy == "torch"
-    )
-
 
 @dataclasses.dataclass(frozen=True)
 class Transfer:
@@ -104,29 +80,25 @@ class Transfer:
     source: Setup
     targets: tuple[Setup, ...]
     directory: str
-    load_optimizer_everywhere: bool = False
-    """Load the optimizer state into every target, known limitations included."""
 
     def __repr__(self) -> str:
         return f"Transfer(from {self.source!r} into {len(self.targets)} targets)"
 
 
-def load_into(
-    ctx: RankContext, target: Setup, directory: str, with_optimizer: bool
-) -> dict[str, torch.Tensor]:
-    """A fresh ``target`` loaded from the DCP checkpoint in ``directory``; its full tensors."""
+def load_into(ctx: RankContext, target: Setup, directory: str) -> dict[str, torch.Tensor]:
+    """A fresh ``target`` loaded, model and optimizer, from the DCP checkpoint in ``directory``."""
     model = build(ctx, target)
     optimizer = adam(model)
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if with_optimizer:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    state: dict[str, Any] = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
     dcp.load(state, checkpoint_id=directory)
     set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
     tensors = {f"model.{name}": value for name, value in full_parameters(model).items()}
-    if with_optimizer:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-        optim = optimizer_tensors(full_optimizer_state(model, optimizer))
-        tensors.update({f"optim.{name}": value for name, value in optim.items()})
+    optim = optimizer_tensors(full_optimizer_state(model, optimizer))
+    tensors.update({f"optim.{name}": value for name, value in optim.items()})
     return tensors
 
 
@@ -154,14 +126,12 @@ def transfer_on_rank(ctx: RankContext, transfer: Transfer) -> dict[str, Any]:
     saved.update({f"optim.{name}": value for name, value in optim.items()})
     outcomes = {}
     for target in transfer.targets:
-        with_optimizer = transfer.load_optimizer_everywhere or not optimizer_cannot_load(target)
         try:
-            loaded = load_into(ctx, target, transfer.directory, with_optimizer)
+            loaded = load_into(ctx, target, transfer.directory)
         except RuntimeError as error:  # every rank raises alike: the planning is collective
             outcomes[repr(target)] = [f"{type(error).__name__}: {error}"]
             continue
-        expected = saved if with_optimizer else {k: v for k, v in saved.items() if k.startswith("model.")}
-        outcomes[repr(target)] = mismatches(loaded, expected)
+        outcomes[repr(target)] = mismatches(loaded, saved)
     return {"outcomes": outcomes, "saved": saved if ctx.rank == 0 else None}
 
 
@@ -199,20 +169,3 @@ def test_dcp_checkpoints_load_into_every_configuration(family: str, tmp_path: Pa
         if problems:
             failures.append(f"{transfer.source!r} -> plain model without a process group: {problems[:3]}")
     assert not failures, f"{len(failures)} loads failed:\n" + "\n".join(failures)
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=DCP_OPTIMIZER_LIMITATION)
-def test_dcp_optimizer_state_loads_into_checkpoint_wrapper_around_fsdp1(tmp_path: Path) -> None:
-    """From FSDP(CheckpointWrapper(block)), which loads fine, into CheckpointWrapper(FSDP(block))."""
-    targets = tuple(setup for setup in TARGETS if optimizer_cannot_load(setup))
-    source = Setup("fsdp1", ac="no_reentrant", ac_first=False)
-    transfer = Transfer(source, targets, str(tmp_path / "checkpoint"), load_optimizer_everywhere=True)
-    (per_rank,) = run_on_ranks(transfer_on_rank, [transfer])
-    for result in per_rank:
-        other = [
-            p for problems in result["outcomes"].values() for p in problems if "Missing optimizer" not in p
-        ]
-        if other:
-            pytest.fail(f"the load fails otherwise than the known limitation: {other[:3]}")
-        assert not any(result["outcomes"].values()), result["outcomes"]

@@ -15,7 +15,6 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -70,10 +69,11 @@ def parallelize(ctx: RankContext, model: FrozenEmbeddingNet, parallel: str, **dd
         return DistributedDataParallel(model, **ddp_kwargs)
     if parallel == "fsdp1":
         # The frozen embedding is a unit of its own, so its output needs no gradient (in the root
-        # unit, FSDP1's views of a trainable flat parameter would give it one).
+        # unit, FSDP1's views of a trainable flat parameter would give it one). fsdp_ac's policy puts
+        # each block's unit around its checkpoint wrapper.
         return FullyShardedDataParallel(
             model,
-            auto_wrap_policy=ModuleWrapPolicy({Block, nn.Embedding}),
+            auto_wrap_policy=fsdp_ac.ModulePolicy({Block, nn.Embedding}),
             use_orig_params=True,
             device_id=ctx.device,
         )

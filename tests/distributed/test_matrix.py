@@ -18,8 +18,9 @@ trains the reference GPT for three Adam steps and is checked for:
   ``_checkpoint_wrapped_module``, ``_fsdp_wrapped_module`` or ``_orig_mod``.
 
 A failing cell does not hide the others: each test reports every failing cell of its row.
-``test_matrix_with_torch_compile`` adds torch.compile in both nestings. Cells torch cannot run are
-expected failures of their own (:func:`torch_limitation`), so they turn into failures once they pass.
+``test_matrix_with_torch_compile`` adds torch.compile in both nestings. Nestings that torch cannot
+save or load correctly are refused by fsdp_ac at wrap time (:func:`torch_limitation`,
+``tests/test_wrappers.py``) and are not cells: AC before FSDP1 uses ``fsdp_ac.ModulePolicy``.
 """
 
 from __future__ import annotations
@@ -85,12 +86,13 @@ FSDP1_NESTED_WRAPPERS_LIMITATION = (
     "unit (offload around checkpoint, applied after FSDP1), the FULL state dict keeps a stray "
     "'layers.0._flat_param' and get_model_state_dict raises 'layers.0._flat_param contains "
     "_flat_param'. The same with torch's own wrappers; applied before FSDP1 (the wrappers outside the "
-    "unit) it works."
+    "unit) it works. fsdp_ac's apply_activation_checkpointing refuses it at wrap time "
+    "(tests/test_wrappers.py::test_two_wrappers_inside_an_fsdp1_flat_unit_are_refused)."
 )
 
 
 def torch_limitation(setup: Setup) -> str | None:
-    """Why torch cannot run ``setup``, for the cells the rows leave to an expected-failure test."""
+    """Why torch cannot run ``setup``: cells the rows leave out, refused by fsdp_ac at wrap time."""
     if (
         setup.parallel == "fsdp1"
         and not setup.use_orig_params
@@ -120,25 +122,28 @@ COMPILE_PARALLEL = ("ddp", "fsdp1-orig_params-full_shard", "fsdp2-reshard")
 def row(base: Setup) -> list[Setup]:
     """The baseline without AC, then every activation wrapper after and before the parallel wrapper.
 
-    Cells that torch cannot run (:func:`torch_limitation`) are left to
-    :func:`test_fsdp1_flat_params_with_two_wrappers_inside_the_unit`.
+    Cells that torch cannot run (:func:`torch_limitation`) are left out: fsdp_ac refuses them at wrap
+    time, which tests/test_wrappers.py checks.
     """
+    # AC before FSDP1 goes with fsdp_ac's policy, which makes FSDP(CheckpointWrapper(block)); with
+    # torch's, FSDP1 would nest the unit inside the wrapper, which fsdp_ac refuses (tests/test_wrappers.py).
+    policy = "fsdp_ac" if base.parallel == "fsdp1" else base.fsdp1_policy
     cells = [
-        dataclasses.replace(base, ac=ac, ac_first=first) for ac in AC_WRAPPERS for first in (False, True)
+        dataclasses.replace(base, ac=ac, ac_first=first, fsdp1_policy=policy if first else base.fsdp1_policy)
+        for ac in AC_WRAPPERS
+        for first in (False, True)
     ]
-    if base.parallel == "fsdp1":
-        # fsdp_ac's policy chooses FSDP(CheckpointWrapper(block)) although AC comes first.
-        cells.append(dataclasses.replace(base, ac="no_reentrant", fsdp1_policy="fsdp_ac"))
     return [base, *(cell for cell in cells if torch_limitation(cell) is None)]
 
 
 def compile_row(base: Setup) -> list[Setup]:
     """Compiled blocks without AC (the baseline), AC around compiled blocks, then compiled layers
     around AC (AC applied before and after the parallel wrapper)."""
+    first = dataclasses.replace(base, fsdp1_policy="fsdp_ac") if base.parallel == "fsdp1" else base
     return [
         dataclasses.replace(base, compile="inside"),
-        dataclasses.replace(base, ac="no_reentrant", compile="inside"),
-        dataclasses.replace(base, ac="no_reentrant", compile="outside"),
+        dataclasses.replace(first, ac="no_reentrant", compile="inside"),
+        dataclasses.replace(first, ac="no_reentrant", compile="outside"),
         dataclasses.replace(base, ac="no_reentrant", ac_first=False, compile="outside"),
     ]
 
@@ -360,27 +365,6 @@ def test_offload_keeps_activations_off_the_gpu() -> None:
             )
 
 
-def cell_or_error_on_rank(ctx: RankContext, setup: Setup) -> dict[str, Any]:
-    try:
-        return cell_on_rank(ctx, setup)
-    except RuntimeError as error:  # raised alike on every rank, after the collectives
-        return {"error": f"{type(error).__name__}: {error}"}
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=FSDP1_NESTED_WRAPPERS_LIMITATION)
-def test_fsdp1_flat_params_with_two_wrappers_inside_the_unit() -> None:
-    base = PARALLEL_SETUPS["fsdp1-flat_params-full_shard"]
-    setups = [base, dataclasses.replace(base, ac="offload_checkpoint", ac_first=False)]
-    assert torch_limitation(setups[1]) is not None
-    results = run_on_ranks(cell_or_error_on_rank, setups)
-    errors = [result["error"] for per_rank in results for result in per_rank if "error" in result]
-    if any("contains _flat_param" not in error for error in errors):
-        pytest.fail(f"fails otherwise than the known limitation: {errors}")
-    assert not errors, errors[0]
-    check_row(setups, results)
-
-
 def _compile_and_step(wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> dict[str, int]:
     from torch._dynamo.utils import counters
 
@@ -407,13 +391,5 @@ def test_torch_checkpoint_wrapper_compiles_into_one_graph() -> None:
     assert _compile_and_step(torch_wrapper) == {"graphs": 1, "graph_breaks": 0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="fsdp_ac's RecomputeRegion mutates Python state inside the checkpointed function "
-    "(RecomputeRegion.calls, the saved-tensor audit), which Dynamo refuses to trace as the checkpoint "
-    "higher-order op ('HOP: Unsafe side effect'): compiling around fsdp_ac's checkpoint graph-breaks "
-    "and runs the region eagerly. Training stays correct (test_matrix_with_torch_compile).",
-)
 def test_fsdp_ac_checkpoint_wrapper_compiles_into_one_graph() -> None:
     assert _compile_and_step(checkpoint_wrapper) == {"graphs": 1, "graph_breaks": 0}
