@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import functools
 import logging
 import math
@@ -323,15 +322,10 @@ def _plan(model: nn.Module, settings: ActivationCheckpointingSettings, plugin: A
         return ActivationPlan({})
     if settings.plan is not None:
         plan = ActivationPlan.load(settings.plan)
-        names = dict(model.named_modules())
-        missing = [name for name in plan if name not in names]
-        if missing:
-            close = difflib.get_close_matches(missing[0], list(names), n=3)
-            hint = f" Close names: {', '.join(map(repr, close))}." if close else ""
-            raise ValueError(
-                f"The activation plan {settings.plan} names {missing[0]!r}, which is not a module of "
-                f"{type(model).__name__}.{hint}"
-            )
+        try:
+            plan.check(model)
+        except ValueError as error:
+            raise ValueError(f"{settings.plan}: {error}") from None
         return plan
     blocks = _blocks(model, settings, plugin)
     kind, _, arg = settings.policy.partition(":")

@@ -33,7 +33,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 from fsdp_ac.names import WRAPPED_MODULE_ATTR
-from fsdp_ac.policies import ModulePolicy, PolicySpec, _check_alignment, _sites, post_order
+from fsdp_ac.policies import ModulePolicy, PolicySpec, _check_alignment, _sites, parent_slots, post_order
 from fsdp_ac.selective import SelectiveCheckpoint
 from fsdp_ac.wrappers import ActivationWrapper, checkpoint_wrapper, offload_wrapper
 
@@ -142,6 +142,23 @@ class ActivationPlan:
         """
         return cls(dict.fromkeys(ModulePolicy(policy).names(model), strategy))
 
+    def check(self, model: nn.Module) -> None:
+        """Checks that every name in the plan is a module of ``model``.
+
+        Raises:
+            ValueError: A name is not a module of ``model``; the message suggests close names.
+        """
+        names = [site.name for site in _sites(model)]
+        missing = [name for name in self._strategies if name not in names]
+        if missing:
+            close = difflib.get_close_matches(missing[0], names, n=3)
+            hint = f" Close names: {', '.join(map(repr, close))}." if close else ""
+            raise ValueError(
+                f"The activation plan names {missing[0]!r}, which is not a module of "
+                f"{type(model).__name__}.{hint} Names are clean qualified names as "
+                "model.named_modules() lists them."
+            )
+
     def apply(self, model: nn.Module) -> nn.Module:
         """Wraps each named module of ``model`` in place as the plan says.
 
@@ -161,26 +178,14 @@ class ActivationPlan:
                 named module is already wrapped or lies inside an activation wrapper. Remove existing
                 wrappers first with :func:`~fsdp_ac.remove_activation_checkpointing`.
         """
+        self.check(model)
         sites = {site.name: site for site in _sites(model)}
-        missing = [name for name in self._strategies if name not in sites]
-        if missing:
-            close = difflib.get_close_matches(missing[0], list(sites), n=3)
-            hint = f" Close names: {', '.join(map(repr, close))}." if close else ""
-            raise ValueError(
-                f"The activation plan names {missing[0]!r}, which is not a module of "
-                f"{type(model).__name__}.{hint} Names are clean qualified names as "
-                "model.named_modules() lists them."
-            )
         wrapped_inside: dict[nn.Module, str] = {}
         for site in sites.values():
             if any(isinstance(m, TorchActivationWrapper) for m in site.chain):
                 for sub in post_order(site.module):
                     wrapped_inside.setdefault(sub, site.name)
-        parents: dict[nn.Module, list[tuple[nn.Module, str]]] = {}
-        for parent in post_order(model):
-            for attr, child in parent._modules.items():
-                if child is not None:
-                    parents.setdefault(child, []).append((parent, attr))
+        parents = parent_slots(model)
         builders: dict[str, Callable[[nn.Module], nn.Module]] = {}
         for name, strategy in self._strategies.items():
             if strategy == "none":

@@ -41,6 +41,7 @@ __all__ = [
     "PolicySpec",
     "check_alignment",
     "fully_shard_by_policy",
+    "parent_slots",
     "post_order",
     "select_modules",
 ]
@@ -431,6 +432,20 @@ def fully_shard_by_policy(
         fully_shard(model, **fully_shard_kwargs)
     _check_alignment(model, strict=False, stacklevel=3)
     return model
+
+
+def parent_slots(model: nn.Module) -> dict[nn.Module, list[tuple[nn.Module, str]]]:
+    """Returns, for every module under ``model``, each ``(parent, attribute)`` slot that holds it.
+
+    Walks ``_modules``, not ``named_children()``: a module shared by two slots must be replaced in
+    both when it is wrapped.
+    """
+    slots: dict[nn.Module, list[tuple[nn.Module, str]]] = {}
+    for parent in post_order(model):
+        for attr, child in parent._modules.items():
+            if child is not None:
+                slots.setdefault(child, []).append((parent, attr))
+    return slots
 
 
 def post_order(module: nn.Module) -> list[nn.Module]:

@@ -39,7 +39,14 @@ from fsdp_ac.names import (
     strip_prefix_on_save,
 )
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, offload_saved_tensors
-from fsdp_ac.policies import ModulePolicy, PolicySpec, _check_alignment, post_order, select_modules
+from fsdp_ac.policies import (
+    ModulePolicy,
+    PolicySpec,
+    _check_alignment,
+    parent_slots,
+    post_order,
+    select_modules,
+)
 from fsdp_ac.recompute import RecomputeRegion
 
 __all__ = [
@@ -418,12 +425,7 @@ def apply_activation_checkpointing(
     targets = select_modules(model, check_fn, auto_wrap_policy)
     _turn_off_hf_cache(model)
     names = {module: name for name, module in model.named_modules()}
-    parents: dict[nn.Module, list[tuple[nn.Module, str]]] = {}
-    for parent in post_order(model):
-        # _modules, not named_children(): a module shared by two slots must be wrapped in both.
-        for name, child in parent._modules.items():
-            if child is not None:
-                parents.setdefault(child, []).append((parent, name))
+    parents = parent_slots(model)
     for target in targets:
         wrapper = checkpoint_wrapper_fn(target)
         if isinstance(wrapper, ActivationWrapper) and target in names:
