@@ -219,13 +219,17 @@ def _dump_stacks(run_dir: Path, nproc: int) -> None:
 
 
 def _kill(agent: subprocess.Popen[bytes], run_dir: Path, nproc: int) -> None:
-    """Kills torchrun and each rank's session (compile workers and other children included)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(agent.pid, signal.SIGKILL)
-    agent.wait()
+    """Kills each rank's session (compile workers and other children included), then torchrun.
+
+    Ranks first: a rank exits by itself once torchrun is gone, and a rank that has exited can no
+    longer be told from a process that reused its pid, so its children would be left running.
+    """
     for pid in _rank_pids(run_dir, nproc):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(agent.pid, signal.SIGKILL)
+    agent.wait()
 
 
 def _read_json(path: Path) -> Any:
