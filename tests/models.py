@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 from torch import nn
+from torch.distributed.fsdp.wrap import (
+    CustomPolicy,
+    ModuleWrapPolicy,
+    lambda_auto_wrap_policy,
+    transformer_auto_wrap_policy,
+)
 
-from fsdp_ac.reference_model import GPTConfig
+from fsdp_ac.reference_model import GPTConfig, TransformerBlock
 
 SMALL_GPT = GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_heads=4, n_layers=2)
 
@@ -47,3 +56,32 @@ class TiedHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(self.embed(tokens)))
+
+
+WRAPPED_ATTRS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+"""Attributes under which activation wrappers and FSDP1 units hold the module they wrap."""
+
+
+def chain_of(module: nn.Module) -> str:
+    """Class names from the outermost wrapper (activation or FSDP1) down to the wrapped module."""
+    names = [type(module).__name__]
+    while attrs := [a for a in WRAPPED_ATTRS if a in module._modules]:
+        module = module._modules[attrs[0]]  # type: ignore[assignment]
+        names.append(type(module).__name__)
+    return ">".join(names)
+
+
+def block_policy_specs() -> dict[str, Any]:
+    """Ways every policy helper accepts to say "the transformer blocks", torch's forms included."""
+    return {
+        "class_set": {TransformerBlock},
+        "predicate": lambda m: isinstance(m, TransformerBlock),
+        "module_wrap_policy": ModuleWrapPolicy({TransformerBlock}),
+        "transformer_policy": functools.partial(
+            transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock}
+        ),
+        "lambda_policy": functools.partial(
+            lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(m, TransformerBlock)
+        ),
+        "custom_policy": CustomPolicy(lambda m: isinstance(m, TransformerBlock)),
+    }

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_models import tiny_llama
+from models import chain_of
 from torch import nn
 
 from fsdp_ac import (
@@ -21,8 +22,6 @@ from fsdp_ac import (
 )
 from fsdp_ac.plan import STRATEGIES
 from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
-
-WRAPPED_ATTRS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module")
 
 MIXED = {
     "layers.0": "full",
@@ -48,15 +47,6 @@ WRAPPERS_BY_STRATEGY = {
 def six_blocks() -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=32, max_seq_len=8, d_model=16, n_heads=2, n_layers=6))
-
-
-def chain_of(module: nn.Module) -> str:
-    """Class names from the outermost wrapper (activation or FSDP1) down to the wrapped module."""
-    names = [type(module).__name__]
-    while attrs := [a for a in WRAPPED_ATTRS if a in module._modules]:
-        module = module._modules[attrs[0]]  # type: ignore[assignment]
-        names.append(type(module).__name__)
-    return ">".join(names)
 
 
 def grads(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:

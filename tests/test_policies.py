@@ -10,15 +10,13 @@ from typing import Any
 import pytest
 import torch
 from hf_models import tiny_llama
-from models import SMALL_GPT
+from models import SMALL_GPT, block_policy_specs, chain_of
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 from torch.distributed.fsdp.wrap import (
     CustomPolicy,
     ModuleWrapPolicy,
-    lambda_auto_wrap_policy,
     size_based_auto_wrap_policy,
-    transformer_auto_wrap_policy,
 )
 
 from fsdp_ac import (
@@ -33,23 +31,13 @@ from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
 
 BLOCK_NAMES = ["layers.0", "layers.1"]
 CPU = torch.device("cpu")
-WRAPPED_ATTRS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module")
 
 SPECS: dict[str, Any] = {
+    **block_policy_specs(),
     "class": TransformerBlock,
-    "class_set": {TransformerBlock},
     "name": "TransformerBlock",
     "name_list": ["TransformerBlock"],
     "qualified_name": {"fsdp_ac.reference_model.TransformerBlock"},
-    "predicate": lambda m: isinstance(m, TransformerBlock),
-    "module_wrap_policy": ModuleWrapPolicy({TransformerBlock}),
-    "transformer_policy": functools.partial(
-        transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock}
-    ),
-    "lambda_policy": functools.partial(
-        lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(m, TransformerBlock)
-    ),
-    "custom_policy": CustomPolicy(lambda m: isinstance(m, TransformerBlock)),
     "module_policy": ModulePolicy({"TransformerBlock"}),
 }
 """Every way to say "the transformer blocks"."""
@@ -57,15 +45,6 @@ SPECS: dict[str, Any] = {
 
 def loss_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
-
-
-def chain_of(module: nn.Module) -> str:
-    """Class names from the outermost wrapper (activation or FSDP1) down to the wrapped module."""
-    names = [type(module).__name__]
-    while attrs := [a for a in WRAPPED_ATTRS if a in module._modules]:
-        module = module._modules[attrs[0]]  # type: ignore[assignment]
-        names.append(type(module).__name__)
-    return ">".join(names)
 
 
 def raw_layers(model: nn.Module) -> list[nn.Module]:

@@ -11,7 +11,6 @@ replays the same kernels on the same inputs, and both runs communicate the same 
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,15 +19,13 @@ import torch
 import torch.nn.functional as F
 from hf_models import tiny_llama
 from launcher import RankContext, run_on_ranks
+from models import block_policy_specs
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import (
     CustomPolicy,
-    ModuleWrapPolicy,
-    lambda_auto_wrap_policy,
-    transformer_auto_wrap_policy,
 )
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -49,17 +46,8 @@ CONFIG = GPTConfig(vocab_size=128, max_seq_len=16, d_model=64, n_heads=4, n_laye
 BATCH_PER_RANK = 2
 
 SPECS: dict[str, Any] = {
-    "class_set": {TransformerBlock},
+    **block_policy_specs(),
     "class_names": {"TransformerBlock"},
-    "predicate": lambda m: isinstance(m, TransformerBlock),
-    "module_wrap_policy": ModuleWrapPolicy({TransformerBlock}),
-    "transformer_policy": functools.partial(
-        transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock}
-    ),
-    "lambda_policy": functools.partial(
-        lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(m, TransformerBlock)
-    ),
-    "custom_policy": CustomPolicy(lambda m: isinstance(m, TransformerBlock)),
     # Reaches through a wrapper by attribute: torch's CustomPolicy alone matches wrapper and block.
     "custom_policy_hasattr": CustomPolicy(lambda m: hasattr(m, "attn")),
 }
