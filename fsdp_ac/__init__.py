@@ -11,7 +11,7 @@ from fsdp_ac.memory import ActivationMemoryMeter
 from fsdp_ac.names import clean_name, clean_state_dict
 from fsdp_ac.plan import ActivationPlan
 from fsdp_ac.policies import ModulePolicy, check_alignment, fully_shard_by_policy
-from fsdp_ac.recompute import is_recomputing
+from fsdp_ac.recompute import is_recomputing, replay_hook
 from fsdp_ac.selective import SelectiveCheckpoint
 from fsdp_ac.wrappers import (
     ActivationWrapper,
@@ -43,6 +43,7 @@ __all__ = [
     "is_recomputing",
     "offload_wrapper",
     "remove_activation_checkpointing",
+    "replay_hook",
     "unwrap",
 ]
 

@@ -1,47 +1,67 @@
-"""What happens when a checkpointed region runs again in backward, and how to keep it harmless.
+"""What happens when a checkpointed region runs again in backward: the replay rule.
 
-Recomputation replays a module's forward. Without care that replay has side effects a user never
-asked for: BatchNorm updates its running statistics twice, forward hooks fire twice, and a forward
-that depends on mutable state recomputes different tensors. :class:`RecomputeRegion` runs one call of
-a checkpointed module and makes the replay invisible:
+Recomputation replays a module's forward. The replay must compute exactly the values the forward
+computed, and nothing else should happen twice. :class:`RecomputeRegion` runs one call of a
+checkpointed module and applies one rule to everything the forward touched:
 
-- :func:`is_recomputing` tells user code that the current forward is a replay;
-- module buffers changed by the replay (running statistics, counters) are restored;
-- forward hooks and pre-hooks inside the region are skipped during the replay, except those of
-  torch's distributed states (FSDP2's all-gather hooks must run);
-- every tensor saved for backward is checked against the replay, and a mismatch raises
-  :class:`RecomputationMismatchError` naming the region and the likely cause;
-- with ``preserve_rng_state=False``, a random op in the region is refused unless allowed.
+**The replay rule.** Whatever can change a value runs again in the replay; whatever only observes runs
+once per step. The forward records, for each forward hook and pre-hook inside the region, whether that
+call changed a value: it returned something, bumped the version counter of a tensor it was given (an
+in-place edit of an input or output), or changed a tensor of its module (a parameter or buffer edited
+in place, a tensor attribute replaced, as ``weight_norm`` does). The replay calls exactly those hooks
+again, in the same order; hooks that only observed (returned nothing, changed nothing) are skipped.
+Hooks of ``torch.distributed`` (FSDP2 units, grouped ones included, tensor-parallel layouts,
+``distribute_module``) always run again, as in torch's wrapper, and so do hooks registered after the
+forward (torch's behaviour). :func:`replay_hook` overrides the rule for one hook in either direction.
+Buffers the forward mutated (version counter moved, or running statistics of a batch/instance norm in
+training, whose CPU kernels update without bumping the counter) are restored after the replay, so
+running statistics count each step once; other buffers are never copied. :func:`is_recomputing` is
+``True`` during the replay, for forward code that must act once per step. Under ``torch.compile`` the
+replay happens inside the compiled backward graph, which recomputes the traced ops (value-changing
+hooks included) and no Python side effects, so the same rule holds.
+
+Also, every tensor saved for backward is checked against the replay, and a mismatch raises
+:class:`RecomputationMismatchError` naming the region and the likely cause; with
+``preserve_rng_state=False``, a random op in the region is refused unless allowed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+import functools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.distributed._composable_state import _State
+from torch.nn.modules.batchnorm import _NormBase
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "RandomOpWithoutRngStateError",
     "RecomputationMismatchError",
     "RecomputeRegion",
+    "has_user_hooks",
     "is_recomputing",
+    "replay_hook",
 ]
 
 _RECOMPUTING: ContextVar[bool] = ContextVar("fsdp_ac_recomputing", default=False)
+
+_REPLAY_ATTR = "__fsdp_ac_replay__"
+
+_Hook = TypeVar("_Hook", bound=Callable[..., Any])
 
 
 def is_recomputing() -> bool:
     """Returns True while a checkpointed region replays its forward during backward.
 
-    Use it in forward code or hooks that must act once per training step, not once per execution.
+    Use it in forward code (or a hook marked with :func:`replay_hook`) that must act once per
+    training step, not once per execution.
 
     Example:
         >>> class Counter(nn.Module):
@@ -51,6 +71,202 @@ def is_recomputing() -> bool:
         ...         return x * 2
     """
     return _RECOMPUTING.get()
+
+
+class _MarkedHook:
+    """A callable that cannot carry an attribute itself (a bound method), with its replay mark."""
+
+    def __init__(self, hook: Callable[..., Any], replay: bool) -> None:
+        functools.update_wrapper(self, hook)
+        self.hook = hook
+        setattr(self, _REPLAY_ATTR, replay)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.hook(*args)
+
+
+def replay_hook(hook: _Hook, *, replay: bool = True) -> _Hook:
+    """Marks a forward hook or pre-hook to run again in every replay (``replay=True``) or never.
+
+    By default the replay runs exactly the hooks whose forward call changed a value (see the module
+    docstring). Mark a hook when that decision is wrong for it: ``replay=True`` for a hook whose
+    effect the replay needs although it returns nothing and edits no tensor (it sets a plain
+    attribute that the forward reads, say); ``replay=False`` for a hook that returns a value but
+    must act once per step (it returns its input unchanged while counting calls, say; its return
+    value is then not applied in the replay, so it must not change a value).
+
+    Args:
+        hook: The hook to register with ``register_forward_hook`` or ``register_forward_pre_hook``.
+        replay: Whether checkpointed regions call it again when they recompute in backward.
+
+    Returns:
+        ``hook`` itself, marked; a bound method (which cannot carry the mark) comes back wrapped.
+
+    Raises:
+        TypeError: ``hook`` is not callable.
+
+    Example:
+        >>> def scale(module, args, output):
+        ...     output.mul_(2)
+        >>> handle = block.register_forward_hook(replay_hook(scale, replay=True))
+    """
+    if not callable(hook):
+        raise TypeError(f"replay_hook marks a hook function, got {type(hook).__name__}: {hook!r}.")
+    try:
+        setattr(hook, _REPLAY_ATTR, replay)
+    except (AttributeError, TypeError):
+        return _MarkedHook(hook, replay)  # type: ignore[return-value]
+    return hook
+
+
+def _is_framework_hook(hook: Callable[..., Any]) -> bool:
+    """Hooks of torch's distributed stack (FSDP2, tensor parallel) behave as in torch's wrapper.
+
+    They are recognised by where they are defined, looking through ``functools.wraps`` and
+    ``functools.partial`` layers (FSDP2 wraps the hooks of a grouped unit), or by being bound to a
+    composable distributed state.
+    """
+    fn: Any = hook
+    for _ in range(8):
+        if isinstance(getattr(fn, "__self__", None), _State):
+            return True
+        if (getattr(fn, "__module__", None) or "").startswith("torch.distributed"):
+            return True
+        fn = getattr(fn, "__wrapped__", None) or getattr(fn, "func", None)
+        if fn is None:
+            return False
+    return False
+
+
+def _mark(hook: Callable[..., Any]) -> bool | None:
+    """``True``/``False``: the hook always/never runs in the replay; ``None``: its forward call decides."""
+    marked = getattr(hook, _REPLAY_ATTR, None)
+    if marked is not None:
+        return bool(marked)
+    return True if _is_framework_hook(hook) else None
+
+
+def has_user_hooks(root: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook inside ``root`` is not one of ``torch.distributed``'s.
+
+    Under ``torch.compile`` such a region runs eagerly (see ``CheckpointWrapper.forward``); written so
+    that Dynamo evaluates it while tracing, guarded on the hooks like any module attribute.
+    """
+    for module in _submodules(root):
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for hook in hooks.values():
+                if not _is_framework_hook(hook):
+                    return True
+    return False
+
+
+def _versions(values: Iterable[Any]) -> list[int]:
+    return [
+        t._version for t in tree_leaves(list(values)) if isinstance(t, torch.Tensor) and not t.is_inference()
+    ]
+
+
+def _module_state(module: nn.Module) -> list[int]:
+    """What a hook can change on its module: tensor versions, and which tensors its attributes hold."""
+    state = [t._version for t in module._parameters.values() if t is not None and not t.is_inference()]
+    state += [t._version for t in module._buffers.values() if t is not None and not t.is_inference()]
+    state += [id(v) for v in module.__dict__.values() if isinstance(v, torch.Tensor)]
+    return state
+
+
+_HookKey = tuple[int, int]
+"""A hook's place: the id of the hooks dict that holds it and its handle id there."""
+
+
+class _Recorder:
+    """Stands in for a hook during the forward and records whether each call changed a value."""
+
+    __slots__ = ("hook", "key", "log")
+
+    def __init__(self, hook: Callable[..., Any], key: _HookKey, log: dict[_HookKey, list[bool]]) -> None:
+        self.hook = hook
+        self.key = key
+        self.log = log
+
+    def __call__(self, module: nn.Module, *args: Any) -> Any:
+        before = _versions(args), _module_state(module)
+        result = self.hook(module, *args)
+        changed = result is not None or (_versions(args), _module_state(module)) != before
+        self.log.setdefault(self.key, []).append(changed)
+        return result
+
+
+class _Replayer:
+    """Stands in for a hook during the replay: calls it where the forward's call changed a value."""
+
+    __slots__ = ("decisions", "hook")
+
+    def __init__(self, hook: Callable[..., Any], decisions: Iterable[bool]) -> None:
+        self.hook = hook
+        self.decisions = deque(decisions)
+
+    def __call__(self, *args: Any) -> Any:
+        # A call the forward did not make (the replay calls a module more often) runs, as in torch.
+        if self.decisions and not self.decisions.popleft():
+            return None
+        return self.hook(*args)
+
+
+def _skip(*args: Any) -> None:
+    """Stands in for a hook marked ``replay=False`` during the replay."""
+    del args
+
+
+def _hook_dicts(modules: Iterable[nn.Module]) -> Iterator[dict[int, Callable[..., Any]]]:
+    for module in modules:
+        if module._forward_pre_hooks:
+            yield module._forward_pre_hooks
+        if module._forward_hooks:
+            yield module._forward_hooks
+
+
+@contextlib.contextmanager
+def _swapped_hooks(
+    hook_dicts: list[dict[int, Callable[..., Any]]],
+    stand_in: Callable[[dict[int, Callable[..., Any]], int, Callable[..., Any]], Callable[..., Any] | None],
+) -> Iterator[None]:
+    """Replaces hooks in place (same dicts, same handle ids, so flags and handles keep working)."""
+    swapped: list[tuple[dict[int, Callable[..., Any]], int, Callable[..., Any], Callable[..., Any]]] = []
+    try:
+        for hooks in hook_dicts:
+            for handle_id, hook in list(hooks.items()):
+                replacement = stand_in(hooks, handle_id, hook)
+                if replacement is not None:
+                    hooks[handle_id] = replacement
+                    swapped.append((hooks, handle_id, hook, replacement))
+        yield
+    finally:
+        for hooks, handle_id, hook, replacement in swapped:
+            # A hook removed through its handle meanwhile stays removed.
+            if hooks.get(handle_id) is replacement:
+                hooks[handle_id] = hook
+
+
+def _submodules(root: nn.Module) -> list[nn.Module]:
+    """``list(root.modules())`` without the generator machinery: this runs on every call."""
+    found = [root]
+    seen = {id(root)}
+    for module in found:
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+    return found
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _running_statistics(module: nn.Module) -> list[torch.Tensor]:
+    """Buffers a norm layer updates in training, which CPU kernels do without bumping their version."""
+    if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+        return [b for b in (module.running_mean, module.running_var) if b is not None]
+    return []
 
 
 class RecomputationMismatchError(RuntimeError):
@@ -63,10 +279,10 @@ class RandomOpWithoutRngStateError(RuntimeError):
 
 _LIKELY_CAUSES = (
     "Likely cause: the region's forward depends on state that changed between forward and backward "
-    "(a module attribute or global flag set after the forward, a buffer the forward updates, "
-    "torch.is_grad_enabled() or autocast differing, or random ops with preserve_rng_state=False). "
-    "Make the forward a pure function of its inputs and parameters, or use fsdp_ac.is_recomputing() "
-    "to keep one-time logic out of the replay."
+    "(a module attribute or global flag set after the forward, a buffer the forward updates, a hook "
+    "marked replay_hook(..., replay=False) that changes a value, torch.is_grad_enabled() or autocast "
+    "differing, or random ops with preserve_rng_state=False). Make the forward a pure function of its "
+    "inputs and parameters, or use fsdp_ac.is_recomputing() to keep one-time logic out of the replay."
 )
 
 
@@ -74,71 +290,86 @@ class _SavedTensorAudit:
     """Saved-tensor hooks layered over torch's checkpoint hooks that compare forward and replay.
 
     Pushed inside the checkpointed function, they delegate every pack and unpack to the hooks torch's
-    checkpoint installed, so checkpointing behaves exactly as without them.
+    checkpoint installed, so checkpointing behaves exactly as without them. The wrapper turns torch's
+    own metadata check off when this audit runs, so each saved tensor is checked once.
     """
+
+    __slots__ = ("check_values", "metadata", "position", "region_name", "values")
 
     def __init__(self, region_name: str, check_values: bool) -> None:
         self.region_name = region_name
         self.check_values = check_values
         self.metadata: list[tuple[Any, ...]] = []
         self.values: list[torch.Tensor] = []
+        self.position = 0
 
-    @staticmethod
-    def _meta(tensor: torch.Tensor) -> tuple[Any, ...]:
-        return (tuple(tensor.shape), tensor.dtype, tensor.device, tensor.layout)
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
+    def recording(self) -> contextlib.AbstractContextManager[Any]:
+        """Hooks that record the metadata (and values, if checked) of each tensor the forward saves."""
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if outer is None:  # not under torch's non-reentrant checkpoint: nothing to audit
-            yield
-            return
+            return contextlib.nullcontext()
         outer_pack, outer_unpack = outer
+        metadata, values, check_values = self.metadata, self.values, self.check_values
 
         def pack(tensor: torch.Tensor) -> Any:
-            self.metadata.append(self._meta(tensor))
-            if self.check_values:
-                self.values.append(tensor.detach().clone())
+            metadata.append((tensor.shape, tensor.dtype, tensor.device, tensor.layout))
+            if check_values:
+                values.append(tensor.detach().clone())
             return outer_pack(tensor)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, outer_unpack):
-            yield
+        return torch.autograd.graph.saved_tensors_hooks(pack, outer_unpack)
 
-    @contextlib.contextmanager
-    def comparing(self) -> Iterator[None]:
+    def comparing(self) -> contextlib.AbstractContextManager[Any]:
+        """Hooks that compare each tensor the replay saves with the forward's; see :meth:`check_count`."""
+        self.position = 0
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if outer is None or not self.metadata:
-            yield
-            return
+            self.position = len(self.metadata)
+            return contextlib.nullcontext()
         outer_pack, outer_unpack = outer
-        position = 0
 
         def pack(tensor: torch.Tensor) -> Any:
-            nonlocal position
-            index, position = position, position + 1
+            index = self.position
+            self.position += 1
             if index >= len(self.metadata):
                 raise RecomputationMismatchError(
                     f"Checkpointed region '{self.region_name}' saved more tensors when recomputed in "
                     f"backward than in forward ({len(self.metadata)}). {_LIKELY_CAUSES}"
                 )
-            meta = self._meta(tensor)
+            meta = (tensor.shape, tensor.dtype, tensor.device, tensor.layout)
             if meta != self.metadata[index]:
                 raise RecomputationMismatchError(
                     f"Checkpointed region '{self.region_name}' recomputed a different tensor in "
                     f"backward: saved tensor #{index} was (shape, dtype, device, layout) = "
-                    f"{self.metadata[index]} in forward and {meta} in the recomputation. {_LIKELY_CAUSES}"
+                    f"{_describe(self.metadata[index])} in forward and {_describe(meta)} in the "
+                    f"recomputation. {_LIKELY_CAUSES}"
                 )
             if self.check_values and not torch.equal(tensor.detach(), self.values[index]):
                 diff = (tensor.detach().double() - self.values[index].double()).abs().max().item()
                 raise RecomputationMismatchError(
                     f"Checkpointed region '{self.region_name}' recomputed different values in "
-                    f"backward: saved tensor #{index} {meta[:2]} differs by up to {diff:g} from forward. "
-                    f"{_LIKELY_CAUSES}"
+                    f"backward: saved tensor #{index} {_describe(meta[:2])} differs by up to {diff:g} "
+                    f"from forward. {_LIKELY_CAUSES}"
                 )
             return outer_pack(tensor)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, outer_unpack):
-            yield
+        return torch.autograd.graph.saved_tensors_hooks(pack, outer_unpack)
+
+    def check_count(self) -> None:
+        """Raises if a replay that ran to its end saved fewer tensors than the forward.
+
+        torch's early stop ends a replay at its last saved tensor, so a replay reaches its end only
+        when it saved fewer (or, with early stop off, exactly as many).
+        """
+        if self.position < len(self.metadata):
+            raise RecomputationMismatchError(
+                f"Checkpointed region '{self.region_name}' saved fewer tensors when recomputed in "
+                f"backward ({self.position}) than in forward ({len(self.metadata)}). {_LIKELY_CAUSES}"
+            )
+
+
+def _describe(meta: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(tuple(m) if isinstance(m, torch.Size) else m for m in meta)
 
 
 class _RandomOpGuard(TorchDispatchMode):
@@ -165,77 +396,108 @@ class _RandomOpGuard(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _is_framework_hook(hook: Callable[..., Any]) -> bool:
-    """Hooks of torch's distributed states (FSDP2's all-gather) must run in the replay too."""
-    return isinstance(getattr(hook, "__self__", None), _State)
-
-
-@contextlib.contextmanager
-def _without_user_hooks(modules: list[nn.Module]) -> Iterator[None]:
-    saved: list[tuple[nn.Module, str, Any]] = []
-    try:
-        for module in modules:
-            for attr in ("_forward_pre_hooks", "_forward_hooks"):
-                hooks = getattr(module, attr)
-                if hooks:
-                    saved.append((module, attr, hooks))
-                    kept = OrderedDict((k, h) for k, h in hooks.items() if _is_framework_hook(h))
-                    object.__setattr__(module, attr, kept)
-        yield
-    finally:
-        for module, attr, hooks in saved:
-            object.__setattr__(module, attr, hooks)
-
-
-@contextlib.contextmanager
-def _restoring_buffers(module: nn.Module) -> Iterator[None]:
-    # Every buffer is restored, not only those whose version moved: some kernels (CPU batch norm)
-    # update running statistics without bumping the version counter.
-    snapshot = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in snapshot:
-                # .data writes without bumping the version autograd checks saved tensors against.
-                buffer.data.copy_(value)
-
-
-@dataclasses.dataclass
 class RecomputeRegion:
     """One call of a checkpointed module: its original forward, then any replays in backward.
+
+    The forward records which hooks changed a value and which buffers it mutated; each replay applies
+    the replay rule (module docstring) to them.
 
     Args:
         module: The checkpointed module.
         name: The region's name in messages (its qualified name in the model where known).
         guard_random_ops: Refuse random ops in the original forward (RNG state not preserved).
-        check_values: Also compare the values of saved tensors (a debugging aid; costs a copy).
+        audit: Compare the metadata of the tensors the replay saves with the forward's.
+        check_values: Also compare their values (a debugging aid; costs a copy of each).
     """
 
-    module: nn.Module
-    name: str
-    guard_random_ops: bool = False
-    check_values: bool = False
-    calls: int = 0
-    audit: _SavedTensorAudit = dataclasses.field(init=False)
+    __slots__ = (
+        "__weakref__",
+        "_audit",
+        "_hook_log",
+        "_modules",
+        "_mutated_buffers",
+        "calls",
+        "guard_random_ops",
+        "module",
+        "name",
+    )
 
-    def __post_init__(self) -> None:
-        self.audit = _SavedTensorAudit(self.name, self.check_values)
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        *,
+        guard_random_ops: bool = False,
+        audit: bool = True,
+        check_values: bool = False,
+    ) -> None:
+        self.module = module
+        self.name = name
+        self.guard_random_ops = guard_random_ops
+        self.calls = 0
+        self._audit = _SavedTensorAudit(name, check_values) if audit or check_values else None
+        self._hook_log: dict[_HookKey, list[bool]] = {}
+        self._mutated_buffers: list[torch.Tensor] = []
+        self._modules: list[nn.Module] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the module: the first call is the forward, every later call a replay."""
         self.calls += 1
         if self.calls == 1:
-            guard = _RandomOpGuard(self.name) if self.guard_random_ops else contextlib.nullcontext()
-            with self.audit.recording(), guard:
-                return self.module(*args, **kwargs)
+            return self._forward(args, kwargs)
         token = _RECOMPUTING.set(True)
         try:
-            with (
-                _restoring_buffers(self.module),
-                _without_user_hooks(list(self.module.modules())),
-                self.audit.comparing(),
-            ):
-                return self.module(*args, **kwargs)
+            return self._replay(args, kwargs)
         finally:
             _RECOMPUTING.reset(token)
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        modules = self._modules = _submodules(self.module)
+        buffers = [(b, b._version) for m in modules for b in m._buffers.values() if b is not None]
+        hook_dicts = list(_hook_dicts(modules))
+        audit = self._audit.recording() if self._audit is not None else _NO_CONTEXT
+        guard = _RandomOpGuard(self.name) if self.guard_random_ops else _NO_CONTEXT
+        hooks = _swapped_hooks(hook_dicts, self._recorder) if hook_dicts else _NO_CONTEXT
+        with audit, guard, hooks:
+            output = self.module(*args, **kwargs)
+        mutated = {id(b): b for b, version in buffers if b._version != version}
+        for module in modules:
+            mutated.update((id(b), b) for b in _running_statistics(module))
+        self._mutated_buffers = list(mutated.values())
+        return output
+
+    def _recorder(
+        self, hooks: dict[int, Callable[..., Any]], handle_id: int, hook: Callable[..., Any]
+    ) -> Callable[..., Any] | None:
+        if _mark(hook) is not None:
+            return None
+        return _Recorder(hook, (id(hooks), handle_id), self._hook_log)
+
+    def _replayer(
+        self, hooks: dict[int, Callable[..., Any]], handle_id: int, hook: Callable[..., Any]
+    ) -> Callable[..., Any] | None:
+        mark = _mark(hook)
+        if mark is not None:
+            return None if mark else _skip
+        decisions = self._hook_log.get((id(hooks), handle_id))
+        if decisions is None or all(decisions):
+            return None  # registered after the forward, or changed a value on every call: it runs
+        return _Replayer(hook, decisions)
+
+    def _replay(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # Restore what the replay mutates again, so each step updates running statistics once.
+        snapshot = [(b, b.detach().clone()) for b in self._mutated_buffers]
+        try:
+            hook_dicts = list(_hook_dicts(self._modules))
+            hooks = _swapped_hooks(hook_dicts, self._replayer) if hook_dicts else _NO_CONTEXT
+            audit = self._audit.comparing() if self._audit is not None else _NO_CONTEXT
+            with hooks, audit:
+                output = self.module(*args, **kwargs)
+            if self._audit is not None:
+                self._audit.check_count()
+            return output
+        finally:
+            with torch.no_grad():
+                for buffer, value in snapshot:
+                    # .data writes without bumping the version autograd checks saved tensors against.
+                    buffer.data.copy_(value)

@@ -47,7 +47,7 @@ from fsdp_ac.policies import (
     post_order,
     select_modules,
 )
-from fsdp_ac.recompute import RecomputeRegion
+from fsdp_ac.recompute import RecomputeRegion, has_user_hooks
 
 __all__ = [
     "ActivationWrapper",
@@ -99,8 +99,7 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
     """Public attributes that belong to the wrapper itself; every other public one is forwarded."""
 
     def __init__(self, mod: nn.Module) -> None:
-        if not isinstance(mod, nn.Module):
-            raise TypeError(f"Activation wrappers wrap an nn.Module, got {type(mod).__name__}.")
+        _require_module(mod, type(self).__name__)
         # torch's base __init__ registers hooks that double the prefix on legacy keys; ours replace them.
         nn.Module.__init__(self)
         nn.Module.__setattr__(self, WRAPPED_MODULE_ATTR, mod)
@@ -231,36 +230,67 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
         else:
             self.checkpoint_fn = partial(checkpoint_fn, **checkpoint_fn_kwargs)
         self._uses_torch_reentrant = checkpoint_fn is None and checkpoint_impl == CheckpointImpl.REENTRANT
+        # torch's non-reentrant checkpoint, unless the user chose its determinism check themselves.
+        self._audit_saved_tensors = (
+            checkpoint_fn is None
+            and checkpoint_impl == CheckpointImpl.NO_REENTRANT
+            and "determinism_check" not in checkpoint_fn_kwargs
+        )
         self._checked_first_forward = False
         self._last_region: weakref.ref[RecomputeRegion] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Runs the wrapped module under the checkpoint function (directly in eval or no-grad)."""
+        """Runs the wrapped module under the checkpoint function (directly when autograd is off).
+
+        Like torch's wrapper, every call that autograd records is checkpointed, in eval mode too (RL
+        and LoRA runs call ``.eval()`` to turn dropout off and still backpropagate); calls under
+        ``torch.no_grad()`` or ``torch.inference_mode()`` save nothing, so they run the module directly.
+        """
         wrapped: nn.Module = getattr(self, WRAPPED_MODULE_ATTR)
-        if not (self.training and torch.is_grad_enabled()):
+        if not torch.is_grad_enabled():
             return wrapped(*args, **kwargs)
         if torch.compiler.is_compiling():
-            # Under compile the replay happens inside the compiled backward graph: no Python hooks or
-            # buffer updates run twice, and RecomputeRegion's bookkeeping would break the graph.
+            if has_user_hooks(wrapped):
+                # The compiled backward recomputes traced ops but replays no Python side effects, so
+                # only an eager region applies the replay rule to these hooks (one graph break).
+                return _checkpoint_eagerly(self, wrapped, args, kwargs)
+            # Without user hooks the replay happens inside the compiled backward graph; the region's
+            # bookkeeping would break the graph.
             if self._uses_torch_reentrant:
                 return _reentrant_call(self.checkpoint_fn, wrapped, args, kwargs)
             return self.checkpoint_fn(wrapped, *args, **kwargs)
+        return self._checkpoint(wrapped, args, kwargs)
+
+    def _checkpoint(self, wrapped: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The eager path: one :class:`RecomputeRegion` per call applies the replay rule."""
         if not self._checked_first_forward:
             _refuse_hf_gradient_checkpointing(wrapped, self.region_name)
             self._checked_first_forward = True
+        _refuse_stateful_cache(self.region_name, args, kwargs)
         region = RecomputeRegion(
             wrapped,
             self.region_name,
             guard_random_ops=not self.checkpoint_fn.keywords.get("preserve_rng_state", True)
             and not self.allow_rng_divergence,
+            audit=self._audit_saved_tensors,
             check_values=self.check_recomputed_values,
         )
-        _refuse_stateful_cache(self.region_name, args, kwargs)
         if self._uses_torch_reentrant:
             _refuse_unsupported_ddp(self)
             self._last_region = weakref.ref(region)
             return _reentrant_call(self.checkpoint_fn, region, args, kwargs)
+        if self._audit_saved_tensors:
+            # The region's audit checks each saved tensor's metadata and names the region on a
+            # mismatch; torch's own check of the same metadata would only repeat the work.
+            return self.checkpoint_fn(region, *args, determinism_check="none", **kwargs)
         return self.checkpoint_fn(region, *args, **kwargs)
+
+
+@torch._dynamo.disable  # type: ignore[untyped-decorator]
+def _checkpoint_eagerly(
+    wrapper: CheckpointWrapper, wrapped: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    return wrapper._checkpoint(wrapped, args, kwargs)
 
 
 class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
@@ -338,6 +368,7 @@ def checkpoint_wrapper(
         >>> [name for name, _ in block.named_parameters()]
         ['weight', 'bias']
     """
+    _require_module(module, "checkpoint_wrapper")
     existing = _find_in_wrapper_chain(module, _torch_wrappers.CheckpointWrapper)
     if existing is not None:
         return _reuse_checkpoint_wrapper(
@@ -380,6 +411,7 @@ def offload_wrapper(
         >>> block = offload_wrapper(nn.Linear(8, 8))
         >>> block(torch.randn(2, 8)).sum().backward()
     """
+    _require_module(module, "offload_wrapper")
     if isinstance(module, _torch_wrappers.OffloadWrapper):
         return module
     return OffloadWrapper(module, pin_memory=pin_memory, min_offload_bytes=min_offload_bytes)
@@ -421,6 +453,7 @@ def apply_activation_checkpointing(
         >>> [name for name, _ in model.named_parameters()]
         ['0.weight', '0.bias', '2.weight', '2.bias']
     """
+    _require_module(model, "apply_activation_checkpointing")
     _refuse_hf_gradient_checkpointing(model, type(model).__name__)
     targets = select_modules(model, check_fn, auto_wrap_policy)
     _turn_off_hf_cache(model)
@@ -482,6 +515,25 @@ def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
                         )
                 nn.Module.__setattr__(parent, name, unwrap(child))
     return unwrap(model)
+
+
+def _require_module(value: Any, caller: str) -> None:
+    """Raises a ``TypeError`` that says what was passed instead of a module instance, and the fix."""
+    if isinstance(value, nn.Module):
+        return
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        got, fix = f"the class {value.__name__}", f"pass an instance, e.g. {caller}({value.__name__}(...))"
+    elif isinstance(value, torch.Tensor):
+        got, fix = "a Tensor", "pass the module that computes it"
+    elif callable(value):
+        got = f"the callable {getattr(value, '__qualname__', type(value).__name__)}"
+        if "offload" in caller.lower():
+            fix = "to offload a function's activations, run it under torch.autograd.graph.save_on_cpu()"
+        else:
+            fix = "to checkpoint a function, call torch.utils.checkpoint.checkpoint(fn, *args)"
+    else:
+        got, fix = f"{type(value).__name__} {value!r:.60}", "pass the nn.Module to wrap"
+    raise TypeError(f"{caller} takes an nn.Module instance, got {got}: {fix}.")
 
 
 def _wrapper_chain(module: nn.Module) -> list[_TorchActivationWrapper]:

@@ -13,6 +13,7 @@ from torch.distributed.fsdp.wrap import (
     lambda_auto_wrap_policy,
     transformer_auto_wrap_policy,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsdp_ac.reference_model import GPTConfig, TransformerBlock
 
@@ -85,3 +86,23 @@ def block_policy_specs() -> dict[str, Any]:
         ),
         "custom_policy": CustomPolicy(lambda m: isinstance(m, TransformerBlock)),
     }
+
+
+class ForwardOpsInBackward(TorchDispatchMode):
+    """Counts the forward operators (``addmm``: a ``Linear`` with bias) that run inside the mode.
+
+    Entered around ``backward()``: without checkpointing a ``Linear``'s backward runs ``mm`` and
+    ``sum`` only, so every ``addmm`` counted there is a recomputed forward. A wrapper that
+    checkpointed nothing would count zero.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if func is torch.ops.aten.addmm.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

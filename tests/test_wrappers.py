@@ -65,7 +65,7 @@ def test_bad_arguments_raise_with_the_fix() -> None:
         checkpoint_wrapper(nn.Linear(2, 2), "no_reentrant")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="instead of use_reentrant"):
         checkpoint_wrapper(nn.Linear(2, 2), use_reentrant=False)
-    with pytest.raises(TypeError, match=r"wrap an nn\.Module"):
+    with pytest.raises(TypeError, match=r"takes an nn\.Module instance"):
         CheckpointWrapper(lambda x: x)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="min_offload_bytes"):
         offload_wrapper(nn.Linear(2, 2), min_offload_bytes=-1)
