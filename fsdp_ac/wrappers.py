@@ -12,8 +12,10 @@ What differs:
   are the unwrapped model's; state dicts are saved with clean keys and load from clean or legacy keys.
 - Correctness by default: reentrant checkpointing trains a region whose inputs need no gradient, takes
   any nesting of tensors in and out, and is refused under DDP where DDP cannot support it; the replay
-  in backward does not update buffers or fire user hooks a second time; a random op with
-  ``preserve_rng_state=False`` is refused; a replay that differs from the forward names the region.
+  in backward recomputes what the forward computed (value-changing, tensor-parallel and FSDP2 hooks
+  run again) while observing hooks and buffer updates happen once per step (the replay rule,
+  :mod:`fsdp_ac.recompute`); a random op with ``preserve_rng_state=False`` is refused; a replay that
+  differs from the forward names the region.
 - Wrapping is idempotent and undoable (:func:`unwrap`, :func:`remove_activation_checkpointing`).
 """
 
@@ -177,8 +179,10 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
 class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
     """Recomputes the wrapped module's activations in backward instead of saving them.
 
-    Use it through :func:`checkpoint_wrapper` or :func:`apply_activation_checkpointing`. Calls in
-    eval mode or under ``torch.no_grad()`` run the module directly, without checkpointing.
+    Use it through :func:`checkpoint_wrapper` or :func:`apply_activation_checkpointing`. Every call
+    autograd records is checkpointed, in eval mode too; calls under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` run the module directly. The replay follows the replay rule of
+    :mod:`fsdp_ac.recompute`.
 
     Args:
         mod: The module to wrap.
@@ -359,7 +363,8 @@ def checkpoint_wrapper(
         A :class:`CheckpointWrapper` around ``module``, or ``module`` if it is checkpointed already.
 
     Raises:
-        TypeError: See :class:`CheckpointWrapper`.
+        TypeError: ``module`` is not an ``nn.Module`` instance (the message says what it is), or
+            see :class:`CheckpointWrapper`.
         ValueError: ``module`` is checkpointed already with other settings, or has Hugging Face
             gradient checkpointing enabled.
 
@@ -405,6 +410,7 @@ def offload_wrapper(
         An :class:`OffloadWrapper` around ``module``, or ``module`` if it is one already.
 
     Raises:
+        TypeError: ``module`` is not an ``nn.Module`` instance (the message says what it is).
         ValueError: ``min_offload_bytes`` is negative.
 
     Example:
@@ -443,6 +449,7 @@ def apply_activation_checkpointing(
             FSDP units and AC regions that coincide.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module`` instance (the message says what it is).
         TypeError: ``auto_wrap_policy`` is of none of those kinds.
         ValueError: The policy or ``check_fn`` matches no submodule (the message lists the model's
             module classes), or the model has Hugging Face gradient checkpointing enabled.
