@@ -234,11 +234,13 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
         else:
             self.checkpoint_fn = partial(checkpoint_fn, **checkpoint_fn_kwargs)
         self._uses_torch_reentrant = checkpoint_fn is None and checkpoint_impl == CheckpointImpl.REENTRANT
-        # torch's non-reentrant checkpoint, unless the user chose its determinism check themselves.
-        self._audit_saved_tensors = (
-            checkpoint_fn is None
+        # The region's audit checks saved tensors unless the user chose torch's check themselves;
+        # with torch's non-reentrant checkpoint it replaces torch's check of the same metadata.
+        self._audit_saved_tensors = "determinism_check" not in checkpoint_fn_kwargs
+        self._replaces_torch_check = (
+            self._audit_saved_tensors
+            and checkpoint_fn is None
             and checkpoint_impl == CheckpointImpl.NO_REENTRANT
-            and "determinism_check" not in checkpoint_fn_kwargs
         )
         self._checked_first_forward = False
         self._last_region: weakref.ref[RecomputeRegion] | None = None
@@ -283,7 +285,7 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
             _refuse_unsupported_ddp(self)
             self._last_region = weakref.ref(region)
             return _reentrant_call(self.checkpoint_fn, region, args, kwargs)
-        if self._audit_saved_tensors:
+        if self._replaces_torch_check:
             # The region's audit checks each saved tensor's metadata and names the region on a
             # mismatch; torch's own check of the same metadata would only repeat the work.
             return self.checkpoint_fn(region, *args, determinism_check="none", **kwargs)
