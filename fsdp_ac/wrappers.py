@@ -81,6 +81,8 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
 
     Raises:
         TypeError: ``mod`` is not an ``nn.Module``.
+        ValueError: ``mod`` is an FSDP1 unit and this torch's DCP cannot be adapted to restore the
+            nesting (see :func:`fsdp_ac.dcp.adapt_dcp_names`).
     """
 
     region_name: str
@@ -109,16 +111,20 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
         self.register_load_state_dict_pre_hook(restore_prefix_on_load)
         self.register_load_state_dict_post_hook(clean_load_report)
         self.region_name = type(mod).__name__
+        _adapt_dcp_to_fsdp1_inside(self, mod)
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Sets public attributes the wrapper does not own on the wrapped module.
 
+        FSDP1's auto-wrap replaces the wrapped module by its FSDP unit through here (AC applied
+        before FSDP1 gives ``CheckpointWrapper(FSDP(block))``); DCP then needs
+        :func:`fsdp_ac.dcp.adapt_dcp_names` to restore the nesting's optimizer state.
+
         Raises:
-            ValueError: FSDP1's auto-wrap is putting an FSDP unit inside this wrapper, a nesting
-                whose optimizer state torch's DCP cannot load.
+            ValueError: See :func:`fsdp_ac.dcp.adapt_dcp_names`.
         """
         if name == WRAPPED_MODULE_ATTR and name in self._modules:
-            _refuse_fsdp1_inside(self, value)
+            _adapt_dcp_to_fsdp1_inside(self, value)
         own = (
             name.startswith("_")
             or name in self._WRAPPER_ATTRIBUTES
@@ -607,24 +613,14 @@ def _turn_off_hf_cache(model: nn.Module) -> None:
         )
 
 
-def _refuse_fsdp1_inside(wrapper: ActivationWrapper, module: Any) -> None:
-    """``CheckpointWrapper(FSDP(block))`` trains, but its checkpoints cannot be restored.
-
-    torch's DCP maps optimizer state by names it walks through the model; it strips the wrapper's
-    segment first and then reaches the FSDP unit through attribute forwarding, so it never sees the
-    unit as FSDP's and reports "Missing optimizer state" on load. ``FSDP(CheckpointWrapper(block))``
-    has none of that, and :class:`fsdp_ac.ModulePolicy` chooses it in either order of application.
-    """
+def _adapt_dcp_to_fsdp1_inside(wrapper: ActivationWrapper, module: Any) -> None:
+    """``CheckpointWrapper(FSDP(block))`` trains; DCP restores its optimizer state once adapted."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if isinstance(module, FullyShardedDataParallel):
-        raise ValueError(
-            f"FSDP1's auto-wrap is placing an FSDP unit inside the activation wrapper around "
-            f"'{wrapper.region_name}', giving CheckpointWrapper(FSDP(block)): torch's DCP cannot load "
-            "optimizer state saved from that nesting ('Missing optimizer state'). Pass "
-            "auto_wrap_policy=fsdp_ac.ModulePolicy(<your block classes>) to FSDP, which makes the unit "
-            "around the wrapper, or apply activation checkpointing after FSDP."
-        )
+        from fsdp_ac.dcp import adapt_dcp_names
+
+        adapt_dcp_names(wrapper.region_name)
 
 
 def _refuse_nested_wrappers_in_flat_unit(parent: nn.Module, wrapper: nn.Module, target: nn.Module) -> None:

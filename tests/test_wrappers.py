@@ -240,22 +240,25 @@ def test_fsdp2_shards_our_wrappers_like_torchs(
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
-def test_fsdp1_unit_inside_a_wrapper_is_refused_and_fsdp_ac_policy_nests_it_outside(
+def test_fsdp1_auto_wrap_after_ac_nests_the_unit_inside_and_fsdp_ac_policy_nests_it_outside(
     single_rank_group: None, gpt: GPT
 ) -> None:
-    """CheckpointWrapper(FSDP(block)) trains, but DCP cannot load its optimizer state: refused."""
+    """torch's recipe (AC, then FSDP1 with ModuleWrapPolicy) is accepted: CheckpointWrapper(FSDP(block)).
+
+    tests/test_dcp.py checks that DCP restores it; fsdp_ac.ModulePolicy wraps the checkpoint wrapper.
+    """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    model = copy.deepcopy(gpt)
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
-    with pytest.raises(ValueError, match=r"CheckpointWrapper\(FSDP\(block\)\).*fsdp_ac\.ModulePolicy"):
-        FSDP(model, auto_wrap_policy=ModuleWrapPolicy({TransformerBlock}), device_id=torch.device("cpu"))
-    model = copy.deepcopy(gpt)
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
-    sharded = FSDP(
-        model, auto_wrap_policy=fsdp_ac.ModulePolicy({TransformerBlock}), device_id=torch.device("cpu")
-    )
-    layer = sharded.module.layers[0]
+    def ac_then_fsdp1(policy: object) -> nn.Module:
+        model = copy.deepcopy(gpt)
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
+        return FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+
+    layer = ac_then_fsdp1(ModuleWrapPolicy({TransformerBlock})).module.layers[0]
+    assert isinstance(layer, CheckpointWrapper) and layer.region_name == "layers.0"
+    assert isinstance(layer._checkpoint_wrapped_module, FSDP)
+    assert isinstance(layer._checkpoint_wrapped_module.module, TransformerBlock)
+    layer = ac_then_fsdp1(fsdp_ac.ModulePolicy({TransformerBlock})).module.layers[0]
     assert isinstance(layer, FSDP) and isinstance(layer.module, TransformerBlock)
     assert isinstance(layer._fsdp_wrapped_module, CheckpointWrapper)
 

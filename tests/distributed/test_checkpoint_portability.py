@@ -2,20 +2,20 @@
 
 Every configuration (:data:`CONFIGURATIONS`: no parallel wrapper, DDP, FSDP1 with and without
 ``use_orig_params``, FSDP2; no AC, AC before and AC after the parallel wrapper; FSDP1 with
-``fsdp_ac.ModulePolicy``; FSDP2 with offload around checkpoint) trains the reference GPT for two Adam
-steps and saves its model and optimizer state with ``torch.distributed.checkpoint`` (DCP), through
-``get_model_state_dict`` and ``get_optimizer_state_dict``. Then every configuration, the source's own
-included, builds a fresh model and optimizer, loads that checkpoint with ``dcp.load`` and
-``set_model_state_dict`` / ``set_optimizer_state_dict``, and must hold exactly the saved tensors:
-parameters, Adam's step, first and second moments, bitwise. Finally this process loads each
-checkpoint into a plain unwrapped model and optimizer, without any process group
-(``dcp.load(..., no_dist=True)``), as a user would to inspect or fine-tune it.
+``fsdp_ac.ModulePolicy`` and with torch's recipe; FSDP2 with offload around checkpoint) trains the
+reference GPT for two Adam steps and saves its model and optimizer state with
+``torch.distributed.checkpoint`` (DCP), through ``get_model_state_dict`` and
+``get_optimizer_state_dict``. Then every configuration, the source's own included, builds a fresh
+model and optimizer, loads that checkpoint with ``dcp.load`` and ``set_model_state_dict`` /
+``set_optimizer_state_dict``, and must hold exactly the saved tensors: parameters, Adam's step,
+first and second moments, bitwise. Finally this process loads each checkpoint into a plain
+unwrapped model and optimizer, without any process group (``dcp.load(..., no_dist=True)``), as a
+user would to inspect or fine-tune it.
 
-One torch limitation is not a configuration here: DCP cannot load optimizer state into FSDP1 units
-that sit inside a checkpoint wrapper (``CheckpointWrapper(FSDP(block))``, what AC before FSDP1's
-auto-wrap with torch's ``ModuleWrapPolicy`` gives; it reports "Missing optimizer state"). fsdp_ac
-refuses that nesting at wrap time (``tests/test_wrappers.py``); AC before FSDP1 goes with
-``fsdp_ac.ModulePolicy``, which gives ``FSDP(CheckpointWrapper(block))``, and that loads.
+torch's FSDP1 recipe, AC before FSDP1's auto-wrap with torch's ``ModuleWrapPolicy``, gives
+``CheckpointWrapper(FSDP(block))``, which torch's DCP cannot restore by itself ("Missing optimizer
+state"); with fsdp_ac's wrapper it can (:mod:`fsdp_ac.dcp`). It is here once, with FSDP1's default
+``use_orig_params=False``; ``test_fsdp1_ac_first.py`` has both settings and torch's wrapper.
 """
 
 from __future__ import annotations
@@ -56,11 +56,20 @@ CONFIGURATIONS = {
     "plain": [Setup("plain"), Setup("plain", ac="no_reentrant")],
     "ddp": [Setup("ddp"), Setup("ddp", ac="no_reentrant"), Setup("ddp", ac="no_reentrant", ac_first=False)],
     "fsdp1": [
-        # AC before FSDP1 with fsdp_ac's policy: torch's would nest the unit inside the wrapper,
-        # which fsdp_ac refuses because DCP cannot load that nesting's optimizer state.
-        Setup("fsdp1", use_orig_params=orig, ac=ac, ac_first=first, fsdp1_policy="fsdp_ac" if ac else "torch")
-        for orig in (True, False)
-        for ac, first in ((None, True), ("no_reentrant", True), ("no_reentrant", False))
+        # AC before FSDP1 with fsdp_ac's policy, which gives FSDP(CheckpointWrapper(block)).
+        *(
+            Setup(
+                "fsdp1",
+                use_orig_params=orig,
+                ac=ac,
+                ac_first=first,
+                fsdp1_policy="fsdp_ac" if ac else "torch",
+            )
+            for orig in (True, False)
+            for ac, first in ((None, True), ("no_reentrant", True), ("no_reentrant", False))
+        ),
+        # torch's recipe: AC before FSDP1 with torch's policy, CheckpointWrapper(FSDP(block)).
+        Setup("fsdp1", use_orig_params=False, ac="no_reentrant"),
     ],
     "fsdp2": [
         Setup("fsdp2"),

@@ -18,9 +18,12 @@ trains the reference GPT for three Adam steps and is checked for:
   ``_checkpoint_wrapped_module``, ``_fsdp_wrapped_module`` or ``_orig_mod``.
 
 A failing cell does not hide the others: each test reports every failing cell of its row.
-``test_matrix_with_torch_compile`` adds torch.compile in both nestings. Nestings that torch cannot
-save or load correctly are refused by fsdp_ac at wrap time (:func:`torch_limitation`,
-``tests/test_wrappers.py``) and are not cells: AC before FSDP1 uses ``fsdp_ac.ModulePolicy``.
+``test_matrix_with_torch_compile`` adds torch.compile in both nestings. AC before FSDP1 runs with
+torch's ``ModuleWrapPolicy`` in the FULL_SHARD rows (torch's recipe, ``CheckpointWrapper(FSDP(block))``;
+``test_fsdp1_ac_first.py`` restores it with DCP) and with ``fsdp_ac.ModulePolicy`` in the SHARD_GRAD_OP
+rows. The one nesting whose state dicts torch gets wrong, two activation wrappers inside an FSDP1 unit
+without ``use_orig_params``, is refused by fsdp_ac at wrap time (:func:`torch_limitation`,
+``tests/test_wrappers.py``) and is not a cell.
 """
 
 from __future__ import annotations
@@ -106,14 +109,19 @@ def torch_limitation(setup: Setup) -> str | None:
 PARALLEL_SETUPS = {
     "ddp": Setup("ddp"),
     "fsdp1-orig_params-full_shard": Setup("fsdp1"),
-    "fsdp1-orig_params-shard_grad_op": Setup("fsdp1", sharding="SHARD_GRAD_OP"),
+    "fsdp1-orig_params-shard_grad_op": Setup("fsdp1", sharding="SHARD_GRAD_OP", fsdp1_policy="fsdp_ac"),
     "fsdp1-flat_params-full_shard": Setup("fsdp1", use_orig_params=False),
-    "fsdp1-flat_params-shard_grad_op": Setup("fsdp1", use_orig_params=False, sharding="SHARD_GRAD_OP"),
+    "fsdp1-flat_params-shard_grad_op": Setup(
+        "fsdp1", use_orig_params=False, sharding="SHARD_GRAD_OP", fsdp1_policy="fsdp_ac"
+    ),
     "fsdp2-reshard": Setup("fsdp2"),
     "fsdp2-no_reshard": Setup("fsdp2", reshard_after_forward=False),
     "fsdp2-bf16": Setup("fsdp2", bf16=True),
 }
-"""One row of the matrix each: the parallel wrapper and its options."""
+"""One row of the matrix each: the parallel wrapper and its options. With AC first, FSDP1's auto-wrap
+policy decides the nesting: torch's ``ModuleWrapPolicy`` (the FULL_SHARD rows) gives torch's recipe,
+``CheckpointWrapper(FSDP(block))``; ``fsdp_ac.ModulePolicy`` (the SHARD_GRAD_OP rows) wraps the
+checkpoint wrapper, ``FSDP(CheckpointWrapper(block))``, the nesting AC after FSDP1 gives."""
 
 COMPILE_PARALLEL = ("ddp", "fsdp1-orig_params-full_shard", "fsdp2-reshard")
 """Rows that also run with torch.compile (FSDP1 supports compile only with use_orig_params)."""
@@ -125,20 +133,16 @@ def row(base: Setup) -> list[Setup]:
     Cells that torch cannot run (:func:`torch_limitation`) are left out: fsdp_ac refuses them at wrap
     time, which tests/test_wrappers.py checks.
     """
-    # AC before FSDP1 goes with fsdp_ac's policy, which makes FSDP(CheckpointWrapper(block)); with
-    # torch's, FSDP1 would nest the unit inside the wrapper, which fsdp_ac refuses (tests/test_wrappers.py).
-    policy = "fsdp_ac" if base.parallel == "fsdp1" else base.fsdp1_policy
     cells = [
-        dataclasses.replace(base, ac=ac, ac_first=first, fsdp1_policy=policy if first else base.fsdp1_policy)
-        for ac in AC_WRAPPERS
-        for first in (False, True)
+        dataclasses.replace(base, ac=ac, ac_first=first) for ac in AC_WRAPPERS for first in (False, True)
     ]
     return [base, *(cell for cell in cells if torch_limitation(cell) is None)]
 
 
 def compile_row(base: Setup) -> list[Setup]:
     """Compiled blocks without AC (the baseline), AC around compiled blocks, then compiled layers
-    around AC (AC applied before and after the parallel wrapper)."""
+    around AC (AC applied before and after the parallel wrapper). AC before FSDP1 goes with fsdp_ac's
+    policy here, so each compiled layer is an FSDP unit; the rows without compile cover torch's recipe."""
     first = dataclasses.replace(base, fsdp1_policy="fsdp_ac") if base.parallel == "fsdp1" else base
     return [
         dataclasses.replace(base, compile="inside"),
@@ -273,9 +277,8 @@ def check_names(setup: Setup, result: dict[str, Any], ref: dict[str, Any]) -> No
         assert result["parameter_names"] == ref["param_names"], "named_parameters() from the root"
 
 
-def check_cell(
-    setup: Setup, per_rank: list[dict[str, Any]], baseline: list[dict[str, Any]], ref: dict[str, Any]
-) -> None:
+def check_training(setup: Setup, per_rank: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> None:
+    """The nesting, the recomputation, ranks in sync, and training bitwise equal to the baseline."""
     for rank, result in enumerate(per_rank):
         assert result["nesting"] == expected_nesting(setup), f"rank {rank}: nesting {result['nesting']}"
         if result["gelu_calls"] is not None:
@@ -285,9 +288,16 @@ def check_cell(
             assert result["gelu_calls"] == STEPS * CONFIG.n_layers * runs, f"rank {rank}: GELU calls"
         assert result["digests"] == per_rank[0]["digests"], f"rank {rank} differs from rank 0"
         torch.testing.assert_close(result["losses"], baseline[rank]["losses"], rtol=0, atol=0)
-        check_names(setup, result, ref)
     for what in ("first_grads", "params", "optimizer"):
         assert_bitwise(per_rank[0][what], baseline[0][what], f"{what} vs the baseline without AC")
+
+
+def check_cell(
+    setup: Setup, per_rank: list[dict[str, Any]], baseline: list[dict[str, Any]], ref: dict[str, Any]
+) -> None:
+    check_training(setup, per_rank, baseline)
+    for result in per_rank:
+        check_names(setup, result, ref)
 
 
 def check_row(setups: list[Setup], results: list[list[dict[str, Any]]]) -> None:

@@ -23,6 +23,12 @@ import torch
 import torch.nn.functional as F
 from launcher import RankContext
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    apply_activation_checkpointing as torch_apply_activation_checkpointing,
+)
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    checkpoint_wrapper as torch_checkpoint_wrapper,
+)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -109,6 +115,10 @@ class Setup:
     """Apply AC before the parallel wrapper, else after it. FSDP1 before: ``CheckpointWrapper(FSDP(
     block))``, after: ``FSDP(CheckpointWrapper(block))``; FSDP2 before: the wrapper is sharded, after:
     the block is."""
+    ac_api: str = "fsdp_ac"
+    """Whose ``apply_activation_checkpointing`` and ``checkpoint_wrapper`` apply AC: ``fsdp_ac``, or
+    ``torch`` (``torch.distributed.algorithms._checkpoint.checkpoint_wrapper``, NO_REENTRANT only), to
+    compare with torch's wrapper."""
     use_orig_params: bool = True
     """FSDP1's ``use_orig_params``."""
     sharding: str = "FULL_SHARD"
@@ -151,20 +161,27 @@ def build(ctx: RankContext, setup: Setup) -> nn.Module:
         for block in model.layers:  # type: ignore[union-attr]
             block.compile(backend=COMPILE_BACKEND)
     if setup.ac is not None and setup.ac_first:
-        checkpoint_blocks(model, setup.ac)
+        checkpoint_blocks(model, setup)
     model = _parallelize(ctx, model, setup)
     if setup.ac is not None and not setup.ac_first:
-        checkpoint_blocks(model, setup.ac)
+        checkpoint_blocks(model, setup)
     if setup.compile == "outside":
         for layer in gpt_of(model).layers:  # type: ignore[union-attr]
             layer.compile(backend=COMPILE_BACKEND)
     return model
 
 
-def checkpoint_blocks(model: nn.Module, ac: str) -> None:
-    apply_activation_checkpointing(
-        model, checkpoint_wrapper_fn=AC_WRAPPERS[ac](), check_fn=lambda m: isinstance(m, TransformerBlock)
-    )
+def checkpoint_blocks(model: nn.Module, setup: Setup) -> None:
+    def is_block(module: nn.Module) -> bool:
+        return isinstance(module, TransformerBlock)
+
+    if setup.ac_api == "torch":
+        if setup.ac != "no_reentrant":
+            raise ValueError(f"Setups with torch's wrapper use ac='no_reentrant', got {setup.ac!r}.")
+        torch_wrapper = partial(torch_checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        torch_apply_activation_checkpointing(model, checkpoint_wrapper_fn=torch_wrapper, check_fn=is_block)
+        return
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=AC_WRAPPERS[setup.ac](), check_fn=is_block)
 
 
 def _parallelize(ctx: RankContext, model: nn.Module, setup: Setup) -> nn.Module:
