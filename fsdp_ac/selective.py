@@ -30,13 +30,21 @@ Presets (``SelectiveCheckpoint(save=...)``):
 
 A collection of ``OpOverload`` saves exactly those operators' outputs; a callable is used as torch's
 ``policy_fn(ctx, op, *args, **kwargs)`` as it is.
+
+Every form compiles: under ``torch.compile`` the policy tags the traced operators and the compiled
+backward recomputes what the policy leaves unsaved. ``"default"`` cannot learn while the graph is
+traced: a block it has not learned yet saves every matmul output in that graph, with a warning, and a
+plan learned in an uncompiled step before is used as it is. Tensor subclasses such as ``DTensor`` are
+followed through their inner tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,7 +52,7 @@ import torch
 from torch import nn
 from torch._ops import OpOverload
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -127,11 +135,25 @@ Any operator not listed is assumed to read its inputs, which errs towards saving
 _OpKey = tuple[OpOverload, int]
 """An operator and how many calls of it came before in the same region call."""
 
+_Kind = tuple[type[nn.Module], tuple[tuple[str, tuple[int, ...], torch.dtype], ...]]
+"""A block's class and the names, shapes and dtypes of its parameters: blocks alike run alike."""
+
 
 def _storage_id(tensor: torch.Tensor) -> int | None:
+    """Identifies the memory holding ``tensor``'s values, which its views and in-place results share.
+
+    A wrapper subclass (``DTensor``, float8 and quantized tensors) holds its values in inner tensors
+    (``__tensor_flatten__``); the storage of the wrapper itself is a placeholder without data, so
+    the first inner tensor stands for it.
+    """
+    while is_traceable_wrapper_subclass(tensor):
+        inner_names, _ = tensor.__tensor_flatten__()
+        if not inner_names:
+            return None
+        tensor = getattr(tensor, inner_names[0])
     try:
         return int(StorageWeakRef(tensor.untyped_storage()).cdata)
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+    except (RuntimeError, NotImplementedError):  # sparse, nested and other tensors without one storage
         return None
 
 
@@ -184,11 +206,13 @@ class _Plan:
 class _RegionCall:
     """Policy state for one call of one selectively checkpointed region."""
 
-    def __init__(self, owner: SelectiveCheckpoint, key: Hashable) -> None:
+    def __init__(self, owner: SelectiveCheckpoint, key: _Kind, *, learn: bool) -> None:
         self.owner = owner
         self.key = key
         self.plan = owner._plans.get(key) if owner.name == "default" else None
-        self.recorder = _DataflowRecorder() if owner.name == "default" and self.plan is None else None
+        self.recorder = (
+            _DataflowRecorder() if learn and owner.name == "default" and self.plan is None else None
+        )
         self.calls: defaultdict[OpOverload, int] = defaultdict(int)
         self.replays: defaultdict[OpOverload, int] = defaultdict(int)
         self.decisions: dict[_OpKey, CheckpointPolicy] = {}
@@ -232,27 +256,53 @@ class _RegionCall:
             self.owner._plans.pop(self.key, None)
 
 
-def _kind(module: nn.Module) -> Hashable:
+def _kind(module: nn.Module) -> _Kind:
     """Blocks of one kind (class and parameter shapes) run the same operators, so share a plan."""
     inner = unwrap(module)
     return (type(inner), tuple((n, tuple(p.shape), p.dtype) for n, p in inner.named_parameters()))
 
 
-@dataclass(frozen=True)
-class _ContextFn:
-    """The ``context_fn`` of one wrapped block: fresh selective-checkpoint contexts per call."""
+class _BlockKind:
+    """One kind of block wrapped by one :class:`SelectiveCheckpoint`: what its ``context_fn`` needs.
 
-    owner: SelectiveCheckpoint
-    key: Hashable
+    A plain object, so that ``torch.compile`` guards on its identity alone.
+    """
 
-    def __call__(self) -> tuple[Any, Any]:
-        if self.owner._policy_fn is not None:
-            return create_selective_checkpoint_contexts(self.owner._policy_fn)
-        if self.owner._save_ops is not None:
-            return create_selective_checkpoint_contexts(sorted(self.owner._save_ops, key=str))
-        call = _RegionCall(self.owner, self.key)
-        caching, cached = create_selective_checkpoint_contexts(call.policy)
-        return call.forward(caching), cached
+    def __init__(self, owner: SelectiveCheckpoint, kind: _Kind) -> None:
+        self.owner = owner
+        self.kind = kind
+
+
+def _selective_contexts(block: _BlockKind) -> tuple[Any, Any]:
+    """The ``context_fn`` of one kind of block: fresh selective-checkpoint contexts for each call.
+
+    Bound with ``functools.partial``: ``torch.compile`` takes a function or a ``partial`` as
+    ``context_fn`` and no other callable. Under compile it runs once per region while the graph is
+    traced, and the forward context must be torch's own caching mode, which the compiled checkpoint
+    tags with the region's id.
+    """
+    owner, kind = block.owner, block.kind
+    if owner._policy_fn is not None:
+        return create_selective_checkpoint_contexts(owner._policy_fn)
+    if owner._save_ops is not None:
+        return create_selective_checkpoint_contexts(sorted(owner._save_ops, key=str))
+    compiling = torch.compiler.is_compiling()
+    if compiling and owner.name == "default" and kind not in owner._plans and kind not in owner._warned:
+        owner._warned.add(kind)
+        warnings.warn(
+            f"SelectiveCheckpoint('default') has not learned yet which matmul outputs backward reads "
+            f"in {kind[0].__name__} blocks, and it cannot learn while torch.compile traces them, so "
+            "this compiled graph saves every matmul output (as 'matmul' does). Run one training step "
+            "uncompiled first (e.g. under torch.compiler.set_stance('force_eager')) so that the "
+            "compiled graph uses what it learns, or use SelectiveCheckpoint('torchtitan'), which "
+            "needs no learning.",
+            stacklevel=2,
+        )
+    call = _RegionCall(owner, kind, learn=not compiling)
+    caching, cached = create_selective_checkpoint_contexts(call.policy)
+    if compiling:
+        return caching, cached
+    return call.forward(caching), cached
 
 
 class SelectiveCheckpoint:
@@ -288,7 +338,9 @@ class SelectiveCheckpoint:
     ) -> None:
         self._policy_fn: Callable[..., Any] | None = None
         self._save_ops: frozenset[OpOverload] | None = None
-        self._plans: dict[Hashable, _Plan] = {}
+        self._plans: dict[_Kind, _Plan] = {}
+        self._context_fns: dict[_Kind, functools.partial[tuple[Any, Any]]] = {}
+        self._warned: set[_Kind] = set()
         if isinstance(save, str):
             if save not in self.PRESETS:
                 raise ValueError(
@@ -339,9 +391,11 @@ class SelectiveCheckpoint:
         Raises:
             ValueError: ``module`` is checkpointed already with other settings.
         """
-        return checkpoint_wrapper(
-            module, context_fn=_ContextFn(self, _kind(module)), **self._checkpoint_kwargs
-        )
+        kind = _kind(module)
+        # One context_fn per kind, so that wrapping a block again finds equal settings (idempotence).
+        if kind not in self._context_fns:
+            self._context_fns[kind] = functools.partial(_selective_contexts, _BlockKind(self, kind))
+        return checkpoint_wrapper(module, context_fn=self._context_fns[kind], **self._checkpoint_kwargs)
 
     def learned(self, module: nn.Module) -> list[str] | None:
         """Returns the matmul outputs the ``"default"`` preset saves in blocks like ``module``.
@@ -353,7 +407,8 @@ class SelectiveCheckpoint:
             module: A block wrapped by this object, or one like it.
 
         Returns:
-            The saved matmuls in call order, or None before the first training call of such a block.
+            The saved matmuls in call order, or None before the first uncompiled training call of such a
+            block (nothing is learned while ``torch.compile`` traces).
         """
         plan = self._plans.get(_kind(module))
         if plan is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -10,17 +12,20 @@ import torch
 from hf_models import tiny_llama
 from models import SMALL_GPT
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_module, distribute_tensor
 from torch.utils.checkpoint import CheckpointPolicy
 from torch.utils.flop_counter import FlopCounterMode
 
 from fsdp_ac import (
     ActivationMemoryMeter,
+    ActivationPlan,
     CheckpointImpl,
     CheckpointWrapper,
     SelectiveCheckpoint,
     apply_activation_checkpointing,
 )
-from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
+from fsdp_ac.reference_model import GPT, MLP, GPTConfig, TransformerBlock
 
 BATCH, SEQ = 2, 12
 """Shape of the ``tokens`` fixture."""
@@ -46,14 +51,27 @@ def loss_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
 
 
-def step(model: nn.Module, tokens: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+def step(
+    model: nn.Module, inputs: torch.Tensor, loss_fn: Callable[..., torch.Tensor] = loss_of
+) -> tuple[int, list[torch.Tensor]]:
     """One forward and backward; returns the bytes held for backward and the gradients."""
     with ActivationMemoryMeter(model) as meter:
-        loss = loss_of(model, tokens)
+        loss = loss_fn(model, inputs)
+    return meter.held_bytes, backward(model, loss)
+
+
+def gradients(
+    model: nn.Module, inputs: torch.Tensor, loss_fn: Callable[..., torch.Tensor] = loss_of
+) -> list[torch.Tensor]:
+    """One forward and backward, unmeasured: torch.compile does not trace under a dispatch mode."""
+    return backward(model, loss_fn(model, inputs))
+
+
+def backward(model: nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
     loss.backward()
-    grads = [p.grad for p in model.parameters()]
+    grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    return meter.held_bytes, grads
+    return grads
 
 
 def selective(model: nn.Module, save: Any = "default", **kwargs: Any) -> SelectiveCheckpoint:
@@ -225,23 +243,18 @@ def test_hugging_face_llama(tokens: torch.Tensor) -> None:
     """Separate Q/K/V and a gated MLP: the default preset saves what backward reads, not every other."""
     model = tiny_llama()
 
-    def llama_step(m: nn.Module) -> tuple[int, list[torch.Tensor]]:
+    def llama_loss(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
         # use_cache=False as with any checkpointing: a cache filled by the forward changes the replay.
-        with ActivationMemoryMeter(m) as meter:
-            loss = m(tokens, labels=tokens, use_cache=False).loss
-        loss.backward()
-        grads = [p.grad for p in m.parameters()]
-        m.zero_grad(set_to_none=True)
-        return meter.held_bytes, grads
+        return m(t, labels=t, use_cache=False).loss
 
-    _, expected = llama_step(model)
+    _, expected = step(model, tokens, llama_loss)
     held = {}
     for save in ("default", "torchtitan", "matmul"):
         wrapped = copy.deepcopy(model)
         wrapper_fn = SelectiveCheckpoint(save)
         apply_activation_checkpointing(wrapped, wrapper_fn, auto_wrap_policy=model._no_split_modules)
-        llama_step(wrapped)
-        held[save], grads = llama_step(wrapped)
+        step(wrapped, tokens, llama_loss)
+        held[save], grads = step(wrapped, tokens, llama_loss)
         for got, want in zip(grads, expected, strict=True):
             assert torch.equal(got, want)
         if save == "default":
@@ -251,3 +264,191 @@ def test_hugging_face_llama(tokens: torch.Tensor) -> None:
             ]
     # torchtitan's alternation recomputes k_proj and up_proj (cheaper memory, more recompute here).
     assert held["torchtitan"] < held["default"] < held["matmul"]
+
+
+# torch.compile: every form in one graph per backend, since compiling is the slow part on CPU.
+
+COMPILE_GPT = GPTConfig(vocab_size=32, max_seq_len=8, d_model=16, n_heads=2, n_layers=6)
+"""Six blocks, one per selective form, so that one compilation covers every form."""
+
+COMPILED_RECOMPUTE = {
+    # As in eager, with one rule of the compiled backward: a block's last matmul feeds only its
+    # output, which the next region keeps as its input, so it is replayed in the last block only.
+    "layers.0": ["attn.proj"],  # "default", learned uncompiled: the projection feeds a residual add
+    "layers.1": ["attn.proj"],  # "torchtitan": recomputes matmuls 2 and 4
+    "layers.2": [],  # "matmul"
+    "layers.3": ["attn.proj", "attn.qkv", "mlp.fc"],  # "attention"
+    "layers.4": [],  # [aten.addmm.default]
+    # Recomputes everything; its output feeds ln_f outside any region, so it is recomputed too.
+    "layers.5": ["attn.proj", "attn.qkv", "mlp.fc", "mlp.proj"],
+}
+"""Linear layers whose forward matmul is replayed in the compiled backward, by block."""
+
+
+def every_selective_form(model: GPT) -> GPT:
+    """Checkpoints each block of ``model`` with another form: the presets through a plan, then custom."""
+    presets = ("default", "torchtitan", "matmul", "attention")
+    ActivationPlan({f"layers.{i}": f"selective:{preset}" for i, preset in enumerate(presets)}).apply(model)
+    for i, policy in enumerate(CUSTOM_POLICIES.values(), start=len(presets)):
+        model.layers[i] = SelectiveCheckpoint(policy)(model.layers[i])
+    return model
+
+
+class CompiledGraphs:
+    """A backend that compiles as ``backend`` does and keeps the forward and backward graphs."""
+
+    def __init__(self, backend: str) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+        if backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+            self.backend: Any = functools.partial(compile_fx, inner_compile=self._keep(compile_fx_inner))
+        else:
+            from torch._dynamo.backends.debugging import aot_eager, boxed_nop
+
+            keep = self._keep(boxed_nop)
+            self.backend = functools.partial(aot_eager, fw_compiler=keep, bw_compiler=keep)
+
+    def _keep(self, compiler: Callable[..., Any]) -> Callable[..., Any]:
+        def keep(graph: torch.fx.GraphModule, inputs: Any, **kwargs: Any) -> Any:
+            self.graphs.append(graph)
+            return compiler(graph, inputs, **kwargs)
+
+        return keep
+
+    def recomputed_linears(self, model: nn.Module) -> list[str]:
+        """Names of the Linear layers whose forward ``addmm`` runs again in a backward graph.
+
+        Replayed forward operators keep the forward's ``nn_module_stack`` (keyed by module id);
+        gradient operators carry theirs as ``fwd_nn_module_stack`` instead.
+        """
+        names = {str(id(module)): name for name, module in model.named_modules()}
+        return sorted(
+            names[next(reversed(node.meta["nn_module_stack"]))]
+            for graph in self.graphs
+            if any(n.name.startswith("tangents") for n in graph.graph.find_nodes(op="placeholder"))
+            for node in graph.graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default)
+            if "nn_module_stack" in node.meta
+        )
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """Compiles from scratch and leaves no compiled code to later tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compile_grads(
+    model: nn.Module, tokens: torch.Tensor, backend: str
+) -> tuple[list[torch.Tensor], CompiledGraphs]:
+    """Gradients of one compiled step of ``model`` as a single graph, and the graphs compiled."""
+    graphs = CompiledGraphs(backend)
+    compiled = torch.compile(model, backend=graphs.backend, fullgraph=True, dynamic=False)
+    # Scalar C++ code compiles faster than vectorised code on two cores; the partition is the same.
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False, "compile_threads": 1}):
+        return gradients(compiled, tokens), graphs
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_every_form_compiles_as_one_graph_and_recomputes_what_its_policy_says(
+    backend: str, fresh_dynamo: None, recwarn: pytest.WarningsRecorder
+) -> None:
+    torch.manual_seed(0)
+    plain = GPT(COMPILE_GPT)
+    model = every_selective_form(copy.deepcopy(plain))
+    tokens = torch.randint(0, COMPILE_GPT.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    _, expected = step(plain, tokens)
+    step(model, tokens)  # the default preset learns, uncompiled
+    grads, graphs = compile_grads(model, tokens, backend)  # fullgraph=True: no graph break anywhere
+    for got, want in zip(grads, expected, strict=True):
+        if backend == "aot_eager":
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert graphs.recomputed_linears(model) == sorted(
+        f"{block}.{linear}" for block, linears in COMPILED_RECOMPUTE.items() for linear in linears
+    )
+    assert not [w for w in recwarn if "SelectiveCheckpoint" in str(w.message)]
+
+
+def test_default_preset_under_compile_warns_until_learned_then_uses_the_plan(
+    fresh_dynamo: None, tokens: torch.Tensor
+) -> None:
+    torch.manual_seed(0)
+    plain = GPT(SMALL_GPT)
+    model = copy.deepcopy(plain)
+    wrapper_fn = selective(model)
+    _, expected = step(plain, tokens)
+    with pytest.warns(UserWarning, match=r"SelectiveCheckpoint\('default'\) has not learned yet") as record:
+        grads, graphs = compile_grads(model, tokens, "aot_eager")
+    unlearned = [w for w in record if "has not learned yet" in str(w.message)]
+    assert len(unlearned) == 1  # once for the two blocks of one kind
+    assert "TransformerBlock blocks" in str(unlearned[0].message)
+    assert "set_stance('force_eager')" in str(unlearned[0].message)
+    assert graphs.recomputed_linears(model) == []  # every matmul output saved, as "matmul" does
+    assert wrapper_fn.learned(model.layers[0]) is None  # nothing is learned while tracing
+    for got, want in zip(grads, expected, strict=True):
+        assert torch.equal(got, want)
+
+    # The remedy the warning names: one uncompiled step, then compile.
+    torch._dynamo.reset()
+    with torch.compiler.set_stance("force_eager"):
+        gradients(torch.compile(model), tokens)
+    assert wrapper_fn.learned(model.layers[0]) == ["aten.addmm.default #0", "aten.addmm.default #2"]
+    grads, graphs = compile_grads(model, tokens, "aot_eager")
+    # The last block's output feeds ln_f outside any region: it is recomputed, and its last matmul.
+    recomputed = ["layers.0.attn.proj", "layers.1.attn.proj", "layers.1.mlp.proj"]
+    assert graphs.recomputed_linears(model) == recomputed
+    for got, want in zip(grads, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+class ResidualMLP(nn.Module):
+    """``x + mlp(ln(x))``: a block DTensor runs on CPU (it has no sharding rule for CPU attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(SMALL_GPT.d_model)
+        self.mlp = MLP(SMALL_GPT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.ln(x))
+
+
+def test_dtensor_blocks_save_and_learn_as_plain_ones_eager_and_compiled(
+    single_rank_group: None, fresh_dynamo: None
+) -> None:
+    """Replicated DTensor parameters and input on a one-rank mesh, against the same plain model."""
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    plain = nn.Sequential(ResidualMLP(), ResidualMLP())
+    models = {"plain": plain, "dtensor": distribute_module(copy.deepcopy(plain), mesh)}
+    x = torch.randn(BATCH, SEQ, SMALL_GPT.d_model)
+    inputs = {"plain": x, "dtensor": distribute_tensor(x, mesh, [Replicate()])}
+
+    def dtensor_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x).pow(2).mean()
+
+    baseline = {kind: step(model, inputs[kind], dtensor_loss) for kind, model in models.items()}
+    for save in SelectiveCheckpoint.PRESETS:
+        held = {}
+        for kind, model in models.items():
+            wrapped = copy.deepcopy(model)
+            wrapper_fn = SelectiveCheckpoint(save)
+            apply_activation_checkpointing(wrapped, wrapper_fn, auto_wrap_policy={ResidualMLP})
+            step(wrapped, inputs[kind], dtensor_loss)
+            held[kind], grads = step(wrapped, inputs[kind], dtensor_loss)
+            for got, want in zip(grads, baseline[kind][1], strict=True):
+                assert torch.equal(got, want)
+            if save == "default":
+                # The first matmul feeds the GELU, which reads it; the second feeds the residual add.
+                assert wrapper_fn.learned(wrapped[0]) == ["aten.addmm.default #0"]
+        # A DTensor holds a wrapper besides its local tensor: compare what checkpointing frees.
+        assert held["dtensor"] - baseline["dtensor"][0] == held["plain"] - baseline["plain"][0], save
+    # `wrapped` is the DTensor model with the learned default preset.
+    compiled = torch.compile(wrapped, backend="aot_eager", fullgraph=True, dynamic=False)
+    grads = gradients(compiled, inputs["dtensor"], dtensor_loss)
+    for got, want in zip(grads, baseline["dtensor"][1], strict=True):
+        assert torch.equal(got, want)
