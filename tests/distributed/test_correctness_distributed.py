@@ -153,15 +153,17 @@ def test_reentrant_with_frozen_inputs_trains_under_ddp_fsdp1_fsdp2() -> None:
                 torch.equal(theirs[rank]["after"][k], theirs[rank]["before"][k])
                 for k in theirs[rank]["after"]
             ), f"{parallel}: torch's reentrant wrapper was expected to leave the blocks untrained"
-            # fsdp_ac: every block parameter gets a gradient, and exactly the updates of training
-            # without AC, in sync across ranks.
+            # fsdp_ac: exactly the updates of training without AC, in sync across ranks.
             assert ours[rank]["requires_grad"]
-            norms = list(ours[rank]["norms"].values())
-            assert len(norms) == block_parameters and all(norm and norm > 0 for norm in norms), norms
             for key, value in reference[rank]["after"].items():
                 assert not torch.equal(value, reference[rank]["before"][key]), key
                 assert torch.equal(ours[rank]["after"][key], value), f"{parallel} {key} rank {rank}"
                 assert torch.equal(ours[rank]["after"][key], ours[0]["after"][key])
+        # fsdp_ac: every block parameter gets a non-zero gradient, on the ranks that hold it (FSDP1
+        # leaves None on a rank whose shard of its flat parameter holds none of that parameter).
+        assert len(ours[0]["norms"]) == len(reference[0]["after"]), ours[0]["norms"]
+        for name in ours[0]["norms"]:
+            assert any(result["norms"][name] for result in ours), f"{parallel}: no gradient for {name}"
 
 
 @dataclass(frozen=True)
