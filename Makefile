@@ -3,7 +3,7 @@ PYTHON ?= python
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-unit test-distributed bench lint
+.PHONY: install demo test test-unit test-distributed bench lint docs-testing docs-testing-results
 
 # Uses the torch already installed; installs the CPU wheel torch==2.13.0 only when there is none,
 # so that the range in setup.cfg never pulls a multi-GB CUDA build.
@@ -32,3 +32,16 @@ lint: install
 	$(PYTHON) -m ruff check fsdp_ac tests scripts
 	$(PYTHON) -m ruff format --check fsdp_ac
 	$(PYTHON) -m mypy
+
+# The inventory of docs/testing.md (test counts, matrix cells, portability configurations), from the
+# code; tests/test_docs_testing.py fails when it is out of date.
+docs-testing: install
+	$(PYTHON) scripts/suite_inventory.py
+
+# Runs the whole suite (minutes), as make test does, and writes its results into docs/testing.md.
+RESULTS_PYTEST = -m pytest -n 2 tests
+docs-testing-results: install
+	mkdir -p build
+	$(PYTHON) $(RESULTS_PYTEST) -o junit_family=xunit1 --junitxml=build/junit.xml; status=$$?; \
+	$(PYTHON) scripts/suite_inventory.py --results build/junit.xml --command "python $(RESULTS_PYTEST)" \
+	&& exit $$status

@@ -440,5 +440,19 @@ def test_hugging_face_models_train_without_their_cache(monkeypatch: pytest.Monke
     model = fsdp_ac_accelerate.prepare(accelerator, model)
     assert model.config.use_cache is False  # else the replay appends to the cache a second time
     assert regions(model) == ["model.layers.0", "model.layers.1"]
-    tokens = torch.randint(0, 64, (2, 12))
-    model(input_ids=tokens, labels=tokens).loss.backward()  # selective AC matches forward and replay
+    # Selective AC matches forward and replay: the loss and every gradient are those of the model
+    # without AC, bitwise (the same kernels on the same inputs; the model has no dropout).
+    plain = tiny_llama()
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for trained in (plain, model):
+        loss = trained(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    expected = {name: param.grad for name, param in plain.named_parameters()}
+    actual = {clean_name(name): param.grad for name, param in model.named_parameters()}
+    assert actual.keys() == expected.keys()
+    assert all(grad is not None for grad in expected.values())
+    for name, grad in actual.items():
+        torch.testing.assert_close(grad, expected[name], rtol=0, atol=0, msg=name)

@@ -5,10 +5,12 @@
 For each model (the reference GPT with dropout, a tiny ``LlamaForCausalLM`` with attention dropout) it
 trains two steps three ways from the same initialisation and data: Accelerate without activation
 checkpointing (the reference), Accelerate's own checkpointing (what the config flag does today), and
-``fsdp_ac.accelerate.prepare``. It records the full gradients, which FSDP units and checkpoint
-wrappers each block got and the parameter names; for fsdp_ac also the checkpoints written by
-``get_state_dict`` and ``save_state`` and what ``load_state`` reads back. Each rank writes
-``OUT_DIR/rank<r>.pt``; the test compares the values.
+``fsdp_ac.accelerate.prepare``. Every rank records its own numbers: its losses, the full gradients
+of each step and the full parameters after training (which the reductions make the same on every
+rank), which FSDP units and checkpoint wrappers each block got and the parameter names; for fsdp_ac
+also the keys ``get_state_dict`` gives it, the parameters it holds after ``load_state`` read back
+a checkpoint, and on the main process what ``save_state`` wrote. Each rank writes
+``OUT_DIR/rank<r>.pt``; the test checks every rank, and the ranks against each other.
 
 Accelerate 1.15 runs FSDP only on accelerators: without GPUs it runs an FSDP config as DDP
 (``MULTI_CPU``) and drops activation checkpointing. The script first records that run as it is; then,
@@ -34,6 +36,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, OffloadWrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, FullStateDictConfig
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -124,6 +127,12 @@ def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full model state dict on every rank (Accelerate's ``get_state_dict`` fills rank 0 only)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {key: value.detach().cpu().clone() for key, value in state.items()}
+
+
 def fsdp_plugin(accelerator: Accelerator) -> FullyShardedDataParallelPlugin | None:
     return accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
 
@@ -155,26 +164,34 @@ def train(accelerator: Accelerator, kind: str, mode: str) -> tuple[nn.Module, di
         "warnings": [str(w.message) for w in caught if "fsdp_ac" in str(w.message)],
         "grads": [],
     }
+    losses = []
     for step in range(STEPS):
-        torch.manual_seed(1000 * step + accelerator.process_index)
+        torch.manual_seed(1000 * step + accelerator.process_index)  # each rank its own batch
         tokens = torch.randint(0, VOCAB, (2, 12))
-        accelerator.backward(loss_of(model, kind, tokens))
+        loss = loss_of(model, kind, tokens)
+        accelerator.backward(loss)
+        losses.append(loss.detach().cpu())
         record["grads"].append(full_grads(model))
         optimizer.step()
         optimizer.zero_grad()
+    record["losses"] = torch.stack(losses)
+    record["params"] = full_state(model)
     return model, record
 
 
 def checkpoints(accelerator: Accelerator, model: nn.Module, kind: str, directory: Path) -> dict[str, Any]:
-    """State dicts through Accelerate: their keys, a plain model loading them, and the way back."""
-    main = accelerator.is_main_process
-    record: dict[str, Any] = {}
+    """State dicts through Accelerate, on every rank: the keys it gets, and what ``load_state`` restores.
+
+    The main process reads the model file ``save_state`` wrote (a file, the same for every rank),
+    loads it into a plain model, and writes the file back with every value changed; every rank then
+    loads the checkpoint and records its full parameters, which must be those values.
+    """
     state = accelerator.get_state_dict(model)
-    if main:
-        record["get_state_dict"] = list(state)
+    record: dict[str, Any] = {"get_state_dict": list(state)}
+    if state:
         build(kind).load_state_dict(state, strict=True)
     accelerator.save_state(directory)
-    if main:
+    if accelerator.is_main_process:
         saved = read_model_file(directory)
         record["saved"] = list(saved)
         plain = build(kind)
@@ -186,9 +203,8 @@ def checkpoints(accelerator: Accelerator, model: nn.Module, kind: str, directory
         record["written"] = perturbed
     accelerator.wait_for_everyone()
     accelerator.load_state(directory)
-    back = accelerator.get_state_dict(model)
-    if main:
-        record["loaded"] = dict(back)
+    record["loaded_keys"] = list(accelerator.get_state_dict(model))
+    record["loaded"] = full_state(model)
     return record
 
 
@@ -278,12 +294,6 @@ def main() -> None:
     if on_cpu_fallback:
         use_fsdp_on_cpu(accelerator)
         phases["fsdp"] = run_models(accelerator, out / "ckpt")
-    if not accelerator.is_main_process:
-        for phase in phases.values():
-            for kind in set(MODELS) & set(phase):
-                for record in phase[kind].values():
-                    if isinstance(record, dict):
-                        record.pop("grads", None)
     torch.save(phases, out / f"rank{accelerator.process_index}.pt")
     accelerator.end_training()
 

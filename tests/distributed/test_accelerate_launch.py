@@ -1,14 +1,18 @@
 """``accelerate launch`` with FSDP2, FSDP1 and DDP configs, through ``fsdp_ac.accelerate.prepare``.
 
 Each test runs ``FSDP_AC_NPROC`` processes (default 2) of ``accelerate_train.py`` with one config file
-of ``accelerate_configs/`` (gloo on CPU; NCCL where there is a GPU per process) and compares, for the
-reference GPT with dropout and a tiny ``LlamaForCausalLM`` with attention dropout:
+of ``accelerate_configs/`` (gloo on CPU; NCCL where there is a GPU per process) and checks, on every
+rank, for the reference GPT with dropout and a tiny ``LlamaForCausalLM`` with attention dropout:
 
-- fsdp_ac's gradients with those of the same run without activation checkpointing, bitwise;
+- fsdp_ac's losses, gradients and trained parameters against those of the same run without
+  activation checkpointing, bitwise;
 - the FSDP units and checkpoint wrappers each block got (exactly one of each);
-- the names of parameters and of the keys that ``get_state_dict`` and ``save_state`` write, which a
-  plain model loads, and what ``load_state`` reads back after a plain model's values were written;
-- Accelerate's own activation checkpointing in the same run: the defects fsdp_ac fixes.
+- the names of parameters and of the keys that ``get_state_dict`` gives each rank and ``save_state``
+  writes, which a plain model loads, and the parameters each rank holds after ``load_state`` read
+  back a plain model's values;
+- Accelerate's own activation checkpointing in the same run: the defects fsdp_ac fixes;
+- the ranks against each other: the same structure, names, full gradients and parameters (the
+  reductions make them equal), and different losses (each rank trains on its own batch).
 
 Without GPUs Accelerate runs an FSDP config as DDP; the script records that run and then runs
 Accelerate's FSDP path on CPU (see ``accelerate_train.use_fsdp_on_cpu``).
@@ -44,7 +48,7 @@ def on_gpus() -> bool:
     return torch.cuda.device_count() >= suite_nproc()
 
 
-def grad_tolerance() -> float:
+def tolerance() -> float:
     """fsdp_ac against no checkpointing: bitwise on CPU; GPU attention backward kernels may use atomics."""
     return 1e-5 if on_gpus() else 0.0
 
@@ -106,13 +110,16 @@ def launch(config: str, out: Path) -> list[dict[str, Any]]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
+def max_diff(run: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    assert run.keys() == reference.keys()
+    return max((run[name] - reference[name]).abs().max().item() for name in run)
+
+
 def max_grad_diff(run: dict[str, Any], reference: dict[str, Any]) -> float:
     assert len(run["grads"]) == len(reference["grads"]) == STEPS
-    diffs = []
-    for grads, expected in zip(run["grads"], reference["grads"], strict=True):
-        assert grads.keys() == expected.keys()
-        diffs += [(grads[name] - expected[name]).abs().max().item() for name in grads]
-    return max(diffs)
+    return max(
+        max_diff(grads, expected) for grads, expected in zip(run["grads"], reference["grads"], strict=True)
+    )
 
 
 def tied_aliases(kind: str) -> set[str]:
@@ -126,84 +133,131 @@ def tied_aliases(kind: str) -> set[str]:
     return aliases
 
 
-def check_fsdp_ac(per_kind: dict[str, Any], kind: str, regions: list[str], *, fsdp: bool) -> None:
-    """fsdp_ac's run: gradients, one FSDP unit and one region per block, names, checkpoints."""
-    run, reference = per_kind["fsdp_ac"], per_kind["none"]
-    assert max_grad_diff(run, reference) <= grad_tolerance(), kind
-    assert run["structure"]["checkpoints"] == dict.fromkeys(regions, 1), kind
-    if fsdp:
-        assert {block: run["structure"]["units"].get(block) for block in per_kind["blocks"]} == dict.fromkeys(
-            per_kind["blocks"], 1
-        ), kind
-    assert not [name for name in run["names"] if "_checkpoint_wrapped_module" in name], kind
-    if "checkpoints" not in per_kind:
-        return
-    saved = per_kind["checkpoints"]
+def ranks_of(results: list[dict[str, Any]], phase: str, kind: str) -> list[dict[str, Any]]:
+    """What every rank recorded for ``kind`` in ``phase``, by rank."""
+    return [rank_results[phase][kind] for rank_results in results]
+
+
+def check_checkpoints(ranks: list[dict[str, Any]], kind: str, *, fsdp: bool) -> None:
+    """Keys on every rank, the file the main process read, and every rank's parameters after a load.
+
+    Accelerate gathers an FSDP state dict on rank 0 only (FSDP1's ``rank0_only``, FSDP2's
+    ``cpu_offload``), so the other ranks get an empty one; under DDP every rank gets the whole.
+    """
     plain_keys = list(build(kind).state_dict())
-    assert saved["get_state_dict"] == plain_keys, kind
-    assert set(saved["saved"]) <= set(plain_keys), kind
-    assert (saved["unexpected"], set(saved["missing"]) <= tied_aliases(kind)) == ([], True), kind
-    assert list(saved["loaded"]) == plain_keys, kind
-    for key, value in saved["written"].items():  # a plain model's values, read back by load_state
-        assert torch.equal(saved["loaded"][key], value), (kind, key)
+    main = ranks[0]["checkpoints"]
+    assert main["saved"] and set(main["saved"]) <= set(plain_keys), kind
+    assert (main["unexpected"], set(main["missing"]) <= tied_aliases(kind)) == ([], True), kind
+    for rank, per_kind in enumerate(ranks):
+        saved = per_kind["checkpoints"]
+        expected_keys = plain_keys if rank == 0 or not fsdp else []
+        assert saved["get_state_dict"] == expected_keys, (kind, rank)
+        assert saved["loaded_keys"] == expected_keys, (kind, rank)
+        assert list(saved["loaded"]) == plain_keys, (kind, rank)
+        for key, value in main["written"].items():  # a plain model's values, read back by load_state
+            assert torch.equal(saved["loaded"][key], value), (kind, rank, key)
+
+
+def check_fsdp_ac(ranks: list[dict[str, Any]], kind: str, regions: list[str], *, fsdp: bool) -> None:
+    """fsdp_ac's run on every rank: losses, gradients, parameters, one FSDP unit and one region per
+    block, names, checkpoints."""
+    for rank, per_kind in enumerate(ranks):
+        run, reference = per_kind["fsdp_ac"], per_kind["none"]
+        where = (kind, f"rank {rank}")
+        torch.testing.assert_close(
+            run["losses"], reference["losses"], rtol=0, atol=tolerance(), msg=str(where)
+        )
+        assert max_grad_diff(run, reference) <= tolerance(), where
+        assert max_diff(run["params"], reference["params"]) <= tolerance(), where
+        assert run["structure"]["checkpoints"] == dict.fromkeys(regions, 1), where
+        if fsdp:
+            units = {block: run["structure"]["units"].get(block) for block in per_kind["blocks"]}
+            assert units == dict.fromkeys(per_kind["blocks"], 1), where
+        assert not [name for name in run["names"] if "_checkpoint_wrapped_module" in name], where
+    if "checkpoints" in ranks[0]:
+        check_checkpoints(ranks, kind, fsdp=fsdp)
 
 
 def check_ranks_agree(results: list[dict[str, Any]]) -> None:
-    for rank_results in results[1:]:
-        for phase, per_phase in results[0].items():
-            for kind in set(MODELS) & set(per_phase):
-                for mode in ("none", "accelerate", "fsdp_ac"):
-                    if mode in per_phase[kind]:
-                        ours = rank_results[phase][kind][mode]
-                        assert ours["structure"] == per_phase[kind][mode]["structure"], (phase, kind, mode)
+    """Every rank against rank 0, in every phase, model and mode.
+
+    The same structure and names; bitwise the same full gradients and trained parameters (DDP's
+    all-reduce and FSDP's reduce-scatter and all-gather hand every rank the same values); and other
+    losses, since each rank trains on its own batch (equal losses would mean a rank trained on
+    another's data, and the agreement above would prove nothing about the reduction).
+    """
+    for phase, per_phase in results[0].items():
+        for kind in set(MODELS) & set(per_phase):
+            for mode in set(per_phase[kind]) & {"none", "accelerate", "fsdp_ac"}:
+                first = per_phase[kind][mode]
+                for rank, rank_results in enumerate(results[1:], start=1):
+                    ours, where = rank_results[phase][kind][mode], (phase, kind, mode, f"rank {rank}")
+                    assert ours["structure"] == first["structure"], where
+                    assert ours["names"] == first["names"], where
+                    assert max_grad_diff(ours, first) == 0, where
+                    assert max_diff(ours["params"], first["params"]) == 0, where
+                    assert not torch.equal(ours["losses"], first["losses"]), where
 
 
-def fsdp_phase(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Checks the DDP run of an FSDP config, where there was one; returns the FSDP run's results.
+def fsdp_phase(results: list[dict[str, Any]]) -> str:
+    """Checks the DDP run of an FSDP config, where there was one; returns the FSDP run's phase.
 
     Without GPUs Accelerate ran the FSDP config as DDP first: it dropped checkpointing, fsdp_ac did not.
     """
     check_ranks_agree(results)
-    phases = results[0]
-    if "fsdp" in phases:
-        fallback = phases["as_configured"]
-        assert (fallback["distributed_type"], "gpt" in fallback) == ("DistributedType.MULTI_CPU", True)
-        for kind in set(MODELS) & set(fallback):
-            assert fallback[kind]["accelerate"]["structure"]["checkpoints"] == {}, kind
-            check_fsdp_ac(fallback[kind], kind, fallback[kind]["blocks"], fsdp=False)
-            assert "fsdp_ac checkpoints the blocks anyway" in " ".join(fallback[kind]["fsdp_ac"]["warnings"])
-    fsdp = phases.get("fsdp", phases["as_configured"])
-    assert fsdp["distributed_type"] == "DistributedType.FSDP"
-    return dict(fsdp)
+    if "fsdp" in results[0]:
+        for rank_results in results:
+            fallback = rank_results["as_configured"]
+            assert (fallback["distributed_type"], "gpt" in fallback) == ("DistributedType.MULTI_CPU", True)
+        for kind in set(MODELS) & set(results[0]["as_configured"]):
+            ranks = ranks_of(results, "as_configured", kind)
+            for rank, per_kind in enumerate(ranks):
+                assert per_kind["accelerate"]["structure"]["checkpoints"] == {}, (kind, rank)
+                warned = " ".join(per_kind["fsdp_ac"]["warnings"])
+                assert "fsdp_ac checkpoints the blocks anyway" in warned, (kind, rank)
+            check_fsdp_ac(ranks, kind, ranks[0]["blocks"], fsdp=False)
+    phase = "fsdp" if "fsdp" in results[0] else "as_configured"
+    for rank_results in results:
+        assert rank_results[phase]["distributed_type"] == "DistributedType.FSDP"
+    return phase
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 def test_fsdp2_config_through_fsdp_ac(tmp_path: Path) -> None:
     """FSDP2 with fsdp_activation_checkpointing and its offload flag, the model's _no_split_modules."""
-    fsdp = fsdp_phase(launch("fsdp2.yaml", tmp_path))
+    results = launch("fsdp2.yaml", tmp_path)
+    phase = fsdp_phase(results)
     for kind in MODELS:
-        blocks = fsdp[kind]["blocks"]
-        own = fsdp[kind]["accelerate"]
-        # Accelerate's own: two nested FSDP units per block, other gradients (preserve_rng_state=False
-        # with dropout), wrapper names in parameter names.
-        assert {b: own["structure"]["units"][b] for b in blocks} == dict.fromkeys(blocks, 2), kind
-        assert max_grad_diff(own, fsdp[kind]["none"]) > 1e-3, kind
-        assert any("_checkpoint_wrapped_module" in name for name in own["names"]), kind
-        check_fsdp_ac(fsdp[kind], kind, blocks, fsdp=True)
-        # fsdp_activation_checkpointing_offload: each checkpointed block's input is offloaded.
-        assert fsdp[kind]["fsdp_ac"]["structure"]["offloads"] == dict.fromkeys(blocks, 1), kind
+        ranks = ranks_of(results, phase, kind)
+        blocks = ranks[0]["blocks"]
+        for rank, per_kind in enumerate(ranks):
+            own, where = per_kind["accelerate"], (kind, f"rank {rank}")
+            # Accelerate's own: two nested FSDP units per block, other gradients (preserve_rng_state=False
+            # with dropout), wrapper names in parameter names.
+            assert {b: own["structure"]["units"][b] for b in blocks} == dict.fromkeys(blocks, 2), where
+            assert max_grad_diff(own, per_kind["none"]) > 1e-3, where
+            assert any("_checkpoint_wrapped_module" in name for name in own["names"]), where
+            # fsdp_activation_checkpointing_offload: each checkpointed block's input is offloaded.
+            assert per_kind["fsdp_ac"]["structure"]["offloads"] == dict.fromkeys(blocks, 1), where
+        check_fsdp_ac(ranks, kind, blocks, fsdp=True)
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 def test_fsdp1_config_with_selective_checkpointing(tmp_path: Path) -> None:
     """FSDP1 with fsdp_activation_checkpointing and fsdp_ac_strategy: selective in the config file."""
-    fsdp = fsdp_phase(launch("fsdp1.yaml", tmp_path))
+    results = launch("fsdp1.yaml", tmp_path)
+    phase = fsdp_phase(results)
     for kind in MODELS:
-        blocks = fsdp[kind]["blocks"]
-        # Accelerate's FSDP1 checkpointing is placed correctly but leaks the wrapper into names.
-        assert any("_checkpoint_wrapped_module" in name for name in fsdp[kind]["accelerate"]["names"]), kind
-        check_fsdp_ac(fsdp[kind], kind, blocks, fsdp=True)
-        assert fsdp[kind]["fsdp_ac"]["structure"]["selective"] == dict.fromkeys(blocks, 1), kind
+        ranks = ranks_of(results, phase, kind)
+        blocks = ranks[0]["blocks"]
+        for rank, per_kind in enumerate(ranks):
+            where = (kind, f"rank {rank}")
+            # Accelerate's FSDP1 checkpointing is placed correctly but leaks the wrapper into names.
+            assert any("_checkpoint_wrapped_module" in name for name in per_kind["accelerate"]["names"]), (
+                where
+            )
+            assert per_kind["fsdp_ac"]["structure"]["selective"] == dict.fromkeys(blocks, 1), where
+        check_fsdp_ac(ranks, kind, blocks, fsdp=True)
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
@@ -211,8 +265,10 @@ def test_ddp_config_checkpoints_every_second_block(tmp_path: Path) -> None:
     """DDP (no FSDP, no Accelerate checkpointing): fsdp_ac_policy: every:2 in the config file."""
     results = launch("ddp.yaml", tmp_path)
     check_ranks_agree(results)
-    ddp = results[0]["as_configured"]
-    assert ddp["distributed_type"] in ("DistributedType.MULTI_CPU", "DistributedType.MULTI_GPU")
+    for rank_results in results:
+        ddp = rank_results["as_configured"]
+        assert ddp["distributed_type"] in ("DistributedType.MULTI_CPU", "DistributedType.MULTI_GPU")
+        assert "accelerate" not in ddp["gpt"] and "accelerate" not in ddp["llama"]
     for kind in MODELS:
-        assert "accelerate" not in ddp[kind]
-        check_fsdp_ac(ddp[kind], kind, ddp[kind]["blocks"][::2], fsdp=False)
+        ranks = ranks_of(results, "as_configured", kind)
+        check_fsdp_ac(ranks, kind, ranks[0]["blocks"][::2], fsdp=False)

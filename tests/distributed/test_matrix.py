@@ -12,6 +12,8 @@ trains the reference GPT for three Adam steps and is checked for:
   baseline bitwise (recomputation replays the same kernels on the same inputs);
 - the reference: the baseline agrees with the unwrapped model trained in one process on the whole
   global batch (same data, same seed) within the tolerances below;
+- the parallel wrappers: DDP, FSDP1 and FSDP2 (every fp32 row's baseline) train alike, rank by rank:
+  bitwise on two ranks, within the reference tolerances on more (:func:`test_ddp_fsdp1_fsdp2_agree`);
 - names: every state dict the setup offers (``get_model_state_dict`` and
   ``get_optimizer_state_dict``, sharded and full; ``state_dict()``; FSDP1's FULL and SHARDED state
   dicts and ``FSDP.optim_state_dict``) holds exactly the unwrapped model's keys, and no key holds
@@ -28,6 +30,7 @@ without ``use_orig_params``, is refused by fsdp_ac at wrap time (:func:`torch_li
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -61,6 +64,7 @@ from training import (
 
 from fsdp_ac import checkpoint_wrapper
 from fsdp_ac.environment import suite_nproc
+from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES
 from fsdp_ac.reference_model import GPT, TransformerBlock
 
 pytestmark = pytest.mark.distributed
@@ -125,6 +129,10 @@ checkpoint wrapper, ``FSDP(CheckpointWrapper(block))``, the nesting AC after FSD
 
 COMPILE_PARALLEL = ("ddp", "fsdp1-orig_params-full_shard", "fsdp2-reshard")
 """Rows that also run with torch.compile (FSDP1 supports compile only with use_orig_params)."""
+
+AGREEING_ROWS = tuple(name for name, setup in PARALLEL_SETUPS.items() if not setup.bf16)
+"""Rows whose baselines must train as DDP's does (:func:`test_ddp_fsdp1_fsdp2_agree`); the bf16 row
+computes in another precision, and its tolerances are against the single-process reference."""
 
 
 def row(base: Setup) -> list[Setup]:
@@ -325,6 +333,60 @@ def test_matrix_row(parallel: str) -> None:
     check_row(setups, run_on_ranks(cell_on_rank, setups, timeout_s=500))
 
 
+def check_agrees_with_ddp(per_rank: list[dict[str, Any]], ddp: list[dict[str, Any]]) -> None:
+    """One row's baseline against DDP's, on every rank: bitwise on up to two ranks, else as the reference.
+
+    Each wrapper reduces gradients its own way: DDP divides by the world size and all-reduces, FSDP1
+    divides by a pre-factor, reduce-scatters and divides by the rest, FSDP2 reduce-scatters with
+    ``AVG``. On two ranks these agree bitwise (``a/2 + b/2 == (b + a)/2``: halving is exact and one
+    sum commutes). On three, the order of the sums and the divisions differ: gradients by a few ulps
+    (measured 3e-8), which Adam turns into parameters up to 4.4e-6 apart after STEPS steps, so the
+    single-process reference's tolerances apply.
+    """
+    bitwise = len(ddp) <= 2
+    for rank, (result, expected) in enumerate(zip(per_rank, ddp, strict=True)):
+        rtol = 0 if bitwise else LOSS_RTOL
+        torch.testing.assert_close(
+            result["losses"],
+            expected["losses"],
+            rtol=rtol,
+            atol=0,
+            msg=lambda m, r=rank: f"rank {r} loss: {m}",
+        )
+        if bitwise:
+            assert result["digests"] == expected["digests"], f"rank {rank}: {result['digests']}"
+        else:
+            assert result["digests"] == per_rank[0]["digests"], f"rank {rank} differs from rank 0"
+    if bitwise:
+        for what in ("first_grads", "params", "optimizer"):
+            # Sorted: FSDP1 lists the members of its flat parameters in its own order.
+            assert_bitwise(dict(sorted(per_rank[0][what].items())), dict(sorted(ddp[0][what].items())), what)
+    else:
+        assert_grads_close(
+            without_key_biases(per_rank[0]["first_grads"]), without_key_biases(ddp[0]["first_grads"])
+        )
+        assert_matches_reference(
+            without_key_biases(per_rank[0]["params"]), without_key_biases(ddp[0]["params"])
+        )
+
+
+@pytest.mark.timeout(300)
+def test_ddp_fsdp1_fsdp2_agree() -> None:
+    """Every fp32 row's baseline (FSDP1 and FSDP2 in each option) trains as DDP does, rank by rank.
+
+    AC cells need no check here: each row holds them bitwise to its baseline.
+    """
+    results = run_on_ranks(cell_on_rank, [PARALLEL_SETUPS[name] for name in AGREEING_ROWS], timeout_s=240)
+    ddp = results[AGREEING_ROWS.index("ddp")]
+    failures = []
+    for name, per_rank in zip(AGREEING_ROWS, results, strict=True):
+        try:
+            check_agrees_with_ddp(per_rank, ddp)
+        except AssertionError as error:
+            failures.append(f"{name}: {error}")
+    assert not failures, f"{len(failures)} rows differ from DDP:\n\n" + "\n\n".join(failures)
+
+
 @pytest.mark.timeout(600)
 def test_matrix_with_torch_compile() -> None:
     """AC inside and outside compiled code, for DDP, FSDP1 and FSDP2, with the aot_eager backend.
@@ -346,15 +408,48 @@ def test_matrix_with_torch_compile() -> None:
     assert not failures, "\n\n".join(failures)
 
 
-def gpu_activation_bytes_on_rank(ctx: RankContext, setup: Setup) -> int:
-    """CUDA memory that the first step's forward and loss hold for backward on this rank."""
+def gpu_activation_bytes_on_rank(ctx: RankContext, setup: Setup) -> dict[str, int]:
+    """CUDA memory that the first step's forward and loss hold for backward on this rank.
+
+    ``held``: what ``memory_allocated`` grew by. ``in_blocks``: the bytes of the distinct CUDA
+    storages that the blocks save for backward and an offload wrapper would move (at least
+    ``DEFAULT_MIN_OFFLOAD_BYTES``, not a parameter), counted without AC only.
+    """
     model = build(ctx, setup)
     tokens = rank_batches(ctx, setup)[0]
+    inside = [0]
+    saved: dict[int, int] = {}
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        base = tensor if tensor._base is None else tensor._base  # linear saves its weight transposed
+        parameter = base.is_leaf and base.requires_grad
+        if inside[0] and tensor.is_cuda and not parameter and storage.nbytes() >= DEFAULT_MIN_OFFLOAD_BYTES:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def enter(module: torch.nn.Module, args: Any) -> None:
+        inside[0] += 1
+
+    def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+        inside[0] -= 1
+
+    blocks = [module for module in model.modules() if isinstance(module, TransformerBlock)]
+    handles = [
+        hook
+        for block in blocks
+        for hook in (block.register_forward_pre_hook(enter), block.register_forward_hook(leave))
+    ]
+    counting = torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor)
     before = torch.cuda.memory_allocated(ctx.device)
-    loss = lm_loss(model, tokens)
+    # Offload's own hooks sit inside the blocks and take precedence, so only the setup without AC counts.
+    with counting if setup.ac is None else contextlib.nullcontext():
+        loss = lm_loss(model, tokens)
     held = torch.cuda.memory_allocated(ctx.device) - before
+    for handle in handles:
+        handle.remove()
     loss.backward()
-    return held
+    return {"held": held, "in_blocks": sum(saved.values())}
 
 
 @pytest.mark.gpu
@@ -363,15 +458,24 @@ def gpu_activation_bytes_on_rank(ctx: RankContext, setup: Setup) -> int:
     torch.cuda.device_count() < suite_nproc(), reason="needs a CUDA GPU per rank (FSDP_AC_NPROC)"
 )
 def test_offload_keeps_activations_off_the_gpu() -> None:
-    """On the CPU offloading has nothing to move, so the rows check only that it changes nothing."""
+    """Offloading frees at least every byte the blocks save without AC, on every rank.
+
+    The copy to the CPU is synchronous, so each saved CUDA tensor of a block is released before the
+    next block runs; the allocator rounds allocations up, so freeing a storage lowers
+    ``memory_allocated`` by at least its size. On the CPU offloading has nothing to move, so the rows
+    check only that it changes nothing.
+    """
     base = PARALLEL_SETUPS["fsdp2-reshard"]
     setups = [base, *(dataclasses.replace(base, ac=ac) for ac in ("offload", "offload_checkpoint"))]
     setups.append(dataclasses.replace(base, ac="offload", ac_first=False))
     results = run_on_ranks(gpu_activation_bytes_on_rank, setups)
-    for setup, per_rank in zip(setups[1:], results[1:], strict=True):
-        for rank, held in enumerate(per_rank):
-            assert held < results[0][rank], (
-                f"{setup!r} on rank {rank}: {held} bytes, {results[0][rank]} without"
+    for rank, without in enumerate(results[0]):
+        assert without["in_blocks"] > 0, f"rank {rank}: the blocks saved no CUDA activations"
+        for setup, per_rank in zip(setups[1:], results[1:], strict=True):
+            freed = without["held"] - per_rank[rank]["held"]
+            assert freed >= without["in_blocks"], (
+                f"{setup!r} on rank {rank}: holds {per_rank[rank]['held']} bytes, {without['held']} "
+                f"without; freed {freed}, but the blocks save {without['in_blocks']}"
             )
 
 
