@@ -353,7 +353,8 @@ def gpu_activation_bytes_on_rank(ctx: RankContext, setup: Setup) -> int:
     torch.cuda.device_count() < suite_nproc(), reason="needs a CUDA GPU per rank (FSDP_AC_NPROC)"
 )
 def test_offload_keeps_activations_off_the_gpu() -> None:
-    """On the CPU offloading has nothing to move, so the rows check only that it changes nothing."""
+    """Offloading frees GPU memory; the rows check that it changes nothing (on CPU, where their
+    offload cells copy CPU tensors into separate CPU memory, too)."""
     base = PARALLEL_SETUPS["fsdp2-reshard"]
     setups = [base, *(dataclasses.replace(base, ac=ac) for ac in ("offload", "offload_checkpoint"))]
     setups.append(dataclasses.replace(base, ac="offload", ac_first=False))
