@@ -40,7 +40,7 @@ from fsdp_ac.names import (
     restore_prefix_on_load,
     strip_prefix_on_save,
 )
-from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, offload_saved_tensors
+from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions, offload_saved_tensors
 from fsdp_ac.policies import (
     ModulePolicy,
     PolicySpec,
@@ -98,6 +98,7 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
             "check_recomputed_values",
             "pin_memory",
             "min_offload_bytes",
+            "copy_cpu_tensors",
         }
     )
     """Public attributes that belong to the wrapper itself; every other public one is forwarded."""
@@ -308,13 +309,17 @@ def _checkpoint_eagerly(
 class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
     """Keeps the activations that the wrapped module saves for backward in CPU memory.
 
-    Parameters, buffers, tensors already on the CPU and tensors below ``min_offload_bytes`` are
-    never copied (see :func:`fsdp_ac.offload.offload_saved_tensors`).
+    Parameters, buffers (and views of either), tensors already on the CPU and tensors below
+    ``min_offload_bytes`` are never copied; tensor subclasses such as DTensor are copied at their
+    local shape (see :mod:`fsdp_ac.offload`).
 
     Args:
         mod: The module to wrap.
-        pin_memory: Offload into page-locked memory (only where CUDA is available).
-        min_offload_bytes: Saved tensors smaller than this stay on their device.
+        pin_memory: Offload into page-locked memory (for tensors on a CUDA device).
+        min_offload_bytes: Saved tensors whose storage is smaller than this stay on their device.
+        copy_cpu_tensors: Also copy saved tensors already in CPU memory, into separate CPU memory.
+            It frees nothing: it lets tests on machines without an accelerator run offloading for
+            real (:attr:`fsdp_ac.offload.OffloadOptions.copy_cpu_tensors`).
 
     Raises:
         ValueError: ``min_offload_bytes`` is negative.
@@ -326,12 +331,13 @@ class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
         *,
         pin_memory: bool = True,
         min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+        copy_cpu_tensors: bool = False,
     ) -> None:
         ActivationWrapper.__init__(self, mod)
-        if min_offload_bytes < 0:
-            raise ValueError(f"min_offload_bytes must be >= 0, got {min_offload_bytes}.")
-        self.pin_memory = pin_memory
-        self.min_offload_bytes = min_offload_bytes
+        options = OffloadOptions(pin_memory, min_offload_bytes, copy_cpu_tensors)
+        self.pin_memory = options.pin_memory
+        self.min_offload_bytes = options.min_offload_bytes
+        self.copy_cpu_tensors = options.copy_cpu_tensors
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the wrapped module with its saved activations offloaded."""
@@ -339,7 +345,10 @@ class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
         if not torch.is_grad_enabled():
             return wrapped(*args, **kwargs)
         with offload_saved_tensors(
-            wrapped, pin_memory=self.pin_memory, min_offload_bytes=self.min_offload_bytes
+            wrapped,
+            pin_memory=self.pin_memory,
+            min_offload_bytes=self.min_offload_bytes,
+            copy_cpu_tensors=self.copy_cpu_tensors,
         ):
             return wrapped(*args, **kwargs)
 
@@ -403,6 +412,7 @@ def offload_wrapper(
     *,
     pin_memory: bool = True,
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+    copy_cpu_tensors: bool = False,
 ) -> nn.Module:
     """Wraps ``module`` so that the activations it saves for backward live in CPU memory.
 
@@ -411,8 +421,10 @@ def offload_wrapper(
 
     Args:
         module: The module to wrap.
-        pin_memory: Offload into page-locked memory (only where CUDA is available).
-        min_offload_bytes: Saved tensors smaller than this stay on their device.
+        pin_memory: Offload into page-locked memory (for tensors on a CUDA device).
+        min_offload_bytes: Saved tensors whose storage is smaller than this stay on their device.
+        copy_cpu_tensors: Also copy saved tensors already in CPU memory (frees nothing; for tests on
+            machines without an accelerator, see :class:`OffloadWrapper`).
 
     Returns:
         An :class:`OffloadWrapper` around ``module``, or ``module`` if it is one already.
@@ -428,7 +440,9 @@ def offload_wrapper(
     _require_module(module, "offload_wrapper")
     if isinstance(module, _torch_wrappers.OffloadWrapper):
         return module
-    return OffloadWrapper(module, pin_memory=pin_memory, min_offload_bytes=min_offload_bytes)
+    return OffloadWrapper(
+        module, pin_memory=pin_memory, min_offload_bytes=min_offload_bytes, copy_cpu_tensors=copy_cpu_tensors
+    )
 
 
 def apply_activation_checkpointing(

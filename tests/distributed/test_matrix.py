@@ -462,8 +462,8 @@ def test_offload_keeps_activations_off_the_gpu() -> None:
 
     The copy to the CPU is synchronous, so each saved CUDA tensor of a block is released before the
     next block runs; the allocator rounds allocations up, so freeing a storage lowers
-    ``memory_allocated`` by at least its size. On the CPU offloading has nothing to move, so the rows
-    check only that it changes nothing.
+    ``memory_allocated`` by at least its size. On the CPU the rows' offload cells copy CPU tensors into
+    separate CPU memory (``copy_cpu_tensors=True``), so they check that real copies change nothing.
     """
     base = PARALLEL_SETUPS["fsdp2-reshard"]
     setups = [base, *(dataclasses.replace(base, ac=ac) for ac in ("offload", "offload_checkpoint"))]

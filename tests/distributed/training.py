@@ -74,11 +74,15 @@ AC_WRAPPERS: dict[str, Callable[[], Callable[[nn.Module], nn.Module]]] = {
     "no_reentrant": lambda: partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
     "reentrant": lambda: partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.REENTRANT),
     "selective": lambda: SelectiveCheckpoint("default"),
-    "offload": lambda: offload_wrapper,
-    "offload_checkpoint": lambda: lambda module: offload_wrapper(checkpoint_wrapper(module)),
+    "offload": lambda: partial(offload_wrapper, copy_cpu_tensors=True),
+    "offload_checkpoint": lambda: (
+        lambda module: offload_wrapper(checkpoint_wrapper(module), copy_cpu_tensors=True)
+    ),
 }
 """Activation wrappers by the name a :class:`Setup` uses, as factories: a selective policy learns
-per model, so each build gets a fresh one."""
+per model, so each build gets a fresh one. Offload copies CPU tensors too (``copy_cpu_tensors``), so
+that on gloo its cells move activations for real, into separate CPU memory; on GPUs it changes
+nothing, as every activation is on the GPU."""
 
 AC_CLASSES = {
     "no_reentrant": ("CheckpointWrapper",),
