@@ -452,18 +452,35 @@ class RecomputeRegion:
             _RECOMPUTING.reset(token)
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        modules = self._modules = _submodules(self.module)
-        buffers = [(b, b._version) for m in modules for b in m._buffers.values() if b is not None]
-        hook_dicts = list(_hook_dicts(modules))
+        # One pass over the region's modules (this runs on every call): its buffers with their
+        # versions, its hook dicts, and the running statistics that change without a version bump.
+        modules = [self.module]
+        seen = {id(self.module)}
+        buffers: list[tuple[torch.Tensor, int]] = []
+        hook_dicts: list[dict[int, Callable[..., Any]]] = []
+        statistics: list[torch.Tensor] = []
+        for module in modules:
+            for child in module._modules.values():
+                if child is not None and id(child) not in seen:
+                    seen.add(id(child))
+                    modules.append(child)
+            if module._buffers:
+                buffers += [(b, b._version) for b in module._buffers.values() if b is not None]
+                statistics += _running_statistics(module)
+            if module._forward_pre_hooks:
+                hook_dicts.append(module._forward_pre_hooks)
+            if module._forward_hooks:
+                hook_dicts.append(module._forward_hooks)
+        self._modules = modules
         audit = self._audit.recording() if self._audit is not None else _NO_CONTEXT
         guard = _RandomOpGuard(self.name) if self.guard_random_ops else _NO_CONTEXT
         hooks = _swapped_hooks(hook_dicts, self._recorder) if hook_dicts else _NO_CONTEXT
         with audit, guard, hooks:
             output = self.module(*args, **kwargs)
-        mutated = {id(b): b for b, version in buffers if b._version != version}
-        for module in modules:
-            mutated.update((id(b), b) for b in _running_statistics(module))
-        self._mutated_buffers = list(mutated.values())
+        if buffers:
+            mutated = {id(b): b for b in statistics}
+            mutated.update((id(b), b) for b, version in buffers if b._version != version)
+            self._mutated_buffers = list(mutated.values())
         return output
 
     def _recorder(
@@ -497,7 +514,6 @@ class RecomputeRegion:
                 self._audit.check_count()
             return output
         finally:
-            with torch.no_grad():
-                for buffer, value in snapshot:
-                    # .data writes without bumping the version autograd checks saved tensors against.
-                    buffer.data.copy_(value)
+            for buffer, value in snapshot:
+                # .data writes without bumping the version autograd checks saved tensors against.
+                buffer.data.copy_(value)

@@ -657,13 +657,17 @@ def _refuse_nested_wrappers_in_flat_unit(parent: nn.Module, wrapper: nn.Module, 
 def _refuse_stateful_cache(region_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """A key/value cache the region appends to would be appended to again by the replay."""
     for value in (*args, *kwargs.values()):
-        cls = type(value)
-        if cls.__module__.startswith("transformers") and cls.__name__.endswith("Cache"):
+        if _is_hugging_face_cache(type(value)):
             raise ValueError(
-                f"Checkpointed region '{region_name}' was called with a Hugging Face {cls.__name__}; "
-                "its recomputation in backward would append to the cache a second time. Train with "
-                "use_cache=False (model(..., use_cache=False) or model.config.use_cache = False)."
+                f"Checkpointed region '{region_name}' was called with a Hugging Face "
+                f"{type(value).__name__}; its recomputation in backward would append to the cache a "
+                "second time. Train with use_cache=False (model(..., use_cache=False) or "
+                "model.config.use_cache = False)."
             )
+
+
+def _is_hugging_face_cache(cls: type) -> bool:
+    return cls.__name__.endswith("Cache") and cls.__module__.startswith("transformers")
 
 
 def _refuse_unsupported_ddp(wrapper: CheckpointWrapper) -> None:
