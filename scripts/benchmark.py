@@ -39,7 +39,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -340,7 +340,7 @@ def cost_record(
     args: argparse.Namespace,
     name: str,
     blocks: int | None,
-    calls: dict[str, Callable[[], object]],
+    calls: Mapping[str, Callable[[], object]],
     calls_per_sample: int,
     target: float | None,
 ) -> CostRecord:
@@ -491,11 +491,15 @@ def print_costs(args: argparse.Namespace, costs: list[CostRecord]) -> None:
     for name in ("state_dict", "load_state_dict"):
         rows = [c for c in costs if c.name == name and c.blocks]
         if rows:
+            wrapped_us: dict[str, Callable[[CostRecord], float]] = {
+                "torch": lambda c: c.torch_us,
+                "fsdp_ac": lambda c: c.fsdp_ac_us,
+            }
             added = {
                 variant: ", ".join(
-                    f"{(getattr(c, variant + '_us') - c.plain_us) / c.blocks:.1f} at {c.blocks}" for c in rows
+                    f"{(us(c) - c.plain_us) / (c.blocks or 1):.1f} at {c.blocks}" for c in rows
                 )
-                for variant in ("torch", "fsdp_ac")
+                for variant, us in wrapped_us.items()
             }
             print(
                 f"{name}(): us the wrappers add per block: torch {added['torch']} blocks; "

@@ -335,7 +335,7 @@ class CountingDict(OrderedDict[str, Any]):
         self.visits += 1
         super().__setitem__(key, value)
 
-    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+    def pop(self, key: str, *default: Any) -> Any:
         self.visits += 1
         return super().pop(key, *default)
 
