@@ -13,7 +13,7 @@ legacy one that still carries the prefix (what older tools wrote). It never doub
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -23,7 +23,20 @@ WRAPPED_MODULE_ATTR = "_checkpoint_wrapped_module"
 """Attribute under which a wrapper keeps its module; torch's FSDP and DCP key off this name."""
 
 _WRAPPED_SEGMENT = WRAPPED_MODULE_ATTR + "."
-_PENDING_ERRORS_ATTR = "_fsdp_ac_pending_load_errors"
+_PENDING_REPORT_ATTR = "_fsdp_ac_pending_load_report"
+
+
+class _PendingReport(NamedTuple):
+    """What a wrapper's load pre-hook leaves for its post-hook: where its subtree's report begins."""
+
+    error_msgs: list[str]
+    """The load call's error messages; the post-hook gets the key lists but not this one."""
+    missing_start: int
+    """Length of the load call's missing keys when the wrapper's subtree began loading."""
+    unexpected_start: int
+    """Length of its unexpected keys then."""
+    error_start: int
+    """Length of its error messages then."""
 
 
 def clean_name(name: str) -> str:
@@ -81,25 +94,57 @@ def strip_prefix_on_save(
     """State-dict post-hook: rewrites ``{prefix}_checkpoint_wrapped_module.*`` as ``{prefix}*``.
 
     The key order is kept, so a clean state dict lists tensors exactly as an unwrapped model does.
-    Version metadata moves with the keys, which a plain model's ``load_state_dict`` reads.
+    Version metadata moves with the keys, which a plain model's ``load_state_dict`` reads; the wrapped
+    module's version replaces the wrapper's, since it is the one that describes the tensors.
+
+    Only this wrapper's subtree is visited (see :func:`_strip_trailing`), so ``state_dict()`` of a
+    model with one wrapper per block costs time linear in its number of keys.
     """
     del module, local_metadata
-    wrapped_prefix = prefix + _WRAPPED_SEGMENT
-    keys = list(state_dict.keys())
-    if not any(key.startswith(wrapped_prefix) for key in keys):
-        return
-    # Rebuild in place so the caller's dict object (and its order) is what it gets back.
-    items = [(key, state_dict.pop(key)) for key in keys]
-    for key, value in items:
-        if key.startswith(wrapped_prefix):
-            key = prefix + key[len(wrapped_prefix) :]
-        state_dict[key] = value
+    _strip_trailing(state_dict, prefix)
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
-        wrapped_meta = prefix + WRAPPED_MODULE_ATTR
-        for meta_key in [k for k in metadata if k == wrapped_meta or k.startswith(wrapped_meta + ".")]:
-            # The wrapped module's entry replaces the wrapper's: its version is the one that matters.
-            metadata[clean_name(meta_key)] = metadata.pop(meta_key)
+        _strip_trailing(metadata, prefix)
+
+
+def _strip_trailing(mapping: MutableMapping[str, Any], prefix: str) -> None:
+    """Removes the wrapper's segment after ``prefix`` from the trailing keys under ``prefix``.
+
+    ``{prefix}_checkpoint_wrapped_module.{rest}`` becomes ``{prefix}{rest}``, and the metadata entry
+    ``{prefix}_checkpoint_wrapped_module`` (a module name has no trailing dot) becomes the wrapper's
+    own entry. Keys keep their order; a new key that already exists earlier takes that key's place,
+    as with the dict's own assignment.
+
+    ``nn.Module.state_dict`` inserts a module's keys and ``_metadata`` entries last, just before it
+    runs the module's post-hooks, so the trailing run of keys under ``prefix`` is the wrapper's
+    subtree. Visiting only that run, instead of every key, is what keeps a model with one wrapper per
+    block linear in its number of keys.
+
+    Args:
+        mapping: The state dict or its ``_metadata``.
+        prefix: The wrapper's prefix, ending with a dot unless the wrapper is the root.
+    """
+    wrapped = prefix + WRAPPED_MODULE_ATTR
+    wrapped_prefix = wrapped + "."
+    cut = len(wrapped_prefix)
+    tail: list[str] = []
+    for key in reversed(mapping) if isinstance(mapping, dict) else reversed(list(mapping)):
+        if not key.startswith(prefix):
+            break
+        tail.append(key)
+    # The tail is newest first; find the oldest key to rename. Popping it and every later key and
+    # inserting them again keeps the caller's dict object and the relative order of all keys.
+    first = 0
+    for i, key in enumerate(tail):
+        if key.startswith(wrapped_prefix) or key == wrapped:
+            first = i + 1
+    items = [(key, mapping.pop(key)) for key in reversed(tail[:first])]
+    for key, value in items:
+        if key.startswith(wrapped_prefix):
+            key = prefix + key[cut:]
+        elif key == wrapped:
+            key = prefix[:-1]
+        mapping[key] = value
 
 
 def restore_prefix_on_load(
@@ -116,15 +161,20 @@ def restore_prefix_on_load(
 
     A key that already goes through ``_checkpoint_wrapped_module`` (a legacy checkpoint) is left as it
     is, so the prefix is never doubled. The wrapper owns no tensors itself, so every other key under
-    ``prefix`` belongs to the wrapped module.
+    ``prefix`` belongs to the wrapped module. torch passes a module's load hooks only the keys under
+    its prefix, so this visits the wrapper's subtree, once per enclosing wrapper: a load costs time
+    linear in the number of keys.
 
     Raises:
         ValueError: The state dict holds both the clean and the prefixed spelling of one key.
     """
-    del local_metadata, strict, missing_keys, unexpected_keys
-    # Load errors are appended by the wrapped module's own loading, which runs after this hook; the
-    # post-hook cleans them, so it needs this call's list.
-    setattr(module, _PENDING_ERRORS_ATTR, error_msgs)
+    del local_metadata, strict
+    # The wrapped module's loading, which runs after this hook, appends its missing and unexpected
+    # keys and load errors to these lists (shared by the whole load_state_dict call); the post-hook
+    # cleans what was appended from here on, so each entry is cleaned once per enclosing wrapper.
+    module.__dict__[_PENDING_REPORT_ATTR] = _PendingReport(
+        error_msgs, len(missing_keys), len(unexpected_keys), len(error_msgs)
+    )
     wrapped_prefix = prefix + _WRAPPED_SEGMENT
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(wrapped_prefix)]:
         new_key = wrapped_prefix + key[len(prefix) :]
@@ -137,9 +187,19 @@ def restore_prefix_on_load(
 
 
 def clean_load_report(module: nn.Module, incompatible_keys: Any) -> None:
-    """Load post-hook: reports missing and unexpected keys, and load errors, in clean names."""
-    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
-        keys[:] = [clean_name(key) for key in keys]
-    error_msgs = module.__dict__.pop(_PENDING_ERRORS_ATTR, None)
-    if error_msgs:
-        error_msgs[:] = [msg.replace(_WRAPPED_SEGMENT, "") for msg in error_msgs]
+    """Load post-hook: reports missing and unexpected keys, and load errors, in clean names.
+
+    Only the entries appended while the wrapper's subtree loaded are rewritten (the lists belong to the
+    whole ``load_state_dict`` call), so a load that reports many keys stays linear in their number.
+    """
+    pending: _PendingReport | None = module.__dict__.pop(_PENDING_REPORT_ATTR, None)
+    missing, unexpected = incompatible_keys.missing_keys, incompatible_keys.unexpected_keys
+    # Without the pre-hook's record (torch always runs it first), every entry is cleaned.
+    missing_start, unexpected_start = (
+        (0, 0) if pending is None else (pending.missing_start, pending.unexpected_start)
+    )
+    missing[missing_start:] = [clean_name(key) for key in missing[missing_start:]]
+    unexpected[unexpected_start:] = [clean_name(key) for key in unexpected[unexpected_start:]]
+    if pending is not None:
+        errors, start = pending.error_msgs, pending.error_start
+        errors[start:] = [msg.replace(_WRAPPED_SEGMENT, "") for msg in errors[start:]]

@@ -1,21 +1,33 @@
-"""Benchmarks activation checkpointing variants on the reference GPT: step time and activation memory.
+"""Benchmarks activation checkpointing: step time and activation memory, and fsdp_ac's costs against torch's.
 
-Run it as ``make bench`` (``python scripts/benchmark.py``). Every variant is a copy of one model
-(same weights, same batch) run in this one process. Each round runs every variant once, in an order
-that rotates from round to round, so that machine noise hits all variants alike; the step time of a
-variant is its median over the rounds. A step is the forward, the loss and the backward (what
-activation checkpointing changes). The activation memory is what the forward and the loss hold for
-backward, measured deterministically by :class:`fsdp_ac.ActivationMemoryMeter` on a separate step,
-whose gradients are also compared bitwise with those of ``no_ac``.
+Run it as ``make bench`` (``python scripts/benchmark.py``). It has three parts, each a set of records;
+``--only`` runs some of them (``--only overhead,state_dict`` takes seconds):
 
-By default the step time is the process CPU time with one thread: on a small shared machine, wall
-time also counts the time other processes hold the cores, which is noise to this comparison;
-``--clock wall`` measures wall time instead. Both are printed.
+- ``steps``: AC variants of the reference GPT. Every variant is a copy of one model (same weights,
+  same batch) run in this one process. A step is the forward, the loss and the backward (what
+  activation checkpointing changes). The activation memory is what the forward and the loss hold for
+  backward, measured deterministically by :class:`fsdp_ac.ActivationMemoryMeter` on a separate step,
+  whose gradients are also compared bitwise with those of ``no_ac``.
+- ``overhead``: the cost of a wrapper per call: forward and backward of a 2-layer MLP of width 64 on a
+  batch of 8, unwrapped, in torch's ``checkpoint_wrapper`` and in fsdp_ac's. The module is small so
+  that the wrapper's own work, not the arithmetic, decides the ratio.
+- ``state_dict``: ``state_dict()`` and ``load_state_dict()`` of a model of 24 and of 96 blocks (two
+  Linear layers each), without wrappers, with torch's wrapper on every block and with fsdp_ac's.
 
-``--json PATH`` writes a list of records ``{"name", "time_ratio", "memory_ratio", "step_ms",
-"activation_bytes"}`` (ratios to ``no_ac``); ``--check`` exits with status 1 when a target is missed:
-``fsdp_ac_full`` holds no more memory than ``torch_full`` at a time ratio within 3% of it, and
-``fsdp_ac_selective`` holds at most 0.60 of ``no_ac``'s memory at a time ratio of at most 1.06.
+Each timed round runs every variant once, in an order that rotates from round to round, so that
+machine noise hits all variants alike; a variant's time is its median over the rounds. By default the
+time is the process CPU time with one thread: on a small shared machine, wall time also counts the
+time other processes hold the cores, which is noise to this comparison; ``--clock wall`` measures
+wall time instead.
+
+``--json PATH`` writes ``{"steps": [...], "costs": [...]}``: step records ``{"name", "time_ratio",
+"memory_ratio", "step_ms", "activation_bytes"}`` (ratios to ``no_ac``) and cost records ``{"name",
+"blocks", "plain_us", "torch_us", "fsdp_ac_us", "ratio", "target"}`` (ratio: fsdp_ac to torch).
+``--check`` exits with status 1 when a target is missed: ``fsdp_ac_full`` holds no more memory than
+``torch_full`` at a time ratio within 3% of it, ``fsdp_ac_selective`` holds at most 0.60 of ``no_ac``'s
+memory at a time ratio of at most 1.06, a call through fsdp_ac's wrapper takes at most 1.10 times as
+long as through torch's, and ``state_dict()`` and ``load_state_dict()`` of the 96-block model at most
+1.25 times as long.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -36,20 +48,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 
-from fsdp_ac import ActivationMemoryMeter, ModulePolicy, SelectiveCheckpoint, apply_activation_checkpointing
+from fsdp_ac import (
+    ActivationMemoryMeter,
+    ModulePolicy,
+    SelectiveCheckpoint,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
 from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
 
 MIB = 2**20
 BLOCKS = ModulePolicy({TransformerBlock})
 
 
-def _torch_full(model: nn.Module) -> None:
+def _torch_full(model: nn.Module, block: type[nn.Module] = TransformerBlock) -> None:
+    """Wraps every ``block`` of ``model`` in torch's own (non-reentrant) ``checkpoint_wrapper``."""
     torch_wrappers.apply_activation_checkpointing(
         model,
         checkpoint_wrapper_fn=partial(
             torch_wrappers.checkpoint_wrapper, checkpoint_impl=torch_wrappers.CheckpointImpl.NO_REENTRANT
         ),
-        check_fn=lambda m: isinstance(m, TransformerBlock),
+        check_fn=lambda m: isinstance(m, block),
     )
 
 
@@ -90,6 +109,68 @@ class Record:
     """Bytes the forward and the loss hold for backward."""
 
 
+PARTS = ("steps", "overhead", "state_dict")
+"""The parts of the benchmark, in the order they run; ``--only`` picks some."""
+
+COST_VARIANTS = ("plain", "torch", "fsdp_ac")
+"""The module unwrapped, in torch's ``checkpoint_wrapper`` and in fsdp_ac's."""
+
+OVERHEAD_WIDTH, OVERHEAD_BATCH, OVERHEAD_CALLS = 64, 8, 20
+"""The MLP of the overhead record, its batch, and how many calls one timed sample makes."""
+
+STATE_DICT_BLOCKS, STATE_DICT_WIDTH = (24, 96), 32
+"""Sizes of the state-dict model (the targets apply to the largest) and the width of its layers."""
+
+COST_WARMUP = 10
+"""Untimed rounds before each cost record's timed ones."""
+
+OVERHEAD_TARGET, STATE_DICT_TARGET = 1.10, 1.25
+"""Most that fsdp_ac may take, as a multiple of torch's time: per call, and per state-dict call."""
+
+
+@dataclass(frozen=True)
+class CostRecord:
+    """One cost of fsdp_ac's wrapper against torch's, as ``--json`` writes it."""
+
+    name: str
+    """``forward_backward``, ``state_dict`` or ``load_state_dict``."""
+    blocks: int | None
+    """Wrapped blocks in the model; None for the per-call record."""
+    plain_us: float
+    """Median microseconds per call without wrappers."""
+    torch_us: float
+    """The same with torch's ``checkpoint_wrapper``."""
+    fsdp_ac_us: float
+    """The same with fsdp_ac's ``checkpoint_wrapper``."""
+    ratio: float
+    """fsdp_ac_us divided by torch_us."""
+    target: float | None
+    """Largest ratio that meets the target; None where there is none (the smaller state-dict model)."""
+
+
+class StackedBlock(nn.Module):
+    """A block of the state-dict model: two Linear layers."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x))
+
+
+def stacked_model(blocks: int, width: int = STATE_DICT_WIDTH) -> nn.Module:
+    """An input layer, ``blocks`` blocks in a ModuleList and an output layer: how deep models nest."""
+    return nn.ModuleDict(
+        {
+            "embed": nn.Linear(width, width),
+            "layers": nn.ModuleList(StackedBlock(width) for _ in range(blocks)),
+            "head": nn.Linear(width, width),
+        }
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses the command line; the defaults are the reference model of the benchmark."""
     parser = argparse.ArgumentParser(
@@ -112,6 +193,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=",".join(DEFAULT_VARIANTS),
         help=f"'all', or a comma-separated subset of {', '.join(VARIANTS)} (no_ac always runs)",
     )
+    parser.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"a comma-separated subset of {', '.join(PARTS)} (default: all)",
+    )
+    parser.add_argument(
+        "--cost-repeats",
+        type=int,
+        default=201,
+        help="timed rounds of the overhead and state_dict parts (default: 201)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the records to PATH as JSON")
     parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -120,8 +212,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--repeats and --threads must be >= 1 and --warmup >= 0")
+    unknown = [part for part in args.only.split(",") if part not in PARTS]
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
+    if args.repeats < 1 or args.cost_repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats, --cost-repeats and --threads must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -131,13 +226,53 @@ def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
+def clocked(fn: Callable[[], object], calls: int = 1) -> tuple[float, float]:
+    """Runs ``fn`` ``calls`` times; returns the (CPU, wall) time of one call in milliseconds."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(calls):
+        fn()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return cpu * 1e3 / calls, wall * 1e3 / calls
+
+
 def timed_step(model: nn.Module, tokens: torch.Tensor) -> tuple[float, float]:
     """Runs one forward, loss and backward; returns its (CPU, wall) time in milliseconds."""
-    cpu, wall = time.process_time(), time.perf_counter()
-    lm_loss(model, tokens).backward()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    times = clocked(lambda: lm_loss(model, tokens).backward())
     model.zero_grad(set_to_none=True)
-    return cpu * 1e3, wall * 1e3
+    return times
+
+
+def interleaved(
+    names: Sequence[str], rounds: int, timed: Callable[[str], tuple[float, float]]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Times every variant once per round; returns each variant's (CPU, wall) times, one per round.
+
+    Each round starts one variant later than the round before, so that machine noise hits all
+    variants alike.
+
+    Args:
+        names: The variants.
+        rounds: How many rounds to run.
+        timed: Runs one variant and returns its (CPU, wall) time.
+    """
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    # A garbage collection inside a timed call would be charged to whichever variant ran it, so the
+    # collector runs between rounds only. With automatic collection off, what a round leaves behind
+    # stays in the youngest generation: collecting that one is enough, and takes microseconds where
+    # a full collection takes about 0.1 s, longer than a round of the cost records.
+    gc.collect()
+    for i in range(rounds):
+        gc.collect(0)
+        gc.disable()
+        try:
+            for name in [*names[i % len(names) :], *names[: i % len(names)]]:
+                c, w = timed(name)
+                cpu[name].append(c)
+                wall[name].append(w)
+        finally:
+            gc.enable()
+    return cpu, wall
 
 
 def metered_step(model: nn.Module, tokens: torch.Tensor) -> tuple[int, list[torch.Tensor | None]]:
@@ -153,7 +288,6 @@ def metered_step(model: nn.Module, tokens: torch.Tensor) -> tuple[int, list[torc
 
 def run(args: argparse.Namespace) -> tuple[list[Record], dict[str, float], dict[str, bool]]:
     """Builds the variants, measures them interleaved; returns records, wall ms and gradient checks."""
-    torch.set_num_threads(args.threads)
     config = GPTConfig(
         vocab_size=args.vocab,
         max_seq_len=args.seq,
@@ -172,12 +306,10 @@ def run(args: argparse.Namespace) -> tuple[list[Record], dict[str, float], dict[
         models[name] = copy.deepcopy(reference)
         VARIANTS[name](models[name])
 
-    def rounds(count: int) -> list[list[str]]:
-        return [names[i % len(names) :] + names[: i % len(names)] for i in range(count)]
+    def timed(name: str) -> tuple[float, float]:
+        return timed_step(models[name], tokens)
 
-    for order in rounds(args.warmup):
-        for name in order:
-            timed_step(models[name], tokens)
+    interleaved(names, args.warmup, timed)
     held: dict[str, int] = {}
     grads_equal: dict[str, bool] = {}
     expected: list[torch.Tensor | None] = []
@@ -188,19 +320,7 @@ def run(args: argparse.Namespace) -> tuple[list[Record], dict[str, float], dict[
             g is not None and e is not None and torch.equal(g, e)
             for g, e in zip(grads, expected, strict=False)
         )
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    wall: dict[str, list[float]] = {name: [] for name in names}
-    for order in rounds(args.repeats):
-        # A garbage collection inside a timed step would be charged to whichever variant ran it.
-        gc.collect()
-        gc.disable()
-        try:
-            for name in order:
-                c, w = timed_step(models[name], tokens)
-                cpu[name].append(c)
-                wall[name].append(w)
-        finally:
-            gc.enable()
+    cpu, wall = interleaved(names, args.repeats, timed)
     chosen = cpu if args.clock == "cpu" else wall
     step = {name: statistics.median(chosen[name]) for name in names}
     records = [
@@ -214,6 +334,75 @@ def run(args: argparse.Namespace) -> tuple[list[Record], dict[str, float], dict[
         for name in names
     ]
     return records, {name: statistics.median(wall[name]) for name in names}, grads_equal
+
+
+def cost_record(
+    args: argparse.Namespace,
+    name: str,
+    blocks: int | None,
+    calls: Mapping[str, Callable[[], object]],
+    calls_per_sample: int,
+    target: float | None,
+) -> CostRecord:
+    """Times one call of each of COST_VARIANTS, interleaved, and returns the record."""
+
+    def timed(variant: str) -> tuple[float, float]:
+        return clocked(calls[variant], calls_per_sample)
+
+    interleaved(COST_VARIANTS, COST_WARMUP, timed)
+    cpu, wall = interleaved(COST_VARIANTS, args.cost_repeats, timed)
+    chosen = cpu if args.clock == "cpu" else wall
+    us = {variant: statistics.median(chosen[variant]) * 1e3 for variant in COST_VARIANTS}
+    return CostRecord(
+        name=name,
+        blocks=blocks,
+        plain_us=us["plain"],
+        torch_us=us["torch"],
+        fsdp_ac_us=us["fsdp_ac"],
+        ratio=us["fsdp_ac"] / us["torch"],
+        target=target,
+    )
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor) -> None:
+    """One forward and backward of ``module``; gradients accumulate, the same work for every variant."""
+    module(x).sum().backward()
+
+
+def overhead_records(args: argparse.Namespace) -> list[CostRecord]:
+    """The per-call record: forward and backward of a small MLP through each wrapper."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(OVERHEAD_WIDTH, OVERHEAD_WIDTH), nn.ReLU(), nn.Linear(OVERHEAD_WIDTH, OVERHEAD_WIDTH)
+    )
+    modules = {
+        "plain": mlp,
+        "torch": torch_wrappers.checkpoint_wrapper(copy.deepcopy(mlp)),
+        "fsdp_ac": checkpoint_wrapper(copy.deepcopy(mlp)),
+    }
+    x = torch.randn(OVERHEAD_BATCH, OVERHEAD_WIDTH)
+    calls = {variant: partial(forward_backward, module, x) for variant, module in modules.items()}
+    return [cost_record(args, "forward_backward", None, calls, OVERHEAD_CALLS, OVERHEAD_TARGET)]
+
+
+def state_dict_records(args: argparse.Namespace) -> list[CostRecord]:
+    """``state_dict()`` and ``load_state_dict()`` of the stacked model at each size, per variant."""
+    records = []
+    for blocks in STATE_DICT_BLOCKS:
+        torch.manual_seed(0)
+        plain = stacked_model(blocks)
+        torch_wrapped, fsdp_ac_wrapped = copy.deepcopy(plain), copy.deepcopy(plain)
+        _torch_full(torch_wrapped, StackedBlock)
+        apply_activation_checkpointing(fsdp_ac_wrapped, auto_wrap_policy=ModulePolicy({StackedBlock}))
+        models = {"plain": plain, "torch": torch_wrapped, "fsdp_ac": fsdp_ac_wrapped}
+        # Clean keys, which every variant loads: what a plain model or fsdp_ac writes.
+        state = plain.state_dict()
+        target = STATE_DICT_TARGET if blocks == max(STATE_DICT_BLOCKS) else None
+        saves = {variant: model.state_dict for variant, model in models.items()}
+        loads = {variant: partial(model.load_state_dict, state) for variant, model in models.items()}
+        records.append(cost_record(args, "state_dict", blocks, saves, 1, target))
+        records.append(cost_record(args, "load_state_dict", blocks, loads, 1, target))
+    return records
 
 
 def check_targets(records: list[Record]) -> list[tuple[str, bool]]:
@@ -243,11 +432,24 @@ def check_targets(records: list[Record]) -> list[tuple[str, bool]]:
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the benchmark and prints the table; returns the exit status."""
-    args = parse_args(argv)
-    started = time.perf_counter()
-    records, wall_ms, grads_equal = run(args)
+def cost_label(cost: CostRecord) -> str:
+    """The record's name, with the model's size where it has one."""
+    return cost.name if cost.blocks is None else f"{cost.name} ({cost.blocks} blocks)"
+
+
+def check_cost_targets(costs: list[CostRecord]) -> list[tuple[str, bool]]:
+    """The targets of the cost records, each with whether it is met."""
+    return [
+        (f"{cost_label(c)}: fsdp_ac/torch {c.ratio:.3f} <= {c.target:.2f}", c.ratio <= c.target)
+        for c in costs
+        if c.target is not None
+    ]
+
+
+def print_steps(
+    args: argparse.Namespace, records: list[Record], wall_ms: dict[str, float], grads_equal: dict[str, bool]
+) -> None:
+    """Prints the table of the steps part."""
     print(
         f"Reference GPT: {args.layers} pre-LN blocks, d_model {args.d_model}, {args.heads} heads, "
         f"seq {args.seq}, batch {args.batch}, vocab {args.vocab}, fp32, causal SDPA, 4x GELU MLP.\n"
@@ -262,13 +464,78 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r.name:<20} {r.time_ratio:>10.3f} {r.memory_ratio:>12.3f} {r.step_ms:>9.1f} "
             f"{wall_ms[r.name]:>9.1f} {r.activation_bytes / MIB:>14.2f}  {grads}"
         )
-    targets = check_targets(records)
+
+
+def print_costs(args: argparse.Namespace, costs: list[CostRecord]) -> None:
+    """Prints the table of the overhead and state_dict parts, and what the wrappers add per block."""
+    width = STATE_DICT_WIDTH
+    print(
+        f"Costs against torch's checkpoint_wrapper: median {args.clock.upper()} time per call, "
+        f"{COST_WARMUP} warm-up and {args.cost_repeats} timed rounds, variants interleaved.\n"
+        f"forward_backward: 2-layer MLP of width {OVERHEAD_WIDTH}, batch {OVERHEAD_BATCH}, "
+        f"{OVERHEAD_CALLS} calls per sample; state dicts: Linear({width}, {width}), blocks of two "
+        f"Linear({width}, {width}) in a ModuleList, Linear({width}, {width})."
+    )
+    print(
+        f"{'record':<18} {'blocks':>6} {'plain_us':>10} {'torch_us':>10} {'fsdp_ac_us':>10} "
+        f"{'ratio':>7} {'target':>7}"
+    )
+    for c in costs:
+        target = "" if c.target is None else f"{c.target:.2f}"
+        print(
+            f"{c.name:<18} {c.blocks or '':>6} {c.plain_us:>10.1f} {c.torch_us:>10.1f} {c.fsdp_ac_us:>10.1f} "
+            f"{c.ratio:>7.3f} {target:>7}"
+        )
+    # What the wrappers add per block: constant for a cost linear in the number of keys, growing with
+    # the number of blocks for one that is quadratic.
+    for name in ("state_dict", "load_state_dict"):
+        rows = [c for c in costs if c.name == name and c.blocks]
+        if rows:
+            wrapped_us: dict[str, Callable[[CostRecord], float]] = {
+                "torch": lambda c: c.torch_us,
+                "fsdp_ac": lambda c: c.fsdp_ac_us,
+            }
+            added = {
+                variant: ", ".join(
+                    f"{(us(c) - c.plain_us) / (c.blocks or 1):.1f} at {c.blocks}" for c in rows
+                )
+                for variant, us in wrapped_us.items()
+            }
+            print(
+                f"{name}(): us the wrappers add per block: torch {added['torch']} blocks; "
+                f"fsdp_ac {added['fsdp_ac']} blocks"
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the chosen parts of the benchmark and prints their tables; returns the exit status."""
+    args = parse_args(argv)
+    parts = args.only.split(",")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    records: list[Record] = []
+    costs: list[CostRecord] = []
+    targets: list[tuple[str, bool]] = []
+    grads_equal: dict[str, bool] = {}
+    if "steps" in parts:
+        records, wall_ms, grads_equal = run(args)
+        print_steps(args, records, wall_ms, grads_equal)
+        targets += check_targets(records)
+    if "overhead" in parts:
+        costs += overhead_records(args)
+    if "state_dict" in parts:
+        costs += state_dict_records(args)
+    if costs:
+        print_costs(args, costs)
+        targets += check_cost_targets(costs)
     for text, met in targets:
         print(f"target {'met' if met else 'MISSED'}: {text}")
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
-            json.dump([asdict(r) for r in records], file, indent=2)
+            json.dump(
+                {"steps": [asdict(r) for r in records], "costs": [asdict(c) for c in costs]}, file, indent=2
+            )
             file.write("\n")
     failed = not all(grads_equal.values()) or (args.check and not all(met for _, met in targets))
     return 1 if failed else 0

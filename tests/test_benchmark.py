@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end on a tiny model and writes valid records (nothing is timed)."""
+"""The benchmark script runs end to end on tiny settings and writes valid records (no time is checked)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ REQUIRED = [
     "torchtitan_op_sac",
     "fsdp_ac_selective",
 ]
+COST_RECORDS = [
+    ("forward_backward", None, 1.10),
+    ("state_dict", 24, None),
+    ("load_state_dict", 24, None),
+    ("state_dict", 96, 1.25),
+    ("load_state_dict", 96, 1.25),
+]
+COST_FIELDS = {"name", "blocks", "plain_us", "torch_us", "fsdp_ac_us", "ratio", "target"}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +44,11 @@ def test_tiny_run_writes_the_records(
     bench_script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "bench.json"
-    assert bench_script.main([*TINY, "--repeats", "1", "--warmup", "1", "--json", str(out)]) == 0
-    records = json.loads(out.read_text())
+    argv = [*TINY, "--repeats", "1", "--warmup", "1", "--cost-repeats", "1", "--json", str(out)]
+    assert bench_script.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"steps", "costs"}
+    records = result["steps"]
     assert [r["name"] for r in records] == REQUIRED
     for record in records:
         assert set(record) == {"name", "time_ratio", "memory_ratio", "step_ms", "activation_bytes"}
@@ -53,11 +64,40 @@ def test_tiny_run_writes_the_records(
     table = capsys.readouterr().out
     assert "bitwise equal" in table and "DIFFER" not in table
     assert "target met: fsdp_ac_full memory" in table
+    costs = result["costs"]
+    assert [(c["name"], c["blocks"], c["target"]) for c in costs] == COST_RECORDS
+    for cost in costs:
+        assert set(cost) == COST_FIELDS
+        assert min(cost["plain_us"], cost["torch_us"], cost["fsdp_ac_us"]) > 0
+        assert cost["ratio"] == pytest.approx(cost["fsdp_ac_us"] / cost["torch_us"])
+    # One target line per cost with a target, met or not: the smoke run times nothing reliably.
+    for name, blocks, target in COST_RECORDS:
+        if target is not None:
+            label = name if blocks is None else f"{name} ({blocks} blocks)"
+            assert f": {label}: fsdp_ac/torch " in table
+
+
+def test_only_the_cost_parts(
+    bench_script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--only", "overhead", "--cost-repeats", "1", "--json", str(out)]
+    assert bench_script.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["steps"] == []
+    assert [c["name"] for c in result["costs"]] == ["forward_backward"]
+    table = capsys.readouterr().out
+    assert "Reference GPT" not in table and "forward_backward" in table
+    with pytest.raises(SystemExit):
+        bench_script.parse_args(["--only", "overhead,memory"])
 
 
 def test_subset_and_unknown_variants(bench_script: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
-        bench_script.main([*TINY, "--repeats", "1", "--warmup", "0", "--variants", "fsdp_ac_matmul_sac"]) == 0
+        bench_script.main(
+            [*TINY, "--only", "steps", "--repeats", "1", "--warmup", "0", "--variants", "fsdp_ac_matmul_sac"]
+        )
+        == 0
     )
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:5]] == [
         "no_ac",

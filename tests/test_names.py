@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from models import ConvNet, TiedHead
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 
+import fsdp_ac.names
 from fsdp_ac import (
     apply_activation_checkpointing,
     checkpoint_wrapper,
@@ -211,6 +215,17 @@ def test_saved_metadata_uses_clean_names() -> None:
     assert set(wrapped.state_dict()._metadata) == set(plain.state_dict()._metadata)  # type: ignore[attr-defined]
 
 
+def test_saved_metadata_matches_unwrapped_model_for_nested_and_tensorless_modules() -> None:
+    plain = nn.Sequential(nn.Linear(2, 2), nn.GELU(), nn.BatchNorm1d(2))
+    wrapped = copy.deepcopy(plain)
+    wrapped[1] = checkpoint_wrapper(wrapped[1])  # no tensors: no key moves, its metadata still does
+    wrapped[2] = nested_wrapper(wrapped[2])
+    metadata = wrapped.state_dict()._metadata  # type: ignore[attr-defined]
+    assert list(metadata) == list(plain.state_dict()._metadata)  # type: ignore[attr-defined]
+    # BatchNorm's own version (2), not a wrapper's (1): it tells a load how to read the tensors.
+    assert metadata["2"]["version"] == nn.BatchNorm1d._version == 2
+
+
 def test_tied_weights_across_wrapper_stay_tied_and_load() -> None:
     torch.manual_seed(0)
     plain = TiedHead()
@@ -291,3 +306,89 @@ def test_dcp_get_model_state_dict_has_clean_keys(gpt: GPT) -> None:
 
     wrapped = wrapped_copy(gpt, functools.partial(checkpoint_wrapper))
     assert list(get_model_state_dict(wrapped)) == list(get_model_state_dict(gpt))
+
+
+class CountingDict(OrderedDict[str, Any]):
+    """An ordered dict that counts the keys it yields, stores and removes: work measured without a clock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.visits = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for key in super().__iter__():
+            self.visits += 1
+            yield key
+
+    def __reversed__(self) -> Iterator[str]:
+        for key in super().__reversed__():
+            self.visits += 1
+            yield key
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return list(iter(self))
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return [(key, self[key]) for key in self]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.visits += 1
+        super().__setitem__(key, value)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self.visits += 1
+        return super().pop(key, *default)
+
+
+def stacked_blocks(blocks: int, wrapper_fn) -> nn.Module:  # type: ignore[no-untyped-def]
+    """A model of ``blocks`` wrapped blocks of two Linear layers, between two unwrapped layers."""
+    return nn.Sequential(
+        nn.Linear(2, 2),
+        nn.ModuleList(wrapper_fn(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))) for _ in range(blocks)),
+        nn.Linear(2, 2),
+    )
+
+
+def save_visits(model: nn.Module) -> tuple[int, int]:
+    """Dict operations of one ``state_dict()`` call, and its number of keys."""
+    destination = CountingDict()
+    destination._metadata = CountingDict()  # type: ignore[attr-defined]
+    model.state_dict(destination=destination)
+    return destination.visits + destination._metadata.visits, len(destination)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("wrapper_name", sorted(WRAPPER_FNS))
+def test_state_dict_work_grows_linearly_with_depth(wrapper_name: str) -> None:
+    # Rewriting the whole dict in every wrapper's post-hook is quadratic: 16x the work for 4x the blocks.
+    (small, small_keys), (large, large_keys) = (
+        save_visits(stacked_blocks(blocks, WRAPPER_FNS[wrapper_name])) for blocks in (24, 96)
+    )
+    assert (small_keys, large_keys) == (24 * 4 + 4, 96 * 4 + 4)  # 4 tensors per block, 4 outside
+    assert large / large_keys <= 1.05 * small / small_keys
+    assert list(stacked_blocks(3, WRAPPER_FNS[wrapper_name]).state_dict()) == list(
+        stacked_blocks(3, lambda m: m).state_dict()
+    )
+
+
+@pytest.mark.parametrize("wrapper_name", sorted(WRAPPER_FNS))
+def test_load_report_work_grows_linearly_with_depth(
+    wrapper_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    clean_name_ = fsdp_ac.names.clean_name
+
+    def counting_clean_name(name: str) -> str:
+        nonlocal calls
+        calls += 1
+        return clean_name_(name)
+
+    monkeypatch.setattr(fsdp_ac.names, "clean_name", counting_clean_name)
+    per_key = []
+    for blocks in (24, 96):
+        calls = 0
+        model = stacked_blocks(blocks, WRAPPER_FNS[wrapper_name])
+        # Every key missing: cleaning the whole report in every wrapper's post-hook is quadratic.
+        result = model.load_state_dict({}, strict=False)
+        assert result.missing_keys == list(stacked_blocks(blocks, lambda m: m).state_dict())
+        per_key.append(calls / len(result.missing_keys))
+    assert 0 < per_key[1] <= 1.05 * per_key[0]
