@@ -11,7 +11,8 @@ What differs:
   ``named_parameters()``, ``named_buffers()`` and optimizer ``param_names`` computed from any module
   are the unwrapped model's; state dicts are saved with clean keys and load from clean or legacy keys.
 - Correctness by default: reentrant checkpointing trains a region whose inputs need no gradient, takes
-  any nesting of tensors in and out, and is refused under DDP where DDP cannot support it; the replay
+  any nesting of tensors in and out, and trains under DDP in every pattern exactly as without AC
+  (tied weights, a region run twice, ``find_unused_parameters``); the replay
   in backward recomputes what the forward computed (value-changing, tensor-parallel and FSDP2 hooks
   run again) while observing hooks and buffer updates happen once per step (the replay rule,
   :mod:`fsdp_ac.recompute`); a random op with ``preserve_rng_state=False`` is refused; a replay that
@@ -21,11 +22,12 @@ What differs:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -250,7 +252,6 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
             and checkpoint_impl == CheckpointImpl.NO_REENTRANT
         )
         self._checked_first_forward = False
-        self._last_region: weakref.ref[RecomputeRegion] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the wrapped module under the checkpoint function (directly when autograd is off).
@@ -289,8 +290,6 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
             check_values=self.check_recomputed_values,
         )
         if self._uses_torch_reentrant:
-            _refuse_unsupported_ddp(self)
-            self._last_region = weakref.ref(region)
             return _reentrant_call(self.checkpoint_fn, region, args, kwargs)
         if self._replaces_torch_check:
             # The region's audit checks each saved tensor's metadata and names the region on a
@@ -670,37 +669,6 @@ def _is_hugging_face_cache(cls: type) -> bool:
     return cls.__name__.endswith("Cache") and cls.__module__.startswith("transformers")
 
 
-def _refuse_unsupported_ddp(wrapper: CheckpointWrapper) -> None:
-    """Refuses the reentrant uses DDP cannot support unless it knows the graph is static.
-
-    Reentrant recomputation runs the region's backward in a nested backward call, so DDP's gradient
-    hooks fire for the region's parameters once per replay. DDP accepts that exactly once per
-    parameter per iteration: not with ``find_unused_parameters=True``, and not when the region runs
-    again (a module checkpointed twice, or two forwards) before its last replay.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    ddp = DistributedDataParallel._get_active_ddp_module()
-    if ddp is None or getattr(ddp, "static_graph", False):
-        return
-    if ddp.find_unused_parameters:
-        problem = "with find_unused_parameters=True, which DDP cannot reconcile with reentrant backward"
-    else:
-        previous = wrapper._last_region() if wrapper._last_region is not None else None
-        if previous is None or previous.calls != 1:
-            return
-        problem = (
-            "a second time before its previous call was recomputed in backward (the module is "
-            "checkpointed twice in a step, or two forwards run before one backward), so DDP would "
-            "mark its parameters ready twice"
-        )
-    raise ValueError(
-        f"Checkpointed region '{wrapper.region_name}' runs with CheckpointImpl.REENTRANT inside "
-        f"DistributedDataParallel {problem}. Use checkpoint_impl=CheckpointImpl.NO_REENTRANT "
-        "(recommended), or DDP(..., static_graph=True)."
-    )
-
-
 @dataclasses.dataclass
 class _Flat:
     """A nesting of Python containers with its tensors taken out, to rebuild it later."""
@@ -770,20 +738,97 @@ def _reentrant_call(
     Reentrant checkpointing sees only positional tensor arguments and returns only tensors, and it
     builds no graph when no input needs a gradient, which silently leaves the region untrained. So
     inputs and outputs travel as flat tuples of tensors, with one empty tensor that needs a gradient.
+    Under DDP the region's trainable parameters travel as inputs too (see :class:`_RoutedParameters`).
     """
     inputs = _flatten((args, kwargs))
+    module = region.module if isinstance(region, RecomputeRegion) else region
+    routed = _RoutedParameters.of(module) if isinstance(module, nn.Module) else None
+    params = routed.params if routed is not None else ()
+    n_inputs = len(inputs.tensors)
     # Only the rebuild closure is kept: holding the output tensors here would keep their graph alive.
     output_rebuild: list[Callable[[Iterator[torch.Tensor]], Any]] = []
 
     def run(_anchor: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        call_args, call_kwargs = inputs.rebuild(iter(tensors))
-        flat = _flatten(region(*call_args, **call_kwargs))
+        call_args, call_kwargs = inputs.rebuild(iter(tensors[:n_inputs]))
+        # A plain context where nothing is routed keeps a compiled region one graph.
+        with routed.replaced(tensors[n_inputs:]) if routed is not None else contextlib.nullcontext():
+            flat = _flatten(region(*call_args, **call_kwargs))
         if not output_rebuild:
             output_rebuild.append(flat.rebuild)
         return tuple(flat.tensors)
 
     anchor = torch.empty(0, requires_grad=True)
-    out_tensors = checkpoint_fn(run, anchor, *inputs.tensors)
+    out_tensors = checkpoint_fn(run, anchor, *inputs.tensors, *params)
     if isinstance(out_tensors, torch.Tensor):
         out_tensors = (out_tensors,)
     return output_rebuild[0](iter(out_tensors))
+
+
+_ROUTING_PARAMETERS: ContextVar[bool] = ContextVar("fsdp_ac_routing_parameters", default=False)
+"""True while a region whose parameters are routed replays: a reentrant region nested in it routes too."""
+
+
+@dataclasses.dataclass
+class _RoutedParameters:
+    """A reentrant region's trainable parameters under DDP, passed through the checkpoint as inputs.
+
+    Reentrant recomputation runs the region's backward as a nested backward call, in which each
+    parameter's gradient accumulator, where DDP's reducer hooks sit, runs on its own. DDP expects one
+    hook call per parameter per step: a parameter also used outside the region (tied embeddings), a
+    region run twice, two forwards or ``find_unused_parameters=True`` broke it, and a use outside the
+    region after DDP had finished the step left that gradient unsynchronized across ranks. As inputs
+    of the checkpoint, the parameters are replaced in the replay by the checkpoint's detached copies;
+    the copies' gradients come back as its input gradients, and autograd sums them with every other
+    use of the parameter into one accumulation, exactly as without AC.
+    """
+
+    params: tuple[torch.Tensor, ...]
+    """Each trainable parameter once, tied ones included (plain tensors in a nested region's replay)."""
+    slots: list[tuple[dict[str, Any], str, int]]
+    """Where the region's modules hold them: ``(module._parameters, name, index into params)``."""
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _RoutedParameters | None:
+        """The routing for a call of ``module`` in DDP's forward or in a routed region's replay.
+
+        None elsewhere, and under compile, where the replay is part of the compiled backward graph
+        and no nested backward runs.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        if torch.compiler.is_compiling() or not (
+            _ROUTING_PARAMETERS.get() or DistributedDataParallel._get_active_ddp_module() is not None
+        ):
+            return None
+        index: dict[int, int] = {}
+        params: list[torch.Tensor] = []
+        slots: list[tuple[dict[str, Any], str, int]] = []
+        for sub in module.modules():
+            for name, param in sub._parameters.items():
+                if param is None or not param.requires_grad:
+                    continue
+                if id(param) not in index:
+                    index[id(param)] = len(params)
+                    params.append(param)
+                slots.append((sub._parameters, name, index[id(param)]))
+        return cls(tuple(params), slots) if params else None
+
+    @contextlib.contextmanager
+    def replaced(self, tensors: tuple[torch.Tensor, ...]) -> Iterator[None]:
+        """Puts ``tensors`` in the parameters' slots meanwhile, unless they are the parameters.
+
+        In the forward they are the parameters; in the replay, the checkpoint's detached copies.
+        """
+        if all(new is old for new, old in zip(tensors, self.params, strict=True)):
+            yield
+            return
+        saved = [(slots, name, slots[name]) for slots, name, _ in self.slots]
+        token = _ROUTING_PARAMETERS.set(True)
+        try:
+            for slots, name, position in self.slots:
+                slots[name] = tensors[position]
+            yield
+        finally:
+            for slots, name, value in saved:
+                slots[name] = value
+            _ROUTING_PARAMETERS.reset(token)

@@ -1,6 +1,7 @@
-"""Issue-3 items 1 and 2 on 2 ranks: reentrant AC with frozen inputs, and reentrant AC under DDP.
+"""On 2 ranks: reentrant AC with frozen inputs (issue 3 item 1), and reentrant AC under DDP (issue 3
+item 2, issue 9 item 6: the first block takes the raw batch).
 
-Each cell runs torch's wrapper to reproduce the silent failure, then fsdp_ac's to show its answer.
+Each cell runs torch's wrapper to reproduce the failure, then fsdp_ac's to show its answer.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ class Block(nn.Module):
         super().__init__()
         self.fc = nn.Linear(16, 16)
         self.out = nn.Linear(16, 16)
+        self.calls = 0
+        """Runs of ``forward``, replays included: the proof that checkpointing recomputed the block."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
         return x + self.out(torch.tanh(self.fc(x)))
 
 
@@ -166,11 +170,21 @@ def test_reentrant_with_frozen_inputs_trains_under_ddp_fsdp1_fsdp2() -> None:
             assert any(result["norms"][name] for result in ours), f"{parallel}: no gradient for {name}"
 
 
+DDP_STEPS = 3
+FIRST_BLOCK_TAKES_THE_BATCH = ("raw_batch", "tied", "outside_use", "nested")
+"""Patterns whose first checkpointed block takes the raw batch, so its input needs no gradient."""
+TORCH_MARKS_TWICE = ("find_unused", "twice", "two_forwards")
+"""Patterns where torch's reentrant wrapper makes DDP mark a parameter ready twice."""
+
+
 @dataclass(frozen=True)
 class DdpCase:
     pattern: str
-    """``plain``, ``find_unused``, ``twice`` (a block run twice per step), ``two_forwards``, or
-    ``abandoned_forward`` (a forward whose output is dropped, then a normal step)."""
+    """``plain``; ``find_unused``; ``twice`` (a block run twice per step); ``two_forwards``;
+    ``abandoned_forward`` (a forward whose output is dropped, then a normal step); ``raw_batch`` (the
+    first block takes the raw features); ``tied`` (the first block embeds the raw token ids and the
+    head is tied to its embedding); ``outside_use`` (that embedding also feeds a penalty computed
+    before the block); ``nested`` (the block inside that first block is checkpointed too)."""
     wrapper: str
     static_graph: bool = False
 
@@ -184,66 +198,153 @@ class TwiceNet(FrozenEmbeddingNet):
         return self.head(self.blocks[1](x))
 
 
-def ddp_step(model: nn.Module, pattern: str, rank: int) -> None:
-    tokens = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(rank))
+class TokenBlock(nn.Module):
+    """A block that embeds the raw token ids itself, as a language model's first checkpointed layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.block = Block()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.block(self.embed(tokens))
+
+
+class RawBatchNet(nn.Module):
+    """Blocks with no layer before them: the first checkpointed region gets the batch as it comes."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = pattern
+        first = Block() if pattern == "raw_batch" else TokenBlock()
+        self.blocks = nn.ModuleList([first, Block()])
+        self.head = nn.Linear(16, 4 if pattern == "raw_batch" else 32, bias=False)
+        if pattern == "tied":
+            self.head.weight = first.embed.weight
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        # Used before the block runs, so its backward comes after the block's.
+        penalty = self.blocks[0].embed.weight.square().sum() if self.pattern == "outside_use" else 0.0
+        x = batch
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x) + 1e-3 * penalty
+
+
+def ddp_model(pattern: str) -> nn.Module:
+    if pattern in FIRST_BLOCK_TAKES_THE_BATCH:
+        return RawBatchNet(pattern)
+    # A trainable embedding: these cells are about DDP, not about frozen inputs.
+    return TwiceNet(frozen=False) if pattern == "twice" else FrozenEmbeddingNet(frozen=False)
+
+
+def ddp_loss(model: nn.Module, pattern: str, rank: int, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(100 * rank + step)
+    if pattern == "raw_batch":
+        return model(torch.randn(4, 8, 16, generator=generator)).square().mean()
+    tokens = torch.randint(0, 32, (4, 8), generator=generator)
     if pattern == "two_forwards":
-        (model(tokens).square().mean() + model(tokens.flip(0)).square().mean()).backward()
-        return
+        return model(tokens).square().mean() + model(tokens.flip(0)).square().mean()
     if pattern == "find_unused":
         # The head's second output column is never used: DDP must be told to look for unused params.
-        model(tokens)[..., 0].square().mean().backward()
-        return
+        return model(tokens)[..., 0].square().mean()
     if pattern == "abandoned_forward":
         model(tokens)  # output dropped before backward (e.g. a logging forward that forgot no_grad)
-    model(tokens).square().mean().backward()
+    return model(tokens).square().mean()
+
+
+def named_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {
+        fsdp_ac.clean_name(name): None if p.grad is None else p.grad.clone()
+        for name, p in model.named_parameters()
+    }
 
 
 def ddp_on_rank(ctx: RankContext, case: DdpCase) -> dict[str, Any]:
+    """Trains ``DDP_STEPS`` steps; returns each step's gradients and block runs, and the weights."""
     torch.manual_seed(0)
-    # A trainable embedding: these cells are about DDP, not about frozen inputs.
-    model = TwiceNet(frozen=False) if case.pattern == "twice" else FrozenEmbeddingNet(frozen=False)
+    model = ddp_model(case.pattern)
+    if case.pattern == "nested" and WRAPPERS[case.wrapper] is not None:
+        model.blocks[0].block = WRAPPERS[case.wrapper](model.blocks[0].block)
     wrap_blocks(model, case.wrapper)
+    blocks = [module for module in model.modules() if isinstance(module, Block)]
+    initial = {fsdp_ac.clean_name(n): p.detach().clone() for n, p in model.named_parameters()}
     ddp = DistributedDataParallel(
         model, find_unused_parameters=case.pattern == "find_unused", static_graph=case.static_graph
     )
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    steps: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"initial": initial, "steps": steps}
     try:
-        for _ in range(2):
-            ddp_step(ddp, case.pattern, ctx.rank)
+        for step in range(DDP_STEPS):
+            before = sum(block.calls for block in blocks)
+            loss = ddp_loss(ddp, case.pattern, ctx.rank, step)
+            forwards = sum(block.calls for block in blocks) - before
+            loss.backward()
+            replays = sum(block.calls for block in blocks) - before - forwards
+            steps.append({"grads": named_grads(model), "forwards": forwards, "replays": replays})
             optimizer.step()
             optimizer.zero_grad()
     except (RuntimeError, ValueError) as error:
-        return {"error": f"{type(error).__name__}: {error}"}
-    return {"weights": block_weights(ddp.module)}
+        result["error"] = f"{type(error).__name__}: {error}"
+    result["weights"] = {fsdp_ac.clean_name(n): p.detach().clone() for n, p in model.named_parameters()}
+    return result
+
+
+def first_block_grads(step: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+    """The gradients of the first block's own layers (not of an embedding it holds)."""
+    return {k: g for k, g in step["grads"].items() if k.startswith("blocks.0.") and "embed" not in k}
 
 
 @pytest.mark.timeout(240)
-def test_reentrant_under_ddp_trains_correctly_or_refuses_with_the_fix() -> None:
-    failing = ("find_unused", "twice", "two_forwards")
-    cases = [DdpCase(p, w) for p in (*failing, "plain", "abandoned_forward") for w in WRAPPERS if w != "none"]
-    cases += [DdpCase(p, "fsdp_ac_reentrant", static_graph=True) for p in ("twice", "two_forwards", "plain")]
-    cases += [DdpCase(p, "none") for p in (*failing, "plain", "abandoned_forward")]
+def test_reentrant_under_ddp_trains_exactly_as_without_ac() -> None:
+    patterns = (*TORCH_MARKS_TWICE, *FIRST_BLOCK_TAKES_THE_BATCH, "plain", "abandoned_forward")
+    cases = [DdpCase(p, w) for p in patterns for w in WRAPPERS]
+    statics = ("twice", "two_forwards", "plain", "raw_batch", "tied")
+    cases += [DdpCase(p, "fsdp_ac_reentrant", static_graph=True) for p in statics]
+    cases += [DdpCase("raw_batch", "torch_reentrant", static_graph=True)]
     results = dict(zip(cases, run_on_ranks(ddp_on_rank, cases), strict=True))
 
-    for pattern in failing:
-        for rank_result in results[DdpCase(pattern, "torch_reentrant")]:
-            assert "mark a variable ready only once" in rank_result.get("error", ""), (pattern, rank_result)
-        for rank_result in results[DdpCase(pattern, "fsdp_ac_reentrant")]:
-            error = rank_result.get("error", "")
-            assert error.startswith("ValueError") and "CheckpointImpl.NO_REENTRANT" in error, (pattern, error)
-            assert "static_graph=True" in error
+    # torch's wrapper: DDP marks a parameter ready twice, or (the batch into the first block) the
+    # block gets no gradient and DDP stops at the next step; with static_graph it trains wrongly, silently.
+    for pattern in TORCH_MARKS_TWICE:
+        for theirs in results[DdpCase(pattern, "torch_reentrant")]:
+            assert "mark a variable ready only once" in theirs.get("error", ""), (pattern, theirs)
+            assert not theirs["steps"]
+    for pattern in FIRST_BLOCK_TAKES_THE_BATCH:
+        for theirs in results[DdpCase(pattern, "torch_reentrant")]:
+            assert "Expected to have finished reduction in the prior iteration" in theirs.get("error", "")
+            assert len(theirs["steps"]) == 1, pattern
+            assert all(g is None for g in first_block_grads(theirs["steps"][0]).values()), pattern
+    for theirs in results[DdpCase("raw_batch", "torch_reentrant", static_graph=True)]:
+        assert "error" not in theirs and len(theirs["steps"]) == DDP_STEPS
+        assert all(
+            torch.equal(theirs["weights"][k], theirs["initial"][k])
+            for k in first_block_grads(theirs["steps"][0])
+        )
 
-    # Where torch's reentrant wrapper works (one forward, every parameter used once), it trains as
-    # without AC: the failures above are those of the patterns, not of the cells.
-    trained = [("plain", "torch_reentrant", False), ("abandoned_forward", "torch_reentrant", False)]
-    trained += [(p, "fsdp_ac_no_reentrant", False) for p in (*failing, "plain", "abandoned_forward")]
-    trained += [("plain", "fsdp_ac_reentrant", False), ("abandoned_forward", "fsdp_ac_reentrant", False)]
-    trained += [(p, "fsdp_ac_reentrant", True) for p in ("twice", "two_forwards", "plain")]
-    for pattern, wrapper, static in trained:
-        per_rank = results[DdpCase(pattern, wrapper, static)]
-        reference = results[DdpCase(pattern, "none")]
-        for rank, result in enumerate(per_rank):
-            assert "error" not in result, (pattern, wrapper, static, result)
-            for key, value in result["weights"].items():
-                assert torch.equal(value, reference[rank]["weights"][key]), (pattern, wrapper, static, key)
-                assert torch.equal(value, per_rank[0]["weights"][key]), "ranks out of sync"
+    # fsdp_ac, both implementations, every pattern (and torch's reentrant wrapper where it works: one
+    # forward, every parameter used once): each step's gradients and the final weights are bitwise
+    # those of DDP without AC on each rank, the same on every rank, and every block that took part in
+    # backward was recomputed (a wrapper that only called the module would fail here).
+    trained = [c for c in cases if c.wrapper.startswith("fsdp_ac")]
+    trained += [DdpCase("plain", "torch_reentrant"), DdpCase("abandoned_forward", "torch_reentrant")]
+    for case in trained:
+        per_rank, reference = results[case], results[DdpCase(case.pattern, "none")]
+        for rank, ours in enumerate(per_rank):
+            assert "error" not in ours, (case, ours["error"])
+            for step, (mine, plain) in enumerate(zip(ours["steps"], reference[rank]["steps"], strict=True)):
+                assert plain["replays"] == 0
+                backpropagated = plain["forwards"] // (2 if case.pattern == "abandoned_forward" else 1)
+                # In a reentrant parent's replay a nested region runs once more, checkpointing itself.
+                extra = int(case.pattern == "nested" and case.wrapper == "fsdp_ac_reentrant")
+                assert backpropagated > 0 and mine["replays"] == backpropagated + extra, (case, step)
+                assert mine["grads"].keys() == plain["grads"].keys()
+                for key, grad in plain["grads"].items():
+                    assert grad is not None, (case.pattern, key)
+                    assert torch.equal(mine["grads"][key], grad), (case, rank, step, key)
+                    assert torch.equal(mine["grads"][key], per_rank[0]["steps"][step]["grads"][key]), "ranks"
+            for key, value in reference[rank]["weights"].items():
+                assert not torch.equal(value, reference[rank]["initial"][key]), (case.pattern, key)
+                assert torch.equal(ours["weights"][key], value), (case, rank, key)
+                assert torch.equal(ours["weights"][key], per_rank[0]["weights"][key]), "ranks out of sync"
