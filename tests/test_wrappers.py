@@ -134,8 +134,8 @@ def test_gradients_equal_no_ac_bitwise(gpt: GPT, tokens: torch.Tensor, wrapper_n
     torch_held, torch_recomputed = held_and_recomputed(theirs, tokens)
     impl = CHECKPOINTING[wrapper_name]
     assert plain_recomputed == 0
-    expected = 0 if impl is None else len(gpt.layers) * LINEARS_RECOMPUTED_PER_BLOCK[impl]
-    assert recomputed == torch_recomputed == expected
+    linears = 0 if impl is None else len(gpt.layers) * LINEARS_RECOMPUTED_PER_BLOCK[impl]
+    assert recomputed == torch_recomputed == linears
     if impl is None:
         # On the CPU, where activations already live, fsdp_ac copies nothing (torch's copies them all).
         assert held == plain_bytes < torch_held
@@ -277,8 +277,8 @@ def test_fsdp2_shards_our_wrappers_like_torchs(
         fully_shard(layer, mesh=mesh)
     fully_shard(wrapped, mesh=mesh)
     block_loss(gpt, tokens).backward()
-    expected = len(gpt.layers) * LINEARS_RECOMPUTED_PER_BLOCK[CheckpointImpl.NO_REENTRANT]
-    assert recomputed_in_backward(block_loss(wrapped, tokens)) == expected
+    linears = len(gpt.layers) * LINEARS_RECOMPUTED_PER_BLOCK[CheckpointImpl.NO_REENTRANT]
+    assert recomputed_in_backward(block_loss(wrapped, tokens)) == linears
     for (name, expected), (got_name, got) in zip(
         gpt.named_parameters(), wrapped.named_parameters(), strict=True
     ):
@@ -347,8 +347,8 @@ def test_compiles_into_one_graph_with_correct_gradients(gpt: GPT, tokens: torch.
     block, recomputed = compiled_step(checkpoint_wrapper)
     _, torch_recomputed = compiled_step(torch_wrappers.checkpoint_wrapper)
     _, plain_recomputed = compiled_step(None)
-    expected = LINEARS_RECOMPUTED_PER_BLOCK[CheckpointImpl.NO_REENTRANT]
-    assert recomputed == torch_recomputed == expected and plain_recomputed == 0
+    linears = LINEARS_RECOMPUTED_PER_BLOCK[CheckpointImpl.NO_REENTRANT]
+    assert recomputed == torch_recomputed == linears and plain_recomputed == 0
     reference = copy.deepcopy(gpt.layers[0])
     x = torch.randn(2, 8, gpt.config.d_model, generator=torch.Generator().manual_seed(0), requires_grad=True)
     reference(x).sum().backward()
