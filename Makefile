@@ -3,7 +3,7 @@ PYTHON ?= python
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-unit test-distributed bench lint docs-testing docs-testing-results
+.PHONY: install demo test test-unit test-distributed bench lint docs-testing docs-testing-results mutants
 
 # Uses the torch already installed; installs the CPU wheel torch==2.13.0 only when there is none,
 # so that the range in setup.cfg never pulls a multi-GB CUDA build.
@@ -27,6 +27,11 @@ test-distributed: install
 
 bench: install
 	$(PYTHON) scripts/benchmark.py
+
+# Breaks fsdp_ac on purpose, one way at a time, and fails if the tests chosen to catch a breakage all
+# pass (docs/testing.md, "Mutation smoke test"). Not part of `make test`: about 4 minutes on 2 cores.
+mutants: install
+	$(PYTHON) scripts/mutants.py
 
 lint: install
 	$(PYTHON) -m ruff check fsdp_ac tests scripts

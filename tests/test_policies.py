@@ -1,4 +1,8 @@
-"""Policies: every input form, matching through wrappers, every-N, FSDP1/FSDP2 placement, alignment."""
+"""Policies: every input form, matching through wrappers, every-N, FSDP1/FSDP2 placement, alignment.
+
+Tests that train a model the policy checkpointed count the ``Linear`` forwards rerun in backward
+(``models.ForwardOpsInBackward``), so the chosen blocks are shown to be recomputed, not only wrapped.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,13 @@ from typing import Any
 import pytest
 import torch
 from hf_models import tiny_llama
-from models import SMALL_GPT, block_policy_specs, chain_of
+from models import (
+    LINEARS_RECOMPUTED_PER_BLOCK,
+    SMALL_GPT,
+    block_policy_specs,
+    chain_of,
+    recomputed_in_backward,
+)
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 from torch.distributed.fsdp.wrap import (
@@ -20,6 +30,7 @@ from torch.distributed.fsdp.wrap import (
 )
 
 from fsdp_ac import (
+    CheckpointImpl,
     CheckpointWrapper,
     ModulePolicy,
     apply_activation_checkpointing,
@@ -42,6 +53,9 @@ SPECS: dict[str, Any] = {
 }
 """Every way to say "the transformer blocks"."""
 
+RECOMPUTED_PER_BLOCK = LINEARS_RECOMPUTED_PER_BLOCK[CheckpointImpl.NO_REENTRANT]
+"""``Linear`` forwards rerun in backward per block the default (non-reentrant) wrapper checkpoints."""
+
 
 def loss_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
@@ -61,7 +75,7 @@ def test_every_input_form_selects_the_blocks(gpt: GPT, tokens: torch.Tensor, spe
     apply_activation_checkpointing(wrapped, auto_wrap_policy=spec)
     assert [chain_of(layer) for layer in raw_layers(wrapped)] == ["CheckpointWrapper>TransformerBlock"] * 2
     loss_of(gpt, tokens).backward()
-    loss_of(wrapped, tokens).backward()
+    assert recomputed_in_backward(loss_of(wrapped, tokens)) == len(BLOCK_NAMES) * RECOMPUTED_PER_BLOCK
     for expected, got in zip(gpt.parameters(), wrapped.parameters(), strict=True):
         assert torch.equal(got.grad, expected.grad)
 
@@ -162,6 +176,8 @@ def test_every_first_last(derive: Any, expected: list[int]) -> None:
     assert [
         i for i, layer in enumerate(raw_layers(model)) if isinstance(layer, CheckpointWrapper)
     ] == expected
+    tokens = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0))
+    assert recomputed_in_backward(loss_of(model, tokens)) == len(expected) * RECOMPUTED_PER_BLOCK
     # Derived policies leave the original alone, and checkpointing twice picks the same blocks.
     assert blocks.names(model) == [f"layers.{i}" for i in range(8)]
     apply_activation_checkpointing(model, auto_wrap_policy=derive(blocks))
@@ -189,7 +205,9 @@ def test_hugging_face_block_names(tokens: torch.Tensor) -> None:
     apply_activation_checkpointing(wrapped, auto_wrap_policy=model._no_split_modules)
     assert all(isinstance(layer, CheckpointWrapper) for layer in wrapped.model.layers._modules.values())
     model(tokens, labels=tokens).loss.backward()
-    wrapped(tokens, labels=tokens).loss.backward()
+    # Each layer's MLP activation (SiLU, a forward-only operator) reruns once: all 3 are recomputed.
+    silu = torch.ops.aten.silu.default
+    assert recomputed_in_backward(wrapped(tokens, labels=tokens).loss, silu) == 3
     for (name, expected), (wrapped_name, got) in zip(
         model.named_parameters(), wrapped.named_parameters(), strict=True
     ):
@@ -220,8 +238,8 @@ def test_fsdp1_same_policy_gives_one_unit_and_one_region_per_block(
     assert sum(isinstance(m, FSDP) for m in model.modules()) == 3  # the root and one per block
     assert check_alignment(model, strict=True) == []
     plain = FSDP(copy.deepcopy(gpt), auto_wrap_policy=policy, use_orig_params=True, device_id=CPU)
-    loss_of(plain, tokens).backward()
-    loss_of(model, tokens).backward()
+    assert recomputed_in_backward(loss_of(plain, tokens)) == 0
+    assert recomputed_in_backward(loss_of(model, tokens)) == len(BLOCK_NAMES) * RECOMPUTED_PER_BLOCK
     for expected_param, got in zip(plain.parameters(), model.parameters(), strict=True):
         assert torch.equal(got.grad, expected_param.grad)
 
@@ -249,7 +267,7 @@ def test_fsdp2_helper_shards_the_policy_blocks(
     assert sum(isinstance(m, FSDPModule) for m in model.modules()) == 3
     assert check_alignment(model, strict=True) == []
     loss_of(gpt, tokens).backward()
-    loss_of(model, tokens).backward()
+    assert recomputed_in_backward(loss_of(model, tokens)) == len(BLOCK_NAMES) * RECOMPUTED_PER_BLOCK
     for expected_param, got in zip(gpt.parameters(), model.parameters(), strict=True):
         assert torch.equal(got.grad.full_tensor(), expected_param.grad)
 

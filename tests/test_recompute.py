@@ -1,4 +1,9 @@
-"""Correct by default: each case reproduces a silent failure of torch's wrapper, then fsdp_ac's answer."""
+"""Correct by default: each case reproduces a silent failure of torch's wrapper, then fsdp_ac's answer.
+
+Tests that train through a checkpoint wrapper count the forward operators it recomputed in backward
+(``models.ForwardOpsInBackward``): equal gradients alone would also pass with a wrapper that did not
+checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from collections import namedtuple
 
 import pytest
 import torch
-from models import ConvNet, ForwardOpsInBackward
+from models import ConvNet, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 
@@ -65,7 +70,7 @@ def test_reentrant_trains_a_region_whose_inputs_need_no_gradient() -> None:
     ours.block = checkpoint_wrapper(ours.block, CheckpointImpl.REENTRANT)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and no warning either
-        ours(tokens).square().mean().backward()
+        assert recomputed_in_backward(ours(tokens).square().mean()) == 2  # both Linears rerun
     assert_same_grads(plain.block, ours.block)
 
 
@@ -83,7 +88,8 @@ def test_dropout_gradients_equal_no_ac_bitwise(impl: CheckpointImpl) -> None:
     torch.manual_seed(7)
     plain(tokens).logsumexp(-1).mean().backward()
     torch.manual_seed(7)
-    ours(tokens).logsumexp(-1).mean().backward()
+    # All 4 Linears of each block rerun: the dropout after mlp.proj saves its mask.
+    assert recomputed_in_backward(ours(tokens).logsumexp(-1).mean()) == 4 * 2
     assert_same_grads(plain, ours)
 
 
@@ -115,10 +121,7 @@ def test_random_op_without_rng_state_is_refused_unless_allowed() -> None:
     reference = nn.Sequential(nn.Linear(16, 16), nn.GELU())
     deterministic = checkpoint_wrapper(copy.deepcopy(reference), preserve_rng_state=False)
     reference(x).sum().backward()
-    loss = deterministic(x).sum()
-    with ForwardOpsInBackward() as recomputed:
-        loss.backward()
-    assert recomputed.count == 1
+    assert recomputed_in_backward(deterministic(x).sum()) == 1
     assert_same_grads(reference, deterministic)
     # In eval mode dropout draws nothing, so nothing is refused.
     ours.eval()
@@ -136,14 +139,15 @@ def test_batchnorm_statistics_update_once_per_step(impl: CheckpointImpl) -> None
     plain = batchnorm_model()
     plain(x).sum().backward()
 
+    convolution = torch.ops.aten.convolution.default  # forward only: its backward is convolution_backward
     theirs = batchnorm_model()
     theirs.block = torch_wrappers.checkpoint_wrapper(theirs.block, impl)
-    theirs(x).sum().backward()
+    torch_recomputed = recomputed_in_backward(theirs(x).sum(), convolution)
     assert theirs.block[1].num_batches_tracked.item() == 2  # torch: counted twice
 
     ours = batchnorm_model()
     ours.block = checkpoint_wrapper(ours.block, impl)
-    ours(x).sum().backward()
+    assert recomputed_in_backward(ours(x).sum(), convolution) == torch_recomputed == 1
     for (name, want), (_, have) in zip(plain.state_dict().items(), ours.state_dict().items(), strict=True):
         assert torch.equal(want, have), name
     assert_same_grads(plain, ours)
@@ -179,7 +183,9 @@ def test_hugging_face_gradient_checkpointing_is_refused() -> None:
     model.gradient_checkpointing_disable()
     apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "LlamaDecoderLayer")
     tokens = torch.randint(0, 64, (1, 6))
-    model(input_ids=tokens, labels=tokens).loss.backward()
+    # Each decoder layer's MLP activation (SiLU, forward only) reruns once: fsdp_ac checkpointed them.
+    loss = model(input_ids=tokens, labels=tokens).loss
+    assert recomputed_in_backward(loss, torch.ops.aten.silu.default) == 2
     assert all(p.grad is not None for p in model.parameters())
 
 
@@ -242,7 +248,8 @@ def test_nested_inputs_and_outputs(kind: str, impl: CheckpointImpl) -> None:
     ours.zero_grad(set_to_none=True)
     out = ours(x, bias=bias)
     assert type(out) is type(plain(x, bias=bias))
-    output_loss(out).backward()
+    # Non-reentrant recomputation stops after ``a``: ``b``'s output is saved by nothing.
+    assert recomputed_in_backward(output_loss(out)) == (2 if impl is CheckpointImpl.REENTRANT else 1)
     assert_same_grads(plain, ours)
     assert torch.equal(x.grad, expected[0]) and torch.equal(bias["value"].grad, expected[1])
 
@@ -354,6 +361,7 @@ def test_reentrant_outputs_are_freed_as_soon_as_dropped(kind: str) -> None:
     try:
         out = wrapped(torch.randn(3, 6, requires_grad=True), bias={"value": torch.randn(6)})
         first = out["main"] if isinstance(out, dict) else out.hidden if isinstance(out, Output) else out[0]
+        assert type(first.grad_fn).__name__ == "CheckpointFunctionBackward"  # reentrant checkpointing ran
         ref = StorageWeakRef(first.untyped_storage())
         del out, first
         assert ref.expired()
@@ -369,7 +377,8 @@ def test_hugging_face_cache_in_training_is_refused() -> None:
     tokens = torch.randint(0, 64, (1, 6))
     with pytest.raises(ValueError, match="use_cache=False"):
         model(input_ids=tokens, use_cache=True)
-    model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+    loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    assert recomputed_in_backward(loss, torch.ops.aten.silu.default) == 2  # both layers recomputed
 
 
 def test_a_wrapper_is_truthy() -> None:

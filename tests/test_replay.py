@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import ConvNet, ForwardOpsInBackward
+from models import ConvNet, ForwardOpsInBackward, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -105,7 +105,7 @@ def test_value_changing_hooks_replay_and_observing_hooks_run_once(impl: Checkpoi
 
     grads, calls, recomputed = train_step(ours(impl))
     assert_equal_grads(plain, grads)  # every value-changing hook replayed: exact gradients
-    assert recomputed == torch_recomputed > 0  # the region really was recomputed
+    assert recomputed == torch_recomputed == 3  # the region really was recomputed: its 3 Linears
     assert calls[:4] == plain_calls
     assert calls[4:] == ["returns", "rewrites", "in_place"]  # the observer is not replayed
 
@@ -114,18 +114,23 @@ def test_value_changing_hooks_replay_and_observing_hooks_run_once(impl: Checkpoi
 def test_a_hook_that_replaces_a_module_tensor_replays(impl: CheckpointImpl) -> None:
     """``weight_norm`` recomputes ``weight`` in a pre-hook that returns nothing and sets an attribute."""
 
-    def run(wrap: Wrap | None) -> list[torch.Tensor]:
+    def run(wrap: Wrap | None) -> tuple[list[torch.Tensor], int]:
         torch.manual_seed(0)
         with pytest.warns(FutureWarning):
             inner = torch.nn.utils.weight_norm(nn.Linear(6, 6))
         block = nn.Sequential(inner, nn.Tanh(), nn.Linear(6, 6))
         model = wrap(block) if wrap is not None else block
         x = torch.randn(3, 6, generator=torch.Generator().manual_seed(2), requires_grad=True)
-        model(x).square().sum().backward()
-        return [p.grad.clone() for p in block.parameters()]
+        recomputed = recomputed_in_backward(model(x).square().sum())
+        return [p.grad.clone() for p in block.parameters()], recomputed
 
-    assert_equal_grads(run(None), run(ours(impl)))
-    assert_equal_grads(run(None), run(theirs(impl)))
+    plain, _ = run(None)
+    grads, recomputed = run(ours(impl))
+    torch_grads, torch_recomputed = run(theirs(impl))
+    assert_equal_grads(plain, grads)
+    assert_equal_grads(plain, torch_grads)
+    # Non-reentrant recomputation stops before the last Linear, whose output nothing saves.
+    assert recomputed == torch_recomputed == (2 if impl is CheckpointImpl.REENTRANT else 1)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -148,7 +153,8 @@ def test_replay_hook_overrides_the_rule_in_both_directions(impl: CheckpointImpl)
     loss = wrapped(x).sum()
     with ForwardOpsInBackward() as recomputed:
         loss.backward()
-    assert recomputed.count > 0
+    # Non-reentrant recomputation stops before the last Linear, whose output nothing saves.
+    assert recomputed.count == (2 if impl is CheckpointImpl.REENTRANT else 1)
     assert seen == [False, True]  # forced into the replay, where is_recomputing() is True
     assert counted == [1]  # kept out of the replay although it returns a value
 
@@ -242,11 +248,12 @@ def test_hooks_registered_after_the_forward_run_in_the_replay_as_in_torch() -> N
 @pytest.mark.parametrize("backend", ["aot_eager"])
 def test_compiled_regions_follow_the_same_rule(backend: str) -> None:
     plain, _, _ = train_step(None)
-    eager_grads, eager_calls, _ = train_step(ours(CheckpointImpl.NO_REENTRANT))
-    grads, calls, _ = train_step(ours(CheckpointImpl.NO_REENTRANT), compile_backend=backend)
+    eager_grads, eager_calls, eager_recomputed = train_step(ours(CheckpointImpl.NO_REENTRANT))
+    grads, calls, recomputed = train_step(ours(CheckpointImpl.NO_REENTRANT), compile_backend=backend)
     assert_equal_grads(plain, grads)
     assert_equal_grads(eager_grads, grads)
     assert calls == eager_calls  # the observer once, value hooks replayed
+    assert recomputed == eager_recomputed == 3  # the region's 3 Linears, recomputed eagerly
     _, torch_calls, _ = train_step(theirs(CheckpointImpl.NO_REENTRANT), compile_backend=backend)
     assert torch_calls.count("observes") == 2
 
@@ -367,6 +374,18 @@ def test_no_grad_and_inference_calls_run_the_module_directly(impl: CheckpointImp
         loss.backward()
     assert recomputed.count == 1  # with autograd on, the call was checkpointed
     assert calls == [1, 1, 1, 1]  # and the observing hook did not run again
+
+    # Without autograd nothing is recomputed, so a random op needs no preserved RNG state: the module
+    # runs as it is, drawing what it draws unwrapped (through the checkpoint path it would be refused).
+    torch.manual_seed(0)
+    dropout = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    random_wrapped = checkpoint_wrapper(dropout, impl, preserve_rng_state=False)
+    for no_autograd in (torch.no_grad, torch.inference_mode):
+        with no_autograd():
+            torch.manual_seed(1)
+            got = random_wrapped(x)
+            torch.manual_seed(1)
+            assert torch.equal(got, dropout(x))
 
 
 @pytest.mark.parametrize(

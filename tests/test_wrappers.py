@@ -1,4 +1,9 @@
-"""Wrappers: torch-compatible API, gradients equal to no AC, policies, FSDP's view of the wrapper."""
+"""Wrappers: torch-compatible API, gradients equal to no AC, policies, FSDP's view of the wrapper.
+
+Every test that trains through a checkpoint wrapper also counts the forward operators recomputed in
+backward (``models.ForwardOpsInBackward``), so a wrapper that ran its module without checkpointing
+would fail it: equal gradients alone cannot tell.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from models import ConvNet
+from models import LINEARS_RECOMPUTED_PER_BLOCK, ConvNet, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 from torch.distributed.fsdp.wrap import (
@@ -20,6 +25,7 @@ from torch.distributed.fsdp.wrap import (
 
 import fsdp_ac
 from fsdp_ac import (
+    ActivationMemoryMeter,
     ActivationWrapper,
     CheckpointImpl,
     CheckpointWrapper,
@@ -84,16 +90,57 @@ WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "offload_around_checkpoint": lambda m: offload_wrapper(checkpoint_wrapper(m)),
 }
 
+TORCH_WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "no_reentrant": torch_wrappers.checkpoint_wrapper,
+    "reentrant": functools.partial(
+        torch_wrappers.checkpoint_wrapper, checkpoint_impl=torch_wrappers.CheckpointImpl.REENTRANT
+    ),
+    "offload": torch_wrappers.offload_wrapper,
+    "offload_around_checkpoint": lambda m: torch_wrappers.offload_wrapper(
+        torch_wrappers.checkpoint_wrapper(m)
+    ),
+}
+"""torch's counterpart of each of ``WRAPPERS``."""
+
+CHECKPOINTING: dict[str, CheckpointImpl | None] = {
+    "no_reentrant": CheckpointImpl.NO_REENTRANT,
+    "reentrant": CheckpointImpl.REENTRANT,
+    "offload": None,
+    "offload_around_checkpoint": CheckpointImpl.NO_REENTRANT,
+}
+"""The checkpointing each of ``WRAPPERS`` does: none for offload alone."""
+
+
+def held_and_recomputed(model: nn.Module, tokens: torch.Tensor) -> tuple[int, int]:
+    """One training step: activation bytes held after forward, and ``Linear`` forwards rerun in backward."""
+    with ActivationMemoryMeter(model) as meter:
+        loss = block_loss(model, tokens)
+    return meter.held_bytes, recomputed_in_backward(loss)
+
 
 @pytest.mark.parametrize("wrapper_name", sorted(WRAPPERS))
 def test_gradients_equal_no_ac_bitwise(gpt: GPT, tokens: torch.Tensor, wrapper_name: str) -> None:
-    wrapped = copy.deepcopy(gpt)
-    apply_activation_checkpointing(
-        wrapped, WRAPPERS[wrapper_name], check_fn=lambda m: isinstance(m, TransformerBlock)
-    )
+    """Gradients equal no AC bitwise; the blocks recompute and hold memory as with torch's wrapper."""
+
+    def is_block(module: nn.Module) -> bool:
+        return isinstance(module, TransformerBlock)
+
+    wrapped, theirs = copy.deepcopy(gpt), copy.deepcopy(gpt)
+    apply_activation_checkpointing(wrapped, WRAPPERS[wrapper_name], check_fn=is_block)
+    torch_wrappers.apply_activation_checkpointing(theirs, TORCH_WRAPPERS[wrapper_name], check_fn=is_block)
     assert sum(isinstance(m, ActivationWrapper) for m in wrapped.layers.children()) == len(gpt.layers)
-    block_loss(gpt, tokens).backward()
-    block_loss(wrapped, tokens).backward()
+    plain_bytes, plain_recomputed = held_and_recomputed(gpt, tokens)
+    held, recomputed = held_and_recomputed(wrapped, tokens)
+    torch_held, torch_recomputed = held_and_recomputed(theirs, tokens)
+    impl = CHECKPOINTING[wrapper_name]
+    assert plain_recomputed == 0
+    linears = 0 if impl is None else len(gpt.layers) * LINEARS_RECOMPUTED_PER_BLOCK[impl]
+    assert recomputed == torch_recomputed == linears
+    if impl is None:
+        # On the CPU, where activations already live, fsdp_ac copies nothing (torch's copies them all).
+        assert held == plain_bytes < torch_held
+    else:
+        assert held == torch_held < plain_bytes / 2
     for (name, expected), (_, got) in zip(gpt.named_parameters(), wrapped.named_parameters(), strict=True):
         assert got.grad is not None, name
         assert torch.equal(got.grad, expected.grad), name
@@ -120,7 +167,7 @@ def test_keyword_arguments_reach_the_module(impl: CheckpointImpl) -> None:
     grads = (x.grad.clone(), scale.grad.clone(), plain.linear.weight.grad)
     x.grad = scale.grad = None
     got = wrapped(x, scale=scale, shift=0.5)
-    got.sum().backward()
+    assert recomputed_in_backward(got.sum()) == 1  # the Linear ran again: the call was checkpointed
     assert torch.equal(got, expected)
     assert torch.equal(x.grad, grads[0]) and torch.equal(scale.grad, grads[1])
     assert torch.equal(wrapped.linear.weight.grad, grads[2])
@@ -230,7 +277,8 @@ def test_fsdp2_shards_our_wrappers_like_torchs(
         fully_shard(layer, mesh=mesh)
     fully_shard(wrapped, mesh=mesh)
     block_loss(gpt, tokens).backward()
-    block_loss(wrapped, tokens).backward()
+    linears = len(gpt.layers) * LINEARS_RECOMPUTED_PER_BLOCK[CheckpointImpl.NO_REENTRANT]
+    assert recomputed_in_backward(block_loss(wrapped, tokens)) == linears
     for (name, expected), (got_name, got) in zip(
         gpt.named_parameters(), wrapped.named_parameters(), strict=True
     ):
@@ -281,17 +329,28 @@ def test_two_wrappers_inside_an_fsdp1_flat_unit_are_refused(single_rank_group: N
 
 
 def test_compiles_into_one_graph_with_correct_gradients(gpt: GPT, tokens: torch.Tensor) -> None:
+    """Compiled, the block is recomputed inside the compiled backward, as with torch's wrapper."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
-    block = checkpoint_wrapper(copy.deepcopy(gpt.layers[0]))
-    block.compile(backend="aot_eager")
-    x = torch.randn(2, 8, gpt.config.d_model, requires_grad=True)
-    block(x).sum().backward()
-    assert counters["stats"]["unique_graphs"] == 1
-    assert sum(counters["graph_break"].values()) == 0
+    def compiled_step(wrap: Callable[[nn.Module], nn.Module] | None) -> tuple[nn.Module, int]:
+        torch._dynamo.reset()
+        counters.clear()
+        block = copy.deepcopy(gpt.layers[0])
+        model = wrap(block) if wrap is not None else block
+        model.compile(backend="aot_eager")
+        x = torch.randn(2, 8, gpt.config.d_model, generator=torch.Generator().manual_seed(0))
+        recomputed = recomputed_in_backward(model(x.requires_grad_()).sum())
+        assert counters["stats"]["unique_graphs"] == 1
+        assert sum(counters["graph_break"].values()) == 0
+        return block, recomputed
+
+    block, recomputed = compiled_step(checkpoint_wrapper)
+    _, torch_recomputed = compiled_step(torch_wrappers.checkpoint_wrapper)
+    _, plain_recomputed = compiled_step(None)
+    linears = LINEARS_RECOMPUTED_PER_BLOCK[CheckpointImpl.NO_REENTRANT]
+    assert recomputed == torch_recomputed == linears and plain_recomputed == 0
     reference = copy.deepcopy(gpt.layers[0])
+    x = torch.randn(2, 8, gpt.config.d_model, generator=torch.Generator().manual_seed(0), requires_grad=True)
     reference(x).sum().backward()
     for (name, want), got in zip(reference.named_parameters(), block.parameters(), strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-6, atol=1e-7, msg=name)
