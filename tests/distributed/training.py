@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from launcher import RankContext
+from models import ForwardOpsInBackward
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     apply_activation_checkpointing as torch_apply_activation_checkpointing,
@@ -48,7 +49,6 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsdp_ac import (
     CheckpointImpl,
@@ -275,17 +275,29 @@ def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the calls of one aten op, whatever module or hook runs it."""
+class ReplayCounter:
+    """Counts the replays of fsdp_ac's eager checkpoint regions while entered."""
 
-    def __init__(self, op: torch._ops.OpOverload) -> None:
-        super().__init__()
-        self.op = op
+    def __init__(self) -> None:
         self.calls = 0
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.calls += func is self.op
-        return func(*args, **(kwargs or {}))
+    def __enter__(self) -> ReplayCounter:
+        from fsdp_ac.recompute import RecomputeRegion
+
+        replay = RecomputeRegion._replay
+
+        def counting(region: RecomputeRegion, *args: Any) -> Any:
+            self.calls += 1
+            return replay(region, *args)
+
+        self._restore = replay
+        RecomputeRegion._replay = counting  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from fsdp_ac.recompute import RecomputeRegion
+
+        RecomputeRegion._replay = self._restore  # type: ignore[method-assign]
 
 
 @dataclass
@@ -298,8 +310,12 @@ class Trained:
     """This rank's loss at each step."""
     first_grads: dict[str, torch.Tensor]
     """Full gradients of the first step, read from Adam's first moment (see :func:`fit`)."""
-    gelu_calls: int | None
-    """aten.gelu calls over all steps; None for compiled setups, whose kernels a mode cannot count."""
+    gelu_calls: int
+    """How often the blocks' GELU ran, over all steps: ``aten.gelu`` calls in forward and backward;
+    with ``compile="outside"``, in backward only, where aot_eager runs the compiled backward graph op
+    by op through the dispatcher (a mode must not see the compiled forward); with
+    ``compile="inside"``, the eager regions' replays of a compiled block (one GELU each), since a mode
+    active in the replay would make the compiled block run differently from its forward."""
 
 
 def adam(model: nn.Module) -> torch.optim.Optimizer:
@@ -312,6 +328,7 @@ def fit(
     batches: torch.Tensor,
     optimizer_state: Callable[[], dict[str, Any]],
     counting: contextlib.AbstractContextManager[Any] | None = None,
+    counting_backward: contextlib.AbstractContextManager[Any] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Trains one Adam step per batch; returns the losses and the first step's full gradients.
 
@@ -326,7 +343,8 @@ def fit(
     for step, tokens in enumerate(batches):
         with counting or contextlib.nullcontext():
             loss = lm_loss(model, tokens)
-            loss.backward()
+            with counting_backward or contextlib.nullcontext():
+                loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.detach())
@@ -340,15 +358,19 @@ def train(ctx: RankContext, setup: Setup, steps: int = STEPS) -> Trained:
     """Builds ``setup`` and trains it with :func:`fit` on this rank's slice of the data."""
     model = build(ctx, setup)
     optimizer = adam(model)
-    gelus = None if setup.compile else OpCounter(torch.ops.aten.gelu.default)
+    gelus = ForwardOpsInBackward(torch.ops.aten.gelu.default)
+    replays = ReplayCounter()
     losses, first_grads = fit(
         model,
         optimizer,
         rank_batches(ctx, setup)[:steps],
         lambda: full_optimizer_state(model, optimizer),
-        gelus,
+        counting={None: gelus, "inside": replays}.get(setup.compile),
+        counting_backward=gelus if setup.compile == "outside" else None,
     )
-    return Trained(model, optimizer, losses, first_grads, None if gelus is None else gelus.calls)
+    if setup.compile == "inside":
+        return Trained(model, optimizer, losses, first_grads, replays.calls)
+    return Trained(model, optimizer, losses, first_grads, gelus.count)
 
 
 def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
