@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
+import json
+import sys
 import warnings
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -382,3 +386,23 @@ def test_cuda_engine_trains_the_gpt_exactly_with_checkpointing() -> None:
     torch.cuda.synchronize()
     assert engine.pool.allocations == config.n_layers
     assert_grads_bitwise(model, reference)
+
+
+# --- the GPU benchmark's dry run -------------------------------------------------------------------
+
+
+def test_the_gpu_offload_benchmark_runs_dry_on_the_cpu(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "offload_benchmark.py"
+    spec = importlib.util.spec_from_file_location("fsdp_ac_offload_benchmark", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    out = tmp_path / "records.json"
+    assert module.main(["--device", "cpu", "--tiny", "--json", str(out), "--check"]) == 0
+    result = json.loads(out.read_text())
+    records = {r["name"]: r for r in result["records"]}
+    assert {"no_ac", "full_ac", "ac_torch_save_on_cpu", "ac_fsdp_ac_offload"} <= set(records)
+    assert all(r["grads_equal"] and r["step_ms"] > 0 for r in records.values())
+    assert records["ac_fsdp_ac_offload"]["host_bytes"] == 3 * 2 * 16 * 32 * 4  # each block's input, pooled
+    assert result["target_met"] is None  # no GPU memory to compare on the CPU
