@@ -404,3 +404,9 @@ def test_the_gpu_offload_benchmark_runs_dry_on_the_cpu(tmp_path: Path) -> None:
     assert all(r["grads_equal"] and r["step_ms"] > 0 for r in records.values())
     assert records["ac_fsdp_ac_offload"]["host_bytes"] == 3 * 2 * 16 * 32 * 4  # each block's input, pooled
     assert result["target_met"] is None  # no GPU memory to compare on the CPU
+    # The memory probe, with the allocator's count faked at 0: it runs when the blocks' forward ends
+    # and takes off their output, (2, 16, 32) floats.
+    module.allocated = lambda device: 0
+    assert module.main(["--device", "cpu", "--tiny", "--json", str(out)]) == 0
+    records = {r["name"]: r for r in json.loads(out.read_text())["records"]}
+    assert {r["held_bytes"] for r in records.values()} == {-2 * 16 * 32 * 4}
