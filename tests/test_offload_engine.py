@@ -21,7 +21,13 @@ from test_offload import Block, Saved, activation, assert_grads_bitwise, mlp, re
 from torch import nn
 from torch.testing._internal.two_tensor import TwoTensor
 
-from fsdp_ac import apply_activation_checkpointing, checkpoint_wrapper, offload_wrapper, replay_hook
+from fsdp_ac import (
+    ActivationPlan,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+    offload_wrapper,
+    replay_hook,
+)
 from fsdp_ac.offload import (
     FlattenedCopy,
     Offloaded,
@@ -410,3 +416,14 @@ def test_the_gpu_offload_benchmark_runs_dry_on_the_cpu(tmp_path: Path) -> None:
     assert module.main(["--device", "cpu", "--tiny", "--json", str(out)]) == 0
     records = {r["name"]: r for r in json.loads(out.read_text())["records"]}
     assert {r["held_bytes"] for r in records.values()} == {-2 * 16 * 32 * 4}
+
+
+def test_a_plan_offloads_through_the_engine_it_is_given() -> None:
+    model, _, _ = gpt_and_reference()
+    engine = OffloadEngine()
+    plan = ActivationPlan({"layers.0": "offload", "layers.1": "full+offload", "layers.2": "full"})
+    plan.apply(model, offload_engine=engine)
+    assert [getattr(layer, "engine", None) for layer in model.layers] == [engine, engine, None, None]
+    default, _, _ = gpt_and_reference()
+    plan.apply(default)
+    assert default.layers[0].engine is None and default.layers[1].engine is None
