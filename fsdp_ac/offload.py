@@ -581,11 +581,9 @@ class OffloadEngine:
         # Backward may run on autograd's device threads, and handles die there.
         self._lock = threading.RLock()
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> OffloadEngine:
-        """A new engine with the same settings (a copied model gets its own pool and cap)."""
-        return OffloadEngine(
-            max_host_bytes=self.pool.max_bytes, on_cap=self.on_cap, prefetch_blocks=self.prefetch_blocks
-        )
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copies and pickles as a new engine with the same settings (its own pool and cap)."""
+        return _engine_with, (self.pool.max_bytes, self.on_cap, self.prefetch_blocks)
 
     @contextmanager
     def block(self, module: nn.Module, options: OffloadOptions) -> Iterator[None]:
@@ -738,6 +736,10 @@ class OffloadEngine:
                 self._blocks.remove(block)
                 if not self._blocks:
                     self._next_index = 0  # the next forward is a new step
+
+
+def _engine_with(max_host_bytes: int | None, on_cap: str, prefetch_blocks: int) -> OffloadEngine:
+    return OffloadEngine(max_host_bytes=max_host_bytes, on_cap=on_cap, prefetch_blocks=prefetch_blocks)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import importlib.util
 import json
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -318,6 +319,10 @@ def test_the_wrapper_keeps_torch_signature_and_the_synchronous_default(saved: Sa
     wrapper = offload_wrapper(inner, min_offload_bytes=0, copy_cpu_tensors=True, engine=engine)
     assert wrapper.engine is engine and "engine" not in vars(inner)
     assert copy.deepcopy(wrapper).engine is not engine  # a copied model gets its own pool
+    capped = OffloadEngine(max_host_bytes=10, on_cap="raise", prefetch_blocks=3)
+    for clone in (copy.deepcopy(capped), pickle.loads(pickle.dumps(capped))):
+        assert clone is not capped and clone.pool is not capped.pool
+        assert (clone.pool.max_bytes, clone.on_cap, clone.prefetch_blocks) == (10, "raise", 3)
     wrapper(activation(8, 16))
     assert sum(isinstance(p, Offloaded) for _, p in saved) == 3
 
