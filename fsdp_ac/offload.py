@@ -6,10 +6,11 @@ CPU and tensors smaller than ``min_offload_bytes`` (the copy costs more than it 
 subclasses such as DTensor are offloaded through their inner tensors (``__tensor_flatten__``), so a
 copy has the local shape and is rebuilt around the same spec on the way back.
 
-The pieces are small functions so that other offload engines (e.g. one copying on a side stream)
-can reuse them: :func:`decide` says what happens to one saved tensor, :func:`pins` whether its host
-copy is page-locked, and :func:`pack_saved_tensor` / :func:`unpack_saved_tensor` are the pair of
-``saved_tensors_hooks`` that :func:`offload_saved_tensors` installs.
+The pieces are small functions that both ways of copying share: :func:`decide` says what happens to
+one saved tensor, :func:`pins` whether its host copy is page-locked, and :func:`pack_saved_tensor` /
+:func:`unpack_saved_tensor` are the pair of ``saved_tensors_hooks`` that :func:`offload_saved_tensors`
+installs. By default each copy is synchronous (:func:`copy_to_host`); an :class:`OffloadEngine` copies
+on a side stream into a reused host pool and prefetches in backward (docs/offload.md).
 
 On a machine without an accelerator every activation already lives on the CPU, so offloading has
 nothing to move. ``copy_cpu_tensors=True`` copies those too, into separate CPU memory that plays the
