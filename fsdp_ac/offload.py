@@ -302,9 +302,11 @@ def unpack_saved_tensor(packed: Packed) -> torch.Tensor:
 
 
 class Event(Protocol):
-    """What the engine needs of a CUDA event: whether the work before it is done."""
+    """What the engine needs of a CUDA event: whether the work before it is done, or waiting for it."""
 
     def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,9 @@ class _Done:
 
     def query(self) -> bool:
         return True
+
+    def synchronize(self) -> None:
+        pass
 
 
 class SynchronousTransfers:
@@ -727,8 +732,9 @@ class OffloadEngine:
         with self._lock:
             entry.source = None
             if entry.reload is not None:
-                # A reload nobody read: its target may be freed only after the copy into it.
-                entry.transfers.wait(entry.reload[1], Operation("wait", entry.block.index, entry.position))
+                # A reload nobody read (the graph was freed mid-backward): its target may be freed
+                # only after the copy into it, whatever stream this thread is on.
+                entry.reload[1].synchronize()
                 entry.reload = None
             self.pool.release(entry.buffer, entry.last)
             block = entry.block

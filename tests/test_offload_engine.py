@@ -210,6 +210,22 @@ def test_a_graph_freed_without_backward_gives_its_buffers_back() -> None:
     assert engine.pool.in_use_bytes == 0 and engine.pool.bytes > 0
 
 
+def test_a_prefetched_block_that_backward_never_reads_is_given_back() -> None:
+    engine = OffloadEngine()
+    first_block, second_block = mlp(), mlp()
+    x = torch.randn(8, 32, requires_grad=True)
+    with offload_saved_tensors(first_block, pin_memory=False, copy_cpu_tensors=True, engine=engine):
+        hidden = first_block(x)
+    with offload_saved_tensors(second_block, pin_memory=False, copy_cpu_tensors=True, engine=engine):
+        out = second_block(hidden).sum()
+    torch.autograd.grad(out, hidden)  # backward reads the second block only
+    assert operations(engine, "to_device") and not [op for op in operations(engine, "wait") if op.block == 0]
+    assert {op.block for op in operations(engine, "to_device")} == {0, 1}  # block 0 was prefetched
+    assert engine.pool.in_use_bytes > 0
+    del out, hidden
+    assert engine.pool.in_use_bytes == 0
+
+
 # --- the host cap ----------------------------------------------------------------------------------
 
 
