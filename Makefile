@@ -3,7 +3,7 @@ PYTHON ?= python
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-unit test-distributed bench lint docs-testing docs-testing-results mutants
+.PHONY: install demo test test-unit test-distributed bench gpu-check lint docs-testing docs-testing-results mutants
 
 # Uses the torch already installed; installs the CPU wheel torch==2.13.0 only when there is none,
 # so that the range in setup.cfg never pulls a multi-GB CUDA build.
@@ -32,6 +32,15 @@ bench: install
 # pass (docs/testing.md, "Mutation smoke test"). Not part of `make test`: about 4 minutes on 2 cores.
 mutants: install
 	$(PYTHON) scripts/mutants.py
+
+# On one CUDA GPU, within 8 minutes: every gpu-marked test (one rank per GPU), the demo on one rank
+# with NCCL, and the offload benchmark (docs/offload.md), whose records go to build/.
+gpu-check: install
+	$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA GPU')"
+	mkdir -p build
+	FSDP_AC_NPROC=1 timeout 240 $(PYTHON) -m pytest -m gpu tests
+	FSDP_AC_BACKEND=nccl timeout 120 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node 1 scripts/demo.py
+	timeout 180 $(PYTHON) scripts/offload_benchmark.py --json build/offload_benchmark.json --check
 
 lint: install
 	$(PYTHON) -m ruff check fsdp_ac tests scripts

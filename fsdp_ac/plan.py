@@ -33,6 +33,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 from fsdp_ac.names import WRAPPED_MODULE_ATTR
+from fsdp_ac.offload import OffloadEngine
 from fsdp_ac.policies import ModulePolicy, PolicySpec, _check_alignment, _sites, parent_slots, post_order
 from fsdp_ac.selective import SelectiveCheckpoint
 from fsdp_ac.wrappers import ActivationWrapper, checkpoint_wrapper, offload_wrapper
@@ -159,7 +160,7 @@ class ActivationPlan:
                 "model.named_modules() lists them."
             )
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, *, offload_engine: OffloadEngine | None = None) -> nn.Module:
         """Wraps each named module of ``model`` in place as the plan says.
 
         Names are clean qualified names; a module inside an FSDP1 unit is wrapped inside it, so the
@@ -169,6 +170,9 @@ class ActivationPlan:
 
         Args:
             model: The model to modify in place.
+            offload_engine: The :class:`~fsdp_ac.offload.OffloadEngine` through which the ``offload``
+                and ``full+offload`` modules copy (asynchronously, prefetching across them); None
+                copies synchronously.
 
         Returns:
             ``model``.
@@ -199,7 +203,7 @@ class ActivationPlan:
                     + " already wrapped for activation checkpointing or offloading. Call "
                     "fsdp_ac.remove_activation_checkpointing(model) before applying a plan."
                 )
-            builder = builders.setdefault(strategy, _builder(strategy))
+            builder = builders.setdefault(strategy, _builder(strategy, offload_engine))
             wrapper = builder(module)
             for layer in _wrapper_layers(wrapper):
                 layer.region_name = name
@@ -286,13 +290,13 @@ class ActivationPlan:
             return cls.from_json(file.read())
 
 
-def _builder(strategy: str) -> Callable[[nn.Module], nn.Module]:
+def _builder(strategy: str, engine: OffloadEngine | None) -> Callable[[nn.Module], nn.Module]:
     if strategy == "full":
         return checkpoint_wrapper
     if strategy == "offload":
-        return offload_wrapper
+        return lambda module: offload_wrapper(module, engine=engine)
     if strategy == "full+offload":
-        return lambda module: offload_wrapper(checkpoint_wrapper(module))
+        return lambda module: offload_wrapper(checkpoint_wrapper(module), engine=engine)
     _, _, preset = strategy.partition(":")
     return SelectiveCheckpoint(preset or "default")
 

@@ -42,7 +42,7 @@ from fsdp_ac.names import (
     restore_prefix_on_load,
     strip_prefix_on_save,
 )
-from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions, offload_saved_tensors
+from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, OffloadEngine, OffloadOptions, offload_saved_tensors
 from fsdp_ac.policies import (
     ModulePolicy,
     PolicySpec,
@@ -319,10 +319,16 @@ class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
         copy_cpu_tensors: Also copy saved tensors already in CPU memory, into separate CPU memory.
             It frees nothing: it lets tests on machines without an accelerator run offloading for
             real (:attr:`fsdp_ac.offload.OffloadOptions.copy_cpu_tensors`).
+        engine: An :class:`~fsdp_ac.offload.OffloadEngine`, shared by a model's offload wrappers,
+            that copies on a side stream into a reused host pool and prefetches in backward; None
+            (the default) copies synchronously, as torch's wrapper does.
 
     Raises:
         ValueError: ``min_offload_bytes`` is negative.
     """
+
+    engine: OffloadEngine | None = None
+    """The engine that copies, or None for synchronous copies."""
 
     def __init__(
         self,
@@ -331,12 +337,14 @@ class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
         pin_memory: bool = True,
         min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
         copy_cpu_tensors: bool = False,
+        engine: OffloadEngine | None = None,
     ) -> None:
         ActivationWrapper.__init__(self, mod)
         options = OffloadOptions(pin_memory, min_offload_bytes, copy_cpu_tensors)
         self.pin_memory = options.pin_memory
         self.min_offload_bytes = options.min_offload_bytes
         self.copy_cpu_tensors = options.copy_cpu_tensors
+        self.engine = engine
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the wrapped module with its saved activations offloaded."""
@@ -348,6 +356,7 @@ class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
             pin_memory=self.pin_memory,
             min_offload_bytes=self.min_offload_bytes,
             copy_cpu_tensors=self.copy_cpu_tensors,
+            engine=self.engine,
         ):
             return wrapped(*args, **kwargs)
 
@@ -412,6 +421,7 @@ def offload_wrapper(
     pin_memory: bool = True,
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
     copy_cpu_tensors: bool = False,
+    engine: OffloadEngine | None = None,
 ) -> nn.Module:
     """Wraps ``module`` so that the activations it saves for backward live in CPU memory.
 
@@ -424,6 +434,9 @@ def offload_wrapper(
         min_offload_bytes: Saved tensors whose storage is smaller than this stay on their device.
         copy_cpu_tensors: Also copy saved tensors already in CPU memory (frees nothing; for tests on
             machines without an accelerator, see :class:`OffloadWrapper`).
+        engine: An :class:`~fsdp_ac.offload.OffloadEngine` to copy asynchronously (pass the same one
+            to every block of a model, so that backward prefetches across blocks); None copies
+            synchronously.
 
     Returns:
         An :class:`OffloadWrapper` around ``module``, or ``module`` if it is one already.
@@ -440,7 +453,11 @@ def offload_wrapper(
     if isinstance(module, _torch_wrappers.OffloadWrapper):
         return module
     return OffloadWrapper(
-        module, pin_memory=pin_memory, min_offload_bytes=min_offload_bytes, copy_cpu_tensors=copy_cpu_tensors
+        module,
+        pin_memory=pin_memory,
+        min_offload_bytes=min_offload_bytes,
+        copy_cpu_tensors=copy_cpu_tensors,
+        engine=engine,
     )
 
 

@@ -48,6 +48,11 @@ Saved = list[tuple[torch.Tensor, Packed]]
 @pytest.fixture
 def saved(monkeypatch: pytest.MonkeyPatch) -> Saved:
     """Every tensor the offload hooks receive, with what their pack hook returned."""
+    return record_saved(monkeypatch)
+
+
+def record_saved(monkeypatch: pytest.MonkeyPatch) -> Saved:
+    """Makes the offload hooks record every tensor they receive, with what the pack hook returned."""
     records: Saved = []
     install = offload_module.saved_tensors_hooks
 

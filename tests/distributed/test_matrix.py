@@ -103,7 +103,7 @@ def torch_limitation(setup: Setup) -> str | None:
     if (
         setup.parallel == "fsdp1"
         and not setup.use_orig_params
-        and setup.ac == "offload_checkpoint"
+        and setup.ac in ("offload_checkpoint", "offload_checkpoint_engine")
         and not setup.ac_first
     ):
         return FSDP1_NESTED_WRAPPERS_LIMITATION

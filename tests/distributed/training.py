@@ -58,6 +58,7 @@ from fsdp_ac import (
     checkpoint_wrapper,
     offload_wrapper,
 )
+from fsdp_ac.offload import OffloadEngine
 from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
 
 CONFIG = GPTConfig(vocab_size=128, max_seq_len=16, d_model=64, n_heads=4, n_layers=2, dropout=0.0)
@@ -70,6 +71,11 @@ COMPILE_BACKEND = "aot_eager"
 the partitioner recomputes), without inductor's C++ code generation, which takes about 25 s per
 block on two CPU cores."""
 
+
+def _offload_checkpoint_through(engine: OffloadEngine) -> Callable[[nn.Module], nn.Module]:
+    return lambda module: offload_wrapper(checkpoint_wrapper(module), copy_cpu_tensors=True, engine=engine)
+
+
 AC_WRAPPERS: dict[str, Callable[[], Callable[[nn.Module], nn.Module]]] = {
     "no_reentrant": lambda: partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
     "reentrant": lambda: partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.REENTRANT),
@@ -78,11 +84,14 @@ AC_WRAPPERS: dict[str, Callable[[], Callable[[nn.Module], nn.Module]]] = {
     "offload_checkpoint": lambda: (
         lambda module: offload_wrapper(checkpoint_wrapper(module), copy_cpu_tensors=True)
     ),
+    "offload_engine": lambda: partial(offload_wrapper, copy_cpu_tensors=True, engine=OffloadEngine()),
+    "offload_checkpoint_engine": lambda: _offload_checkpoint_through(OffloadEngine()),
 }
 """Activation wrappers by the name a :class:`Setup` uses, as factories: a selective policy learns
 per model, so each build gets a fresh one. Offload copies CPU tensors too (``copy_cpu_tensors``), so
 that on gloo its cells move activations for real, into separate CPU memory; on GPUs it changes
-nothing, as every activation is on the GPU."""
+nothing, as every activation is on the GPU. The ``_engine`` variants copy through one
+:class:`~fsdp_ac.offload.OffloadEngine` per model (pool, prefetch across its blocks)."""
 
 AC_CLASSES = {
     "no_reentrant": ("CheckpointWrapper",),
@@ -90,6 +99,8 @@ AC_CLASSES = {
     "selective": ("CheckpointWrapper",),
     "offload": ("OffloadWrapper",),
     "offload_checkpoint": ("OffloadWrapper", "CheckpointWrapper"),
+    "offload_engine": ("OffloadWrapper",),
+    "offload_checkpoint_engine": ("OffloadWrapper", "CheckpointWrapper"),
 }
 """The wrapper classes around each block, outermost first."""
 
@@ -99,6 +110,8 @@ RECOMPUTES = {
     "selective": True,
     "offload": False,
     "offload_checkpoint": True,
+    "offload_engine": False,
+    "offload_checkpoint_engine": True,
 }
 """Whether backward runs the block's forward again (offload alone saves activations elsewhere)."""
 
