@@ -1,6 +1,9 @@
 """The Accelerate integration in one process: settings, plans, errors, and Accelerate's own defects.
 
 The multi-process runs through ``accelerate launch`` are in ``tests/distributed/test_accelerate_launch.py``.
+Every test that trains a checkpointed model counts what its backward recomputes (the blocks' GELU or
+SiLU, forward-only operators; ``models.ForwardOpsInBackward``): equal gradients alone would also pass
+with a wrapper that checkpointed nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_models import tiny_llama
-from models import SMALL_GPT
+from models import SMALL_GPT, ForwardOpsInBackward, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
@@ -92,12 +95,14 @@ def no_fsdp_accelerator() -> Any:
     return SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1)
 
 
-def gradients(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
+def gradients(model: nn.Module, seed: int = 1) -> tuple[dict[str, torch.Tensor], int]:
+    """One step's gradients, and how many GELUs its backward reran: one per checkpointed block."""
     torch.manual_seed(seed)
     tokens = torch.randint(0, DROPOUT_GPT.vocab_size, (2, 12))
     logits = model(tokens)
-    F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    return {name: param.grad.clone() for name, param in model.named_parameters()}
+    with ForwardOpsInBackward(torch.ops.aten.gelu.default) as gelus:
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    return {name: param.grad.clone() for name, param in model.named_parameters()}, gelus.count
 
 
 def regions(model: nn.Module) -> list[str]:
@@ -355,14 +360,18 @@ def test_accelerates_fsdp2_checkpointing_crashes_with_no_wrap() -> None:
 def test_accelerates_fsdp2_checkpointing_changes_dropout_gradients_and_fsdp_acs_does_not() -> None:
     from accelerate.utils.fsdp_utils import fsdp2_apply_ac
 
-    expected = gradients(gpt())
+    expected, recomputed = gradients(gpt())
+    assert recomputed == 0
     accelerator = fsdp_accelerator(plugin(auto_wrap_policy="transformer_based_wrap"))
     # Accelerate's wrappers use preserve_rng_state=False: the replay draws other dropout masks.
-    theirs = {clean_name(n): g for n, g in gradients(fsdp2_apply_ac(accelerator, gpt())).items()}
+    their_grads, recomputed = gradients(fsdp2_apply_ac(accelerator, gpt()))
+    assert recomputed == len(BLOCKS)  # both checkpoint every block
+    theirs = {clean_name(n): g for n, g in their_grads.items()}
     assert max((theirs[n] - g).abs().max().item() for n, g in expected.items()) > 1e-3
     model = fsdp_ac_accelerate.prepare(accelerator, gpt())
     assert regions(model) == BLOCKS
-    got = gradients(model)
+    got, recomputed = gradients(model)
+    assert recomputed == len(BLOCKS)
     assert got.keys() == expected.keys()
     assert all(torch.equal(g, expected[n]) for n, g in got.items())
 
@@ -387,16 +396,19 @@ def test_prepare_switches_accelerates_checkpointing_off_during_the_call_only(
     offloads = [m for m in model.modules() if isinstance(m, OffloadWrapper)]
     assert len(offloads) == 4
     assert {(m.pin_memory, m.min_offload_bytes) for m in offloads} == {(False, 0)}
+    assert gradients(model)[1] == len(BLOCKS)  # full+offload: offloaded and checkpointed
 
 
 def test_prepare_in_one_process_checkpoints_and_keeps_gradients(
     real_accelerator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FSDP_AC_POLICY", "all")
-    expected = gradients(gpt())
+    expected = gradients(gpt())[0]
     model = fsdp_ac_accelerate.prepare(real_accelerator, gpt())
     assert regions(model) == BLOCKS
-    assert all(torch.equal(g, expected[n]) for n, g in gradients(model).items())
+    got, recomputed = gradients(model)
+    assert all(torch.equal(g, expected[n]) for n, g in got.items())
+    assert recomputed == len(BLOCKS)
 
 
 def test_prepare_checkpoints_an_fsdp_config_that_accelerate_ran_without_fsdp(
@@ -421,6 +433,7 @@ def test_prepare_checkpoints_an_fsdp_config_that_accelerate_ran_without_fsdp(
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     assert regions(model) == BLOCKS
+    assert gradients(model)[1] == len(BLOCKS)
     assert any("configured for FSDP but runs DistributedType.NO" in str(w.message) for w in caught)
 
 
@@ -445,11 +458,13 @@ def test_hugging_face_models_train_without_their_cache(monkeypatch: pytest.Monke
     plain = tiny_llama()
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     losses = []
+    recomputed = []
     for trained in (plain, model):
         loss = trained(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        recomputed.append(recomputed_in_backward(loss, torch.ops.aten.silu.default))
         losses.append(loss.detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    assert recomputed == [0, 2]  # selective saves matmuls: each layer's SiLU reruns
     expected = {name: param.grad for name, param in plain.named_parameters()}
     actual = {clean_name(name): param.grad for name, param in model.named_parameters()}
     assert actual.keys() == expected.keys()

@@ -1,4 +1,8 @@
-"""Activation plans: every strategy, one shared selective object, table, JSON, errors, FSDP1."""
+"""Activation plans: every strategy, one shared selective object, table, JSON, errors, FSDP1.
+
+A plan that checkpoints is shown to recompute: backward counts the forward operators it reruns
+(``models.ForwardOpsInBackward``), per strategy, so a wrapper that checkpointed nothing fails.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_models import tiny_llama
-from models import chain_of
+from models import ForwardOpsInBackward, chain_of, recomputed_in_backward
 from torch import nn
 
 from fsdp_ac import (
@@ -42,6 +46,21 @@ WRAPPERS_BY_STRATEGY = {
     "none": "TransformerBlock",
 }
 
+RECOMPUTED_BY_STRATEGY = {
+    "full": (1, 3, 3),
+    "selective": (1, 0, 1),
+    "selective:matmul": (1, 0, 0),
+    "offload": (0, 0, 0),
+    "full+offload": (1, 3, 3),
+    "none": (0, 0, 0),
+}
+"""What a block reruns in backward: its GELU, and its ``Linear`` forwards (``addmm``) in the first
+step and in later ones. Full checkpointing reruns 3 of 4 Linears (``models.LINEARS_RECOMPUTED_PER_BLOCK``);
+"selective" saves every matmul while it learns, then all but ``attn.proj``, whose output only a
+residual add reads; "selective:matmul" saves every matmul; offloading recomputes nothing."""
+
+GELU = torch.ops.aten.gelu.default
+
 
 @pytest.fixture
 def six_blocks() -> GPT:
@@ -49,12 +68,14 @@ def six_blocks() -> GPT:
     return GPT(GPTConfig(vocab_size=32, max_seq_len=8, d_model=16, n_heads=2, n_layers=6))
 
 
-def grads(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
+def grads(model: nn.Module, tokens: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    """The gradients of one step, and the GELUs and ``Linear`` forwards its backward reran."""
     loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
-    loss.backward()
+    with ForwardOpsInBackward(GELU) as gelus, ForwardOpsInBackward() as linears:
+        loss.backward()
     out = [p.grad for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    return out
+    return out, (gelus.count, linears.count)
 
 
 def test_each_strategy_wraps_as_named_and_keeps_gradients(six_blocks: GPT) -> None:
@@ -65,10 +86,14 @@ def test_each_strategy_wraps_as_named_and_keeps_gradients(six_blocks: GPT) -> No
     assert [chain_of(layer) for layer in layers] == [WRAPPERS_BY_STRATEGY[s] for s in MIXED.values()]
     assert [getattr(layer, "region_name", None) for layer in layers] == [*list(MIXED)[:5], None]
     assert layers[2].checkpoint_fn.keywords["context_fn"].args[0].owner.name == "matmul"
-    expected = grads(six_blocks, tokens)
-    for _ in range(2):
-        for got, want in zip(grads(planned, tokens), expected, strict=True):
+    expected, recomputed = grads(six_blocks, tokens)
+    assert recomputed == (0, 0)
+    for step in range(2):
+        got_grads, recomputed = grads(planned, tokens)
+        for got, want in zip(got_grads, expected, strict=True):
             assert torch.equal(got, want)
+        per_block = [RECOMPUTED_BY_STRATEGY[s] for s in MIXED.values()]
+        assert recomputed == (sum(r[0] for r in per_block), sum(r[1 + step] for r in per_block))
 
 
 def test_blocks_with_one_preset_share_one_selective_object(six_blocks: GPT) -> None:
@@ -182,7 +207,9 @@ def test_hugging_face_plan_by_module_name() -> None:
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     model(tokens, labels=tokens, use_cache=False).loss.backward()
     for _ in range(2):
-        planned(tokens, labels=tokens, use_cache=False).loss.backward()
+        loss = planned(tokens, labels=tokens, use_cache=False).loss
+        # Both strategies rerun their layer's SiLU (selective saves matmuls only).
+        assert recomputed_in_backward(loss, torch.ops.aten.silu.default) == 2
         for got, want in zip(planned.parameters(), model.parameters(), strict=True):
             assert torch.equal(got.grad, want.grad)
             got.grad = None
@@ -201,6 +228,8 @@ def test_plan_inside_fsdp1_units(single_rank_group: None, six_blocks: GPT) -> No
         "FullyShardedDataParallel>CheckpointWrapper>TransformerBlock",
         "FullyShardedDataParallel>TransformerBlock",
     ]
+    tokens = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert grads(model, tokens)[1] == (2, 3)  # full: GELU and 3 Linears; selective, learning: GELU
     with pytest.warns(UserWarning, match=r"AC region 'layers' spans 4 FSDP units"):
         ActivationPlan({"layers": "full"}).apply(
             FSDP(

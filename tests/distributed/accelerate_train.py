@@ -9,7 +9,9 @@ checkpointing (the reference), Accelerate's own checkpointing (what the config f
 of each step and the full parameters after training (which the reductions make the same on every
 rank), which FSDP units and checkpoint wrappers each block got and the parameter names; for fsdp_ac
 also the keys ``get_state_dict`` gives it, the parameters it holds after ``load_state`` read back
-a checkpoint, and on the main process what ``save_state`` wrote. Each rank writes
+a checkpoint, and on the main process what ``save_state`` wrote. Each step also counts the blocks'
+activation (GELU, or Llama's SiLU: forward-only operators) in backward, which only recomputation
+runs: once per checkpointed block. Each rank writes
 ``OUT_DIR/rank<r>.pt``; the test checks every rank, and the ranks against each other.
 
 Accelerate 1.15 runs FSDP only on accelerators: without GPUs it runs an FSDP config as DDP
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+from models import ForwardOpsInBackward
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, OffloadWrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -50,6 +53,8 @@ MODELS = ("gpt", "llama")
 VOCAB = 64
 STEPS = 2
 _HIDDEN_SEGMENTS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")
+RECOMPUTED_OP = {"gpt": torch.ops.aten.gelu.default, "llama": torch.ops.aten.silu.default}
+"""The forward-only operator each block of a model runs once; backward runs it only to recompute."""
 
 
 def build(kind: str) -> nn.Module:
@@ -163,13 +168,16 @@ def train(accelerator: Accelerator, kind: str, mode: str) -> tuple[nn.Module, di
         "names": [name for name, _ in inner(model).named_parameters()],
         "warnings": [str(w.message) for w in caught if "fsdp_ac" in str(w.message)],
         "grads": [],
+        "recomputed": [],
     }
     losses = []
     for step in range(STEPS):
         torch.manual_seed(1000 * step + accelerator.process_index)  # each rank its own batch
         tokens = torch.randint(0, VOCAB, (2, 12))
         loss = loss_of(model, kind, tokens)
-        accelerator.backward(loss)
+        with ForwardOpsInBackward(RECOMPUTED_OP[kind]) as recomputed:
+            accelerator.backward(loss)
+        record["recomputed"].append(recomputed.count)
         losses.append(loss.detach().cpu())
         record["grads"].append(full_grads(model))
         optimizer.step()

@@ -6,7 +6,8 @@ rank, for the reference GPT with dropout and a tiny ``LlamaForCausalLM`` with at
 
 - fsdp_ac's losses, gradients and trained parameters against those of the same run without
   activation checkpointing, bitwise;
-- the FSDP units and checkpoint wrappers each block got (exactly one of each);
+- the FSDP units and checkpoint wrappers each block got (exactly one of each), and the recomputation
+  itself: each step's backward reruns every checkpointed block's activation once, and no other;
 - the names of parameters and of the keys that ``get_state_dict`` gives each rank and ``save_state``
   writes, which a plain model loads, and the parameters each rank holds after ``load_state`` read
   back a plain model's values;
@@ -66,7 +67,7 @@ def launch(config: str, out: Path) -> list[dict[str, Any]]:
     env.pop("WORLD_SIZE", None)
     env.update(
         OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([str(REPO), str(HERE.parent), env.get("PYTHONPATH", "")]),
         FSDP_AC_CONFIG_FILE=str(CONFIGS / config),
         FSDP_AC_TIMEOUT_S=os.environ.get("FSDP_AC_TIMEOUT_S", "60"),
     )
@@ -170,6 +171,7 @@ def check_fsdp_ac(ranks: list[dict[str, Any]], kind: str, regions: list[str], *,
         assert max_grad_diff(run, reference) <= tolerance(), where
         assert max_diff(run["params"], reference["params"]) <= tolerance(), where
         assert run["structure"]["checkpoints"] == dict.fromkeys(regions, 1), where
+        assert (run["recomputed"], reference["recomputed"]) == ([len(regions)] * STEPS, [0] * STEPS), where
         if fsdp:
             units = {block: run["structure"]["units"].get(block) for block in per_kind["blocks"]}
             assert units == dict.fromkeys(per_kind["blocks"], 1), where
@@ -213,6 +215,7 @@ def fsdp_phase(results: list[dict[str, Any]]) -> str:
             ranks = ranks_of(results, "as_configured", kind)
             for rank, per_kind in enumerate(ranks):
                 assert per_kind["accelerate"]["structure"]["checkpoints"] == {}, (kind, rank)
+                assert per_kind["accelerate"]["recomputed"] == [0] * STEPS, (kind, rank)
                 warned = " ".join(per_kind["fsdp_ac"]["warnings"])
                 assert "fsdp_ac checkpoints the blocks anyway" in warned, (kind, rank)
             check_fsdp_ac(ranks, kind, ranks[0]["blocks"], fsdp=False)
@@ -237,6 +240,7 @@ def test_fsdp2_config_through_fsdp_ac(tmp_path: Path) -> None:
             assert {b: own["structure"]["units"][b] for b in blocks} == dict.fromkeys(blocks, 2), where
             assert max_grad_diff(own, per_kind["none"]) > 1e-3, where
             assert any("_checkpoint_wrapped_module" in name for name in own["names"]), where
+            assert own["recomputed"] == [len(blocks)] * STEPS, where  # it does recompute every block
             # fsdp_activation_checkpointing_offload: each checkpointed block's input is offloaded.
             assert per_kind["fsdp_ac"]["structure"]["offloads"] == dict.fromkeys(blocks, 1), where
         check_fsdp_ac(ranks, kind, blocks, fsdp=True)
@@ -256,6 +260,7 @@ def test_fsdp1_config_with_selective_checkpointing(tmp_path: Path) -> None:
             assert any("_checkpoint_wrapped_module" in name for name in per_kind["accelerate"]["names"]), (
                 where
             )
+            assert per_kind["accelerate"]["recomputed"] == [len(blocks)] * STEPS, where
             assert per_kind["fsdp_ac"]["structure"]["selective"] == dict.fromkeys(blocks, 1), where
         check_fsdp_ac(ranks, kind, blocks, fsdp=True)
 

@@ -5,7 +5,10 @@ and runs its cases as sub-cases. A case parallelizes the reference GPT (or a tin
 with FSDP1, FSDP2 (through :func:`fsdp_ac.fully_shard_by_policy`) or DDP, and checkpoints it with the
 same policy object, before or after. It reports the wrappers around each block, the alignment check,
 and whether its gradients equal those of the same parallel setup without AC, bitwise: recomputation
-replays the same kernels on the same inputs, and both runs communicate the same way.
+replays the same kernels on the same inputs, and both runs communicate the same way. Equal gradients
+alone would also pass with AC that did nothing, so every rank also counts the blocks' activation
+(GELU, or Llama's SiLU: forward-only operators) in backward (``models.ForwardOpsInBackward``): once
+per checkpointed block with AC, never without.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from hf_models import tiny_llama
 from launcher import RankContext, run_on_ranks
-from models import block_policy_specs
+from models import ForwardOpsInBackward, block_policy_specs
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.device_mesh import init_device_mesh
@@ -145,12 +148,19 @@ def run_gpt_case(ctx: RankContext, case: Case) -> dict[str, Any]:
         0, CONFIG.vocab_size, (ctx.world_size * BATCH_PER_RANK, CONFIG.max_seq_len + 1), generator=generator
     )
     tokens = tokens[ctx.rank * BATCH_PER_RANK : (ctx.rank + 1) * BATCH_PER_RANK].to(ctx.device)
-    grads = []
+    grads, recomputed = [], []
     for m in (plain, model):
         logits = m(tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        with ForwardOpsInBackward(torch.ops.aten.gelu.default) as gelus:
+            F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         grads.append(local_grads(m))
-    return {"blocks": describe(model), "problems": check_alignment(model), "same_grads": same_grads(*grads)}
+        recomputed.append(gelus.count)
+    return {
+        "blocks": describe(model),
+        "problems": check_alignment(model),
+        "same_grads": same_grads(*grads),
+        "recomputed": recomputed,
+    }
 
 
 GPT_CASES = [
@@ -198,6 +208,8 @@ def test_one_unit_and_one_region_per_block_in_both_orders() -> None:
                     assert block["nesting"] == NESTING[case.parallel, case.ac_first], where
             assert result["problems"] == [], where
             assert result["same_grads"], where
+            # Each checkpointed block's GELU reruns once in backward; without AC, none does.
+            assert result["recomputed"] == [0, sum(checkpointed)], where
 
 
 LLAMA_CASES = [
@@ -218,16 +230,25 @@ def run_llama_case(ctx: RankContext, case: Case) -> dict[str, Any]:
     if not case.ac_first:
         apply_activation_checkpointing(model, wrapper_fn, auto_wrap_policy=policy)
     generator = torch.Generator().manual_seed(ctx.rank)
-    same = []
+    same, recomputed = [], []
     for _ in range(2):  # the first step learns what to save, the second uses it
         tokens = torch.randint(0, 64, (BATCH_PER_RANK, 12), generator=generator).to(ctx.device)
-        grads = []
+        grads, silus = [], []
         for m in (plain, model):
-            m(tokens, labels=tokens, use_cache=False).loss.backward()
+            loss = m(tokens, labels=tokens, use_cache=False).loss
+            with ForwardOpsInBackward(torch.ops.aten.silu.default) as counter:
+                loss.backward()
             grads.append(local_grads(m))
+            silus.append(counter.count)
             m.zero_grad(set_to_none=True)
         same.append(same_grads(*grads))
-    return {"blocks": describe(model), "problems": check_alignment(model), "same_grads": same}
+        recomputed.append(silus)
+    return {
+        "blocks": describe(model),
+        "problems": check_alignment(model),
+        "same_grads": same,
+        "recomputed": recomputed,
+    }
 
 
 @pytest.mark.timeout(300)
@@ -240,6 +261,9 @@ def test_hugging_face_llama_with_selective_checkpointing() -> None:
             units = 0 if case.parallel == "ddp" else 1
             assert [(b["units"], b["regions"]) for b in result["blocks"]] == [(units, 1)] * 2, where
             assert result["problems"] == [] and result["same_grads"] == [True, True], where
+            # The default preset saves matmul outputs, not the MLP's SiLU: it reruns once per block in
+            # both steps (the learning one and the one that uses what it learned); never without AC.
+            assert result["recomputed"] == [[0, len(result["blocks"])]] * 2, where
 
 
 def misaligned_case(ctx: RankContext, strict: bool) -> list[str]:
