@@ -188,10 +188,11 @@ MUTANTS = (
                 "offload.py",
                 r"saved_tensors_hooks\(\w+, \w+\)",
                 "saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor)",
+                count=2,  # the synchronous path and the engine's
             ),
         ),
-        # On the CPU only the test mode that copies CPU tensors can see offloading; its tests live here.
-        ("tests/test_offload.py",),
+        # On the CPU only the test modes that copy CPU tensors can see offloading; their tests live here.
+        ("tests/test_offload.py", "tests/test_offload_engine.py"),
     ),
     Mutant(
         "g",
