@@ -439,11 +439,13 @@ def offload_wrapper(
             synchronously.
 
     Returns:
-        An :class:`OffloadWrapper` around ``module``, or ``module`` if it is one already.
+        An :class:`OffloadWrapper` around ``module``, or ``module`` if it is one already with the
+        same settings.
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module`` instance (the message says what it is).
-        ValueError: ``min_offload_bytes`` is negative.
+        ValueError: ``min_offload_bytes`` is negative, or ``module`` is offloaded already with other
+            settings.
 
     Example:
         >>> block = offload_wrapper(nn.Linear(8, 8))
@@ -451,6 +453,18 @@ def offload_wrapper(
     """
     _require_module(module, "offload_wrapper")
     if isinstance(module, _torch_wrappers.OffloadWrapper):
+        wanted = (pin_memory, min_offload_bytes, copy_cpu_tensors, engine)
+        if isinstance(module, OffloadWrapper) and wanted != (
+            module.pin_memory,
+            module.min_offload_bytes,
+            module.copy_cpu_tensors,
+            module.engine,
+        ):
+            raise ValueError(
+                f"{type(unwrap(module)).__name__} is already wrapped for offloading with other settings "
+                "(pin_memory, min_offload_bytes, copy_cpu_tensors or engine); offloading it twice would "
+                "copy twice. Call fsdp_ac.unwrap(module) first, or keep the existing wrapper."
+            )
         return module
     return OffloadWrapper(
         module,

@@ -19,7 +19,7 @@ from models import ConvNet, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 
-from fsdp_ac import CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper
+from fsdp_ac import CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper, offload_wrapper
 from fsdp_ac.recompute import (
     RandomOpWithoutRngStateError,
     RecomputationMismatchError,
@@ -163,6 +163,12 @@ def test_wrapping_twice_is_idempotent() -> None:
     assert checkpoint_wrapper(offloaded) is offloaded
     with pytest.raises(ValueError, match=r"other settings.*fsdp_ac\.unwrap"):
         checkpoint_wrapper(once, CheckpointImpl.REENTRANT)
+    torch_twice = torch_wrappers.offload_wrapper(torch_wrappers.offload_wrapper(nn.Linear(4, 4)))
+    assert isinstance(torch_twice._checkpoint_wrapped_module, torch_wrappers.OffloadWrapper)  # torch nests
+    ours_offloaded = offload_wrapper(nn.Linear(4, 4), min_offload_bytes=0)
+    assert offload_wrapper(ours_offloaded, min_offload_bytes=0) is ours_offloaded
+    with pytest.raises(ValueError, match=r"offloading with other settings.*fsdp_ac\.unwrap"):
+        offload_wrapper(ours_offloaded)  # another min_offload_bytes: not silently ignored
     model = GPT(GPTConfig(vocab_size=32, max_seq_len=8, d_model=16, n_heads=2, n_layers=2))
     for _ in range(2):
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
