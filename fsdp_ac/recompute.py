@@ -106,9 +106,9 @@ def replay_hook(hook: _Hook, *, replay: bool = True) -> _Hook:
         TypeError: ``hook`` is not callable.
 
     Example:
-        >>> def scale(module, args, output):
-        ...     output.mul_(2)
-        >>> handle = block.register_forward_hook(replay_hook(scale, replay=True))
+        >>> def pick_adapter(module, args):
+        ...     module.active = schedule.current()  # a plain attribute the forward reads
+        >>> handle = block.register_forward_pre_hook(replay_hook(pick_adapter, replay=True))
     """
     if not callable(hook):
         raise TypeError(f"replay_hook marks a hook function, got {type(hook).__name__}: {hook!r}.")
@@ -248,7 +248,7 @@ def _swapped_hooks(
 
 
 def _submodules(root: nn.Module) -> list[nn.Module]:
-    """``list(root.modules())`` without the generator machinery: this runs on every call."""
+    """The modules of ``root``, each once, as ``root.modules()`` gives them (breadth first)."""
     found = [root]
     seen = {id(root)}
     for module in found:
