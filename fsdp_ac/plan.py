@@ -36,7 +36,12 @@ from fsdp_ac.names import WRAPPED_MODULE_ATTR
 from fsdp_ac.offload import OffloadEngine
 from fsdp_ac.policies import ModulePolicy, PolicySpec, _check_alignment, _sites, parent_slots, post_order
 from fsdp_ac.selective import SelectiveCheckpoint
-from fsdp_ac.wrappers import ActivationWrapper, checkpoint_wrapper, offload_wrapper
+from fsdp_ac.wrappers import (
+    ActivationWrapper,
+    _refuse_nested_wrappers_in_flat_unit,
+    checkpoint_wrapper,
+    offload_wrapper,
+)
 
 __all__ = ["STRATEGIES", "ActivationPlan"]
 
@@ -179,8 +184,10 @@ class ActivationPlan:
 
         Raises:
             ValueError: A name is not a module of ``model`` (the message suggests close names), or a
-                named module is already wrapped or lies inside an activation wrapper. Remove existing
-                wrappers first with :func:`~fsdp_ac.remove_activation_checkpointing`.
+                named module is already wrapped or lies inside an activation wrapper (remove existing
+                wrappers first with :func:`~fsdp_ac.remove_activation_checkpointing`), or ``full+offload``
+                names the whole module of an FSDP1 unit without ``use_orig_params`` (apply the plan
+                before FSDP1, or use ``use_orig_params=True``).
         """
         self.check(model)
         sites = {site.name: site for site in _sites(model)}
@@ -207,6 +214,10 @@ class ActivationPlan:
             wrapper = builder(module)
             for layer in _wrapper_layers(wrapper):
                 layer.region_name = name
+            for parent, _ in parents[module]:
+                # The guard apply_activation_checkpointing runs: offload around checkpoint inside a
+                # flat-parameter FSDP1 unit would leak the flat parameter into the state dict.
+                _refuse_nested_wrappers_in_flat_unit(parent, wrapper, module)
             for parent, attr in parents[module]:
                 setattr(parent, attr, wrapper)
         _check_alignment(model, strict=False, stacklevel=3)

@@ -216,6 +216,20 @@ def test_hugging_face_plan_by_module_name() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_offload_around_checkpoint_inside_a_flat_fsdp1_unit_is_refused_as_by_apply(
+    single_rank_group: None, six_blocks: GPT
+) -> None:
+    """The plan path runs apply_activation_checkpointing's guard (Accelerate's FSDP1 default with
+    offload reaches FSDP1 units without use_orig_params through it)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = FSDP(six_blocks, auto_wrap_policy=ModulePolicy({TransformerBlock}), device_id=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"two \(offload around checkpoint\).*use_orig_params=True"):
+        ActivationPlan({"layers.0": "full+offload"}).apply(model)
+    assert chain_of(model._fsdp_wrapped_module.layers[0]) == "FullyShardedDataParallel>TransformerBlock"
+    ActivationPlan({"layers.0": "full", "layers.1": "offload"}).apply(model)  # one wrapper each: fine
+
+
 def test_plan_inside_fsdp1_units(single_rank_group: None, six_blocks: GPT) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
