@@ -24,10 +24,10 @@ wall time instead.
 "memory_ratio", "step_ms", "activation_bytes"}`` (ratios to ``no_ac``) and cost records ``{"name",
 "blocks", "plain_us", "torch_us", "fsdp_ac_us", "ratio", "target"}`` (ratio: fsdp_ac to torch).
 ``--check`` exits with status 1 when a target is missed: ``fsdp_ac_full`` holds no more memory than
-``torch_full`` at a time ratio within 3% of it, ``fsdp_ac_selective`` holds at most 0.60 of ``no_ac``'s
-memory at a time ratio of at most 1.06, a call through fsdp_ac's wrapper takes at most 1.10 times as
-long as through torch's, and ``state_dict()`` and ``load_state_dict()`` of the 96-block model at most
-1.25 times as long.
+``torch_full`` at a time ratio at most 3% above it (faster is met), ``fsdp_ac_selective`` holds at
+most 0.60 of ``no_ac``'s memory at a time ratio of at most 1.06, a call through fsdp_ac's wrapper
+takes at most 1.10 times as long as through torch's, and ``state_dict()`` and ``load_state_dict()``
+of the 96-block model at most 1.25 times as long.
 """
 
 from __future__ import annotations
@@ -419,8 +419,9 @@ def check_targets(records: list[Record]) -> list[tuple[str, bool]]:
         )
         results.append(
             (
-                f"fsdp_ac_full time {ours.time_ratio:.3f} within 3% of torch_full {theirs.time_ratio:.3f}",
-                abs(ours.time_ratio / theirs.time_ratio - 1) <= 0.03,
+                f"fsdp_ac_full time {ours.time_ratio:.3f} at most 3% above torch_full "
+                f"{theirs.time_ratio:.3f}",
+                ours.time_ratio <= theirs.time_ratio * 1.03,
             )
         )
     if "fsdp_ac_selective" in by_name:
