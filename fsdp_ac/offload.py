@@ -419,21 +419,22 @@ class SynchronousTransfers:
         """A flat buffer in (pageable) CPU memory."""
         return torch.empty(numel, dtype=dtype)
 
+    def _copy(self, source: torch.Tensor, target: torch.Tensor, label: Operation) -> Event:
+        target.copy_(source)
+        self.operations.append(label)
+        return _Done()
+
     def to_host(
         self, source: torch.Tensor, host: torch.Tensor, after: Event | None, label: Operation
     ) -> Event:
         """Copies now."""
-        host.copy_(source)
-        self.operations.append(label)
-        return _Done()
+        return self._copy(source, host, label)
 
     def to_device(
         self, host: torch.Tensor, target: torch.Tensor, after: Event | None, label: Operation
     ) -> Event:
         """Copies now."""
-        target.copy_(host)
-        self.operations.append(label)
-        return _Done()
+        return self._copy(host, target, label)
 
     def wait(self, event: Event, label: Operation) -> None:
         """Records the wait."""

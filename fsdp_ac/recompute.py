@@ -452,26 +452,11 @@ class RecomputeRegion:
             _RECOMPUTING.reset(token)
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # One pass over the region's modules (this runs on every call): its buffers with their
-        # versions, its hook dicts, and the running statistics that change without a version bump.
-        modules = [self.module]
-        seen = {id(self.module)}
-        buffers: list[tuple[torch.Tensor, int]] = []
-        hook_dicts: list[dict[int, Callable[..., Any]]] = []
-        statistics: list[torch.Tensor] = []
-        for module in modules:
-            for child in module._modules.values():
-                if child is not None and id(child) not in seen:
-                    seen.add(id(child))
-                    modules.append(child)
-            if module._buffers:
-                buffers += [(b, b._version) for b in module._buffers.values() if b is not None]
-                statistics += _running_statistics(module)
-            if module._forward_pre_hooks:
-                hook_dicts.append(module._forward_pre_hooks)
-            if module._forward_hooks:
-                hook_dicts.append(module._forward_hooks)
-        self._modules = modules
+        modules = self._modules = _submodules(self.module)
+        buffers = [(b, b._version) for m in modules for b in m._buffers.values() if b is not None]
+        # Running statistics change without a version bump on CPU, so they count as mutated.
+        statistics = [b for m in modules if m._buffers for b in _running_statistics(m)]
+        hook_dicts = list(_hook_dicts(modules))
         audit = self._audit.recording() if self._audit is not None else _NO_CONTEXT
         guard = _RandomOpGuard(self.name) if self.guard_random_ops else _NO_CONTEXT
         hooks = _swapped_hooks(hook_dicts, self._recorder) if hook_dicts else _NO_CONTEXT
