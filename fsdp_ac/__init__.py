@@ -7,8 +7,9 @@ Example:
     >>> from fsdp_ac import apply_activation_checkpointing, checkpoint_wrapper
 """
 
+from fsdp_ac.apply import apply_activation_checkpointing, remove_activation_checkpointing
 from fsdp_ac.memory import ActivationMemoryMeter
-from fsdp_ac.names import clean_name, clean_state_dict
+from fsdp_ac.names import clean_name, clean_state_dict, unwrap
 from fsdp_ac.plan import ActivationPlan
 from fsdp_ac.policies import ModulePolicy, check_alignment, fully_shard_by_policy
 from fsdp_ac.recompute import is_recomputing, replay_hook
@@ -18,11 +19,8 @@ from fsdp_ac.wrappers import (
     CheckpointImpl,
     CheckpointWrapper,
     OffloadWrapper,
-    apply_activation_checkpointing,
     checkpoint_wrapper,
     offload_wrapper,
-    remove_activation_checkpointing,
-    unwrap,
 )
 
 __all__ = [

@@ -7,7 +7,7 @@ One line in the training script replaces ``accelerator.prepare``::
 It reads Accelerate's settings (``fsdp_activation_checkpointing``,
 ``fsdp_activation_checkpointing_offload``, the auto-wrap policy, ``fsdp_transformer_layer_cls_to_wrap``
 or the model's ``_no_split_modules``, ``fsdp_version``) and fsdp_ac's own (``FSDP_AC_*`` variables or
-``fsdp_ac_*`` keys of the config file, see :mod:`fsdp_ac.environment`), turns Accelerate's own
+``fsdp_ac_*`` keys of the config file, parsed here, see ``docs/environment.md``), turns Accelerate's own
 checkpointing off for the call, lets Accelerate shard or replicate the model exactly as configured, and
 then checkpoints the chosen blocks with fsdp_ac's wrappers, inside the FSDP units Accelerate made.
 
@@ -35,24 +35,32 @@ What this fixes in Accelerate 1.15 (``docs/accelerate.md`` has the details and t
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
 import math
+import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
 from torch import nn
 
-from fsdp_ac import environment
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES
 from fsdp_ac.plan import ActivationPlan
 from fsdp_ac.policies import ModulePolicy
-from fsdp_ac.wrappers import OffloadWrapper
+from fsdp_ac.strategies import STRATEGIES, Full, NoCheckpoint, Offload, Strategy, parse_strategy
 
-__all__ = ["ActivationCheckpointingSettings", "activation_plan", "prepare", "read_settings"]
+__all__ = [
+    "ActivationCheckpointingSettings",
+    "accelerate_fsdp_requested",
+    "activation_plan",
+    "environment_settings",
+    "prepare",
+    "read_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +82,8 @@ class ActivationCheckpointingSettings:
     policy: str = "all"
     """Which blocks: ``all``, ``every:N``, ``first:K``, ``last:K`` or ``budget:F`` (checkpoint the
     first ``ceil((1 - F) * blocks)`` blocks, so that about ``F`` of the activations stay)."""
-    strategy: str = "full"
-    """What each chosen block gets: an :class:`~fsdp_ac.ActivationPlan` strategy (``full``,
-    ``selective[:preset]``, ``offload``, ``full+offload``)."""
+    strategy: Strategy = dataclasses.field(default_factory=Full)
+    """What each chosen block gets (:mod:`fsdp_ac.strategies`), with the offload options below."""
     plan: Path | None = None
     """An :class:`~fsdp_ac.ActivationPlan` JSON file applied instead of ``policy`` and ``strategy``."""
     blocks: tuple[str, ...] | None = None
@@ -107,7 +114,7 @@ def read_settings(accelerator: Any) -> ActivationCheckpointingSettings:
 
     Example:
         >>> settings = fsdp_ac.accelerate.read_settings(accelerator)
-        >>> settings.enabled, settings.policy, settings.strategy
+        >>> settings.enabled, settings.policy, str(settings.strategy)
         (True, 'all', 'full')
     """
     plugin, active = _fsdp_plugin(accelerator)
@@ -174,16 +181,13 @@ def prepare(accelerator: Any, *args: Any, device_placement: list[bool] | None = 
             stacklevel=2,
         )
     plans = {i: _plan(arg, settings, plugin) for i, arg in enumerate(args) if isinstance(arg, nn.Module)}
-    for index, plan in plans.items():
-        if len(plan):
-            _turn_off_hugging_face_cache(args[index])
     with _accelerate_checkpointing_off(plugin if active else None):
         prepared = accelerator.prepare(*args, device_placement=device_placement)
     # One object for one argument; a tuple, or a list under FSDP2, for several.
     results = (prepared,) if len(args) == 1 else tuple(prepared)
     for index, plan in plans.items():
         if len(plan):
-            _apply(plan, results[index], settings, accelerator.is_main_process)
+            _apply(plan, results[index], accelerator.is_main_process)
     return prepared
 
 
@@ -200,30 +204,52 @@ def _fsdp_plugin(accelerator: Any) -> tuple[Any, bool]:
 
     if accelerator.distributed_type == DistributedType.FSDP:
         return accelerator.state.fsdp_plugin, True
-    if environment.accelerate_fsdp_requested():
+    if accelerate_fsdp_requested():
         return FullyShardedDataParallelPlugin(), False
     return None, False
+
+
+def accelerate_fsdp_requested() -> bool:
+    """True when ``accelerate launch`` was given an FSDP config (it sets ``ACCELERATE_USE_FSDP``).
+
+    Raises:
+        ValueError: The variable is set to something other than a boolean.
+    """
+    raw = os.environ.get("ACCELERATE_USE_FSDP", "").strip()
+    return bool(raw) and _parse_bool(raw, "ACCELERATE_USE_FSDP")
+
+
+def environment_settings() -> dict[str, object]:
+    """Returns fsdp_ac's settings given as ``FSDP_AC_<NAME>`` variables, parsed, by name.
+
+    Raises:
+        ValueError: A variable has an invalid value; the message names it and the values it takes.
+
+    Example:
+        >>> os.environ["FSDP_AC_POLICY"] = "every:2"
+        >>> environment_settings()
+        {'policy': 'every:2'}
+    """
+    return {name: found[0] for name, found in _environment_settings().items()}
+
+
+def _environment_settings() -> dict[str, tuple[object, str]]:
+    found: dict[str, tuple[object, str]] = {}
+    for name, parse in _SETTING_PARSERS.items():
+        variable = f"FSDP_AC_{name.upper()}"
+        raw = os.environ.get(variable, "").strip()
+        if raw:
+            found[name] = (parse(raw, variable), variable)
+    return found
 
 
 def _fsdp_ac_settings() -> dict[str, tuple[object, str]]:
     """fsdp_ac's own settings: ``{name: (value, where it came from)}``, the environment over the file."""
     found: dict[str, tuple[object, str]] = {}
-    config_file = environment.ac_config_file()
-    if config_file is not None:
-        found.update(_read_config_file(config_file))
-    readers = {
-        "policy": environment.ac_policy,
-        "strategy": environment.ac_strategy,
-        "plan": environment.ac_plan,
-        "blocks": environment.ac_blocks,
-        "offload": environment.ac_offload,
-        "offload_min_bytes": environment.ac_offload_min_bytes,
-        "pin_memory": environment.ac_pin_memory,
-    }
-    for name, read in readers.items():
-        value = read()
-        if value is not None:
-            found[name] = (value, f"FSDP_AC_{name.upper()}")
+    raw = os.environ.get("FSDP_AC_CONFIG_FILE", "").strip()
+    if raw:
+        found.update(_read_config_file(_parse_existing_file(raw, "FSDP_AC_CONFIG_FILE")))
+    found.update(_environment_settings())
     return found
 
 
@@ -250,9 +276,9 @@ def _read_config_file(path: Path) -> dict[str, tuple[object, str]]:
         if not (isinstance(key, str) and key.startswith(_FILE_KEY_PREFIX)):
             continue
         name = key[len(_FILE_KEY_PREFIX) :]
-        parse = environment.AC_SETTING_PARSERS.get(name)
+        parse = _SETTING_PARSERS.get(name)
         if parse is None:
-            known = ", ".join(_FILE_KEY_PREFIX + n for n in environment.AC_SETTING_PARSERS)
+            known = ", ".join(_FILE_KEY_PREFIX + n for n in _SETTING_PARSERS)
             raise ValueError(f"{path}: unknown key {_FILE_SECTION}.{key}; the fsdp_ac keys are {known}.")
         source = f"{_FILE_SECTION}.{key} in {path}"
         if name == "plan":
@@ -279,7 +305,7 @@ def _merge_settings(
     enabled = policy != "none" and (accelerate_ac or any(k in value for k in ("policy", "strategy", "plan")))
     # Accelerate's offload flag goes with its checkpointing flag, which fsdp_ac's policy none overrides.
     offload = bool(value["offload"]) if "offload" in value else accelerate_offload and enabled
-    strategy = str(value.get("strategy", "full"))
+    strategy = cast(Strategy, value.get("strategy", Full()))
     if offload and not enabled:
         raise ValueError(
             f"{source['offload']} asks to offload the inputs of checkpointed blocks, but activation "
@@ -287,31 +313,161 @@ def _merge_settings(
             "drop the offload."
         )
     if offload and "plan" not in value:
-        if strategy == "full":
-            strategy = "full+offload"
-        elif strategy not in ("offload", "full+offload"):
+        if isinstance(strategy, Full):
+            strategy = Offload(strategy)
+        elif not isinstance(strategy, Offload):
             raise ValueError(
                 f"Offloading checkpointed inputs combines with full checkpointing only, not with "
-                f"{strategy!r} ({source.get('strategy', 'strategy')}); use strategy full+offload, or "
+                f"{str(strategy)!r} ({source.get('strategy', 'strategy')}); use strategy full+offload, or "
                 "turn the offload off."
             )
-    if policy.startswith("budget:") and strategy not in ("full", "full+offload"):
+    if policy.startswith("budget:") and not isinstance(_checkpointing(strategy), Full):
         raise ValueError(
             f"{source.get('policy', 'policy')}={policy} counts fully checkpointed blocks; it does not "
-            f"combine with strategy {strategy!r}. Use policy first:K, or strategy full."
+            f"combine with strategy {str(strategy)!r}. Use policy first:K, or strategy full."
         )
+    offload_min_bytes = cast(int, value.get("offload_min_bytes", DEFAULT_MIN_OFFLOAD_BYTES))
+    pin_memory = cast(bool, value.get("pin_memory", True))
     return ActivationCheckpointingSettings(
         enabled=enabled,
         policy=policy,
-        strategy=strategy,
+        strategy=_with_offload_options(strategy, pin_memory, offload_min_bytes),
         plan=cast("Path | None", value.get("plan")),
         blocks=cast("tuple[str, ...] | None", value.get("blocks")),
         offload=offload,
-        offload_min_bytes=cast(int, value.get("offload_min_bytes", DEFAULT_MIN_OFFLOAD_BYTES)),
-        pin_memory=cast(bool, value.get("pin_memory", True)),
+        offload_min_bytes=offload_min_bytes,
+        pin_memory=pin_memory,
         fsdp_version=int(plugin.fsdp_version) if plugin is not None else None,
         fsdp_active=active,
     )
+
+
+def _checkpointing(strategy: Strategy) -> Strategy | None:
+    """The checkpointing part of ``strategy``: itself, or what an offload wraps."""
+    return strategy.inner if isinstance(strategy, Offload) else strategy
+
+
+def _with_offload_options(strategy: Strategy, pin_memory: bool, min_offload_bytes: int) -> Strategy:
+    if not isinstance(strategy, Offload):
+        return strategy
+    return dataclasses.replace(strategy, pin_memory=pin_memory, min_offload_bytes=min_offload_bytes)
+
+
+# --- parsing settings ---------------------------------------------------------------------------------
+# Each parser takes a value from the environment (a string) or from a config file (a string, bool,
+# number or list) and the place it came from, which every error names.
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_POLICY_KINDS = ("every", "first", "last", "budget")
+
+
+def _parse_bool(raw: object, source: str) -> bool:
+    """Parses ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``, a YAML bool).
+
+    Raises:
+        ValueError: ``raw`` is none of these; the message names ``source``.
+    """
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{source} must be true or false, got {raw!r}.")
+
+
+def _parse_byte_count(raw: object, source: str) -> int:
+    """Parses a non-negative integer number of bytes.
+
+    Raises:
+        ValueError: ``raw`` is not a non-negative integer; the message names ``source``.
+    """
+    text = str(raw).strip()
+    if isinstance(raw, bool) or not text.isdigit():
+        raise ValueError(f"{source} must be a non-negative integer number of bytes, got {raw!r}.")
+    return int(text)
+
+
+def _parse_class_names(raw: object, source: str) -> tuple[str, ...]:
+    """Parses block class names: a comma-separated string or a list of strings.
+
+    Raises:
+        ValueError: No name is given; the message names ``source``.
+    """
+    items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+    names = tuple(str(item).strip() for item in items if str(item).strip())
+    if not names:
+        raise ValueError(f"{source} must name at least one block class, e.g. LlamaDecoderLayer; got {raw!r}.")
+    return names
+
+
+def _parse_ac_policy(raw: object, source: str) -> str:
+    """Parses which blocks to checkpoint; returns it normalised (``every:2``, ``budget:0.5``, ...).
+
+    ``all`` and ``none``; ``every:N``, ``first:K`` and ``last:K`` with positive integers;
+    ``budget:F`` with ``0 < F <= 1``.
+
+    Raises:
+        ValueError: ``raw`` is none of these; the message names ``source`` and the forms.
+    """
+    text = str(raw).strip().lower().replace(" ", "")
+    if text in ("all", "none"):
+        return text
+    kind, sep, arg = text.partition(":")
+    if sep and kind in _POLICY_KINDS:
+        if kind == "budget":
+            try:
+                fraction = float(arg)
+            except ValueError:
+                fraction = math.nan
+            if 0 < fraction <= 1:
+                return f"budget:{fraction:g}"
+        elif arg.isdigit() and int(arg) >= 1:
+            return f"{kind}:{int(arg)}"
+    raise ValueError(
+        f"{source} must be one of all, none, every:N, first:K, last:K (positive integers) or budget:F "
+        f"(0 < F <= 1), got {raw!r}."
+    )
+
+
+def _parse_ac_strategy(raw: object, source: str) -> Strategy:
+    """Parses what each chosen block gets: any strategy but ``none`` (see ``parse_strategy``).
+
+    Raises:
+        ValueError: ``raw`` is not such a strategy; the message names ``source`` and lists them.
+    """
+    strategy = parse_strategy(str(raw), source)
+    if isinstance(strategy, NoCheckpoint):
+        allowed = [spelling for spelling in STRATEGIES if spelling != "none"]
+        raise ValueError(f"{source} must be one of {', '.join(allowed)}; got {raw!r}.")
+    return strategy
+
+
+def _parse_existing_file(raw: object, source: str) -> Path:
+    """Parses the path of a file that must exist.
+
+    Raises:
+        ValueError: There is no such file; the message names ``source``.
+    """
+    path = Path(str(raw)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{source} names {str(raw)!r}, which is not a file.")
+    return path
+
+
+_SETTING_PARSERS: dict[str, Callable[[object, str], object]] = {
+    "policy": _parse_ac_policy,
+    "strategy": _parse_ac_strategy,
+    "plan": _parse_existing_file,
+    "blocks": _parse_class_names,
+    "offload": _parse_bool,
+    "offload_min_bytes": _parse_byte_count,
+    "pin_memory": _parse_bool,
+}
+"""The settings of the Accelerate integration: ``FSDP_AC_<NAME>`` in the environment,
+``fsdp_ac_<name>`` in a config file, each read by its parser."""
 
 
 # --- which blocks --------------------------------------------------------------------------------
@@ -326,7 +482,12 @@ def _plan(model: nn.Module, settings: ActivationCheckpointingSettings, plugin: A
             plan.check(model)
         except ValueError as error:
             raise ValueError(f"{settings.plan}: {error}") from None
-        return plan
+        return ActivationPlan(
+            {
+                name: _with_offload_options(strategy, settings.pin_memory, settings.offload_min_bytes)
+                for name, strategy in plan.strategies.items()
+            }
+        )
     blocks = _blocks(model, settings, plugin)
     kind, _, arg = settings.policy.partition(":")
     if kind == "every":
@@ -359,10 +520,11 @@ def _blocks(model: nn.Module, settings: ActivationCheckpointingSettings, plugin:
             "_no_split_modules and Accelerate has no FSDP transformer policy. Set FSDP_AC_BLOCKS (or "
             "fsdp_ac_blocks in the config file) to the block class name, e.g. LlamaDecoderLayer."
         )
-    # Accelerate's own resolution (transformer_cls_names_to_wrap, else _no_split_modules); prepare
-    # would make the same call, so the plugin ends up as it would anyway.
-    plugin.set_auto_wrap_policy(model)
-    policy = plugin.auto_wrap_policy
+    # Accelerate's own resolution (transformer_cls_names_to_wrap, else _no_split_modules), on a copy:
+    # reading the plan leaves the plugin as it is.
+    resolved = copy.copy(plugin)
+    resolved.set_auto_wrap_policy(model)
+    policy = resolved.auto_wrap_policy
     if policy is None:
         raise ValueError(
             "fsdp_activation_checkpointing is on with fsdp_auto_wrap_policy NO_WRAP (or SIZE_BASED_WRAP "
@@ -393,7 +555,10 @@ def _blocks(model: nn.Module, settings: ActivationCheckpointingSettings, plugin:
 
 
 def _refuse_unrelated_processes(accelerator: Any) -> None:
-    launched = environment.launched_world_size()
+    raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"WORLD_SIZE must be a positive integer, got {raw!r}.")
+    launched = int(raw)
     if launched > 1 and accelerator.num_processes == 1:
         raise ValueError(
             f"accelerate launch started {launched} processes, but Accelerate runs each of them as a "
@@ -431,36 +596,12 @@ def _accelerate_checkpointing_off(plugin: Any) -> Iterator[None]:
         plugin.activation_checkpointing, plugin.activation_checkpointing_offload = saved
 
 
-def _apply(
-    plan: ActivationPlan, prepared: nn.Module, settings: ActivationCheckpointingSettings, main: bool
-) -> None:
-    """Applies ``plan`` inside the parallel wrappers of ``prepared``; sets the offload options."""
+def _apply(plan: ActivationPlan, prepared: nn.Module, main: bool) -> None:
+    """Applies ``plan`` inside the parallel wrappers of ``prepared``."""
     model = _inside_wrappers(prepared)
-    existing = {m for m in model.modules() if isinstance(m, OffloadWrapper)}
     plan.apply(model)
-    for module in model.modules():
-        if isinstance(module, OffloadWrapper) and module not in existing:
-            module.pin_memory = settings.pin_memory
-            module.min_offload_bytes = settings.offload_min_bytes
     if main:
         logger.info("fsdp_ac activation checkpointing:\n%s", plan.table(model))
-
-
-def _turn_off_hugging_face_cache(model: nn.Module) -> None:
-    """Sets ``config.use_cache = False`` on a Hugging Face model, as its own gradient checkpointing does.
-
-    With the key/value cache on, the replay of a checkpointed decoder layer in backward appends its
-    keys and values to the cache a second time: the cache grows, and selective checkpointing, which
-    matches operators between forward and replay, fails. Training has no use for the cache.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", None) is True:
-        config.use_cache = False  # type: ignore[union-attr]
-        logger.info(
-            "fsdp_ac set %s.config.use_cache = False: the replay of a checkpointed layer would update "
-            "the key/value cache a second time (Hugging Face's gradient checkpointing does the same).",
-            type(model).__name__,
-        )
 
 
 def _inside_wrappers(model: nn.Module) -> nn.Module:

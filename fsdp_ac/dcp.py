@@ -35,8 +35,7 @@ from torch import nn
 from torch.distributed.checkpoint import state_dict as _dcp_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from fsdp_ac.names import WRAPPED_MODULE_ATTR
-from fsdp_ac.wrappers import ActivationWrapper, unwrap
+from fsdp_ac.names import WRAPPED_MODULE_ATTR, unwrap
 
 __all__ = ["CHECKED_TORCH", "adapt_dcp_names"]
 
@@ -52,8 +51,9 @@ _Walk = Callable[..., set[str]]
 class _WalkThroughWrappedUnits:
     """torch's ``_get_fqns``, but seeing FSDP1 units inside fsdp_ac's activation wrappers."""
 
-    def __init__(self, torch_walk: _Walk) -> None:
+    def __init__(self, torch_walk: _Walk, wrapper_type: type[nn.Module]) -> None:
         self.__wrapped__ = torch_walk
+        self.wrapper_type = wrapper_type
 
     def __call__(
         self,
@@ -64,7 +64,7 @@ class _WalkThroughWrappedUnits:
         skip_compiler_prefix: bool = True,
     ) -> set[str]:
         options = (dsd_fqn_modifiers, skip_ddp_prefix, skip_compiler_prefix)
-        split = _split_at_wrapped_unit(model, name)
+        split = _split_at_wrapped_unit(model, name, self.wrapper_type)
         if split is None:
             return self.__wrapped__(model, name, *options)
         path, unit, rest = split
@@ -79,7 +79,7 @@ class _WalkThroughWrappedUnits:
         return {f"{prefix}.{fqn}" if prefix else fqn for fqn in inner}
 
 
-def adapt_dcp_names(region_name: str) -> None:
+def adapt_dcp_names(region_name: str, wrapper_type: type[nn.Module]) -> None:
     """Makes DCP name parameters under an fsdp_ac wrapper that holds an FSDP1 unit; idempotent.
 
     Replaces ``torch.distributed.checkpoint.state_dict._get_fqns`` by a walk that resolves such names
@@ -87,6 +87,7 @@ def adapt_dcp_names(region_name: str) -> None:
 
     Args:
         region_name: The wrapper's region, named in the error.
+        wrapper_type: fsdp_ac's activation wrapper class (torch's own wrappers keep torch's walk).
 
     Raises:
         ValueError: This torch's ``_get_fqns`` is missing or differs from torch 2.13's, so the
@@ -104,10 +105,12 @@ def adapt_dcp_names(region_name: str) -> None:
             "_get_fqns. Pass auto_wrap_policy=fsdp_ac.ModulePolicy(<your block classes>) to FSDP, which "
             "makes FSDP(CheckpointWrapper(block)), or apply activation checkpointing after FSDP."
         )
-    _dcp_state_dict._get_fqns = _WalkThroughWrappedUnits(current)
+    _dcp_state_dict._get_fqns = _WalkThroughWrappedUnits(current, wrapper_type)
 
 
-def _split_at_wrapped_unit(model: nn.Module, name: str) -> tuple[list[str], nn.Module, list[str]] | None:
+def _split_at_wrapped_unit(
+    model: nn.Module, name: str, wrapper_type: type[nn.Module]
+) -> tuple[list[str], nn.Module, list[str]] | None:
     """Where the path of ``name`` reaches an fsdp_ac wrapper around an FSDP1 unit.
 
     Returns:
@@ -117,7 +120,7 @@ def _split_at_wrapped_unit(model: nn.Module, name: str) -> tuple[list[str], nn.M
     segments = name.split(".")
     module: object = model
     for index, segment in enumerate(segments):
-        if isinstance(module, ActivationWrapper) and isinstance(unwrap(module), FullyShardedDataParallel):
+        if isinstance(module, wrapper_type) and isinstance(unwrap(module), FullyShardedDataParallel):
             rest = list(itertools.dropwhile(lambda part: part == WRAPPED_MODULE_ATTR, segments[index:]))
             return (segments[:index], unwrap(module), rest) if rest else None
         if index == len(segments) - 1 or not isinstance(module, nn.Module):

@@ -6,6 +6,10 @@ computed from above the wrapper: ``layers.0._checkpoint_wrapped_module.attn.weig
 ``layers.0.attn.weight``. This module holds the one definition of that prefix and the hooks that keep
 it out of names, state dicts, load errors and optimizer ``param_names``, and put it back on load.
 
+It also holds the two walks every other module uses: :func:`wrapper_chain` (down a stack of
+activation and FSDP1 wrappers) and :func:`walk` (over a model's module tree, wrappers folded into
+the module they hold, each module under its clean name).
+
 Loading accepts both spellings of a key: the clean one (what fsdp_ac and a plain model write) and the
 legacy one that still carries the prefix (what older tools wrote). It never doubles the prefix.
 """
@@ -13,14 +17,31 @@ legacy one that still carries the prefix (what older tools wrote). It never doub
 from __future__ import annotations
 
 from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    ActivationWrapper as TorchActivationWrapper,
+)
+from torch.distributed.fsdp import FullyShardedDataParallel
 
-__all__ = ["WRAPPED_MODULE_ATTR", "clean_name", "clean_state_dict"]
+__all__ = [
+    "FSDP1_WRAPPED_ATTR",
+    "WRAPPED_MODULE_ATTR",
+    "Site",
+    "activation_wrappers",
+    "clean_name",
+    "clean_state_dict",
+    "unwrap",
+    "walk",
+    "wrapper_chain",
+]
 
 WRAPPED_MODULE_ATTR = "_checkpoint_wrapped_module"
 """Attribute under which a wrapper keeps its module; torch's FSDP and DCP key off this name."""
+FSDP1_WRAPPED_ATTR = "_fsdp_wrapped_module"
+"""Attribute under which an FSDP1 unit keeps its module."""
 
 _WRAPPED_SEGMENT = WRAPPED_MODULE_ATTR + "."
 _PENDING_REPORT_ATTR = "_fsdp_ac_pending_load_report"
@@ -203,3 +224,107 @@ def clean_load_report(module: nn.Module, incompatible_keys: Any) -> None:
     if pending is not None:
         errors, start = pending.error_msgs, pending.error_start
         errors[start:] = [msg.replace(_WRAPPED_SEGMENT, "") for msg in errors[start:]]
+
+
+# --- the two walks -----------------------------------------------------------------------------------
+
+
+def wrapper_chain(module: nn.Module) -> tuple[nn.Module, ...]:
+    """Returns ``module`` and each module held by the activation or FSDP1 wrapper before it.
+
+    Outermost first, the wrapped module last; a module that is no wrapper is a chain of one.
+    """
+    chain = [module]
+    while True:
+        last = chain[-1]
+        if isinstance(last, TorchActivationWrapper):
+            inner = last._modules.get(WRAPPED_MODULE_ATTR)
+        elif isinstance(last, FullyShardedDataParallel):
+            inner = last._modules.get(FSDP1_WRAPPED_ATTR)
+        else:
+            return tuple(chain)
+        if inner is None:
+            return tuple(chain)
+        chain.append(inner)
+
+
+def activation_wrappers(module: nn.Module) -> list[TorchActivationWrapper]:
+    """Returns the activation wrappers (fsdp_ac's or torch's) stacked on ``module``, outermost first."""
+    layers: list[TorchActivationWrapper] = []
+    for member in wrapper_chain(module):
+        if not isinstance(member, TorchActivationWrapper):
+            break
+        layers.append(member)
+    return layers
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Returns the module inside any stack of activation wrappers (fsdp_ac's or torch's).
+
+    Args:
+        module: A wrapper, or any module (returned as it is).
+
+    Example:
+        >>> linear = nn.Linear(2, 2)
+        >>> unwrap(offload_wrapper(checkpoint_wrapper(linear))) is linear
+        True
+    """
+    return wrapper_chain(module)[len(activation_wrappers(module))]
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """One module of a model together with the activation and FSDP1 wrappers stacked on it."""
+
+    name: str
+    """Clean qualified name (no wrapper segments); ``""`` for the root."""
+    chain: tuple[nn.Module, ...]
+    """Outermost wrapper first, the wrapped module last (see :func:`wrapper_chain`)."""
+    ancestors: tuple[nn.Module, ...]
+    """The raw modules above ``chain[0]``, outermost first (wrappers included)."""
+    slots: list[tuple[nn.Module, str]] = field(default_factory=list)
+    """Every ``(parent, attribute)`` that holds ``chain[0]``: a shared module has several."""
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped module."""
+        return self.chain[-1]
+
+    @property
+    def top(self) -> nn.Module:
+        """The outermost member below any FSDP1 wrapper: what FSDP1 wraps as one unit."""
+        return next(m for m in self.chain if not isinstance(m, FullyShardedDataParallel))
+
+    def holders(self, member: nn.Module) -> list[tuple[nn.Module, str]]:
+        """The ``(parent, attribute)`` slots that hold ``member`` of the chain."""
+        index = self.chain.index(member)
+        if index == 0:
+            return list(self.slots)
+        holder = self.chain[index - 1]
+        attr = WRAPPED_MODULE_ATTR if isinstance(holder, TorchActivationWrapper) else FSDP1_WRAPPED_ATTR
+        return [(holder, attr)]
+
+
+def walk(root: nn.Module) -> list[Site]:
+    """Returns every module of ``root`` once, in forward-definition (pre-)order, wrappers folded in.
+
+    The root's site comes first, named ``""``. Walks ``_modules``, not ``named_children()``: the raw
+    tree, with the wrappers that ``named_children`` hides and every slot of a shared module.
+    """
+    sites: dict[nn.Module, Site] = {}
+
+    def visit(module: nn.Module, name: str, ancestors: tuple[nn.Module, ...]) -> None:
+        site = Site(name, wrapper_chain(module), ancestors)
+        sites.update(dict.fromkeys(site.chain, site))
+        for attr, child in site.module._modules.items():
+            if child is None:
+                continue
+            if child in sites:
+                if sites[child].chain[0] is child:
+                    sites[child].slots.append((site.module, attr))
+                continue
+            visit(child, f"{name}.{attr}" if name else attr, (*ancestors, *site.chain))
+            sites[child].slots.append((site.module, attr))
+
+    visit(root, "", ())
+    return list(dict.fromkeys(sites.values()))

@@ -1,19 +1,8 @@
 """Per-block activation plans: which strategy each module of a model gets, applied in one call.
 
 An :class:`ActivationPlan` maps clean qualified module names (as ``model.named_modules()`` lists
-them) to strategies:
-
-==================  ===============================================================================
-Strategy            What the module gets
-==================  ===============================================================================
-``none``            Nothing: its activations stay in memory.
-``full``            :func:`~fsdp_ac.checkpoint_wrapper`: only its inputs are kept; the rest is
-                    recomputed in backward.
-``selective``       :class:`~fsdp_ac.SelectiveCheckpoint` with the ``default`` preset; other presets
-                    as ``selective:<preset>`` (``selective:torchtitan``, ``selective:matmul``, ...).
-``offload``         :func:`~fsdp_ac.offload_wrapper`: its saved activations live in CPU memory.
-``full+offload``    Checkpointed, and its inputs (all the checkpoint keeps) offloaded to CPU memory.
-==================  ===============================================================================
+them) to strategies (:mod:`fsdp_ac.strategies`: ``none``, ``full``, ``selective[:preset]``,
+``offload``, ``full+offload``, or the typed objects, which carry options the spellings cannot).
 
 A plan can be written by hand, derived from a policy (:meth:`ActivationPlan.from_policy`), printed as
 a table and saved as JSON, so that a memory planner can emit one and a run can record what it used.
@@ -24,36 +13,27 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    ActivationWrapper as TorchActivationWrapper,
-)
 
-from fsdp_ac.names import WRAPPED_MODULE_ATTR
+from fsdp_ac.apply import Choice, wrap_in_place
+from fsdp_ac.names import Site, activation_wrappers, walk
 from fsdp_ac.offload import OffloadEngine
-from fsdp_ac.policies import ModulePolicy, PolicySpec, _check_alignment, _sites, parent_slots, post_order
-from fsdp_ac.selective import SelectiveCheckpoint
-from fsdp_ac.wrappers import (
-    ActivationWrapper,
-    _refuse_nested_wrappers_in_flat_unit,
-    checkpoint_wrapper,
-    offload_wrapper,
+from fsdp_ac.policies import ModulePolicy, PolicySpec
+from fsdp_ac.strategies import (
+    Full,
+    NoCheckpoint,
+    Offload,
+    Selective,
+    Strategy,
+    Wrap,
+    parse_strategy,
+    strategy_from_json,
 )
 
-__all__ = ["STRATEGIES", "ActivationPlan"]
-
-STRATEGIES: tuple[str, ...] = (
-    "none",
-    "full",
-    "selective",
-    *(f"selective:{preset}" for preset in SelectiveCheckpoint.PRESETS),
-    "offload",
-    "full+offload",
-)
-"""Every strategy a plan accepts."""
+__all__ = ["ActivationPlan"]
 
 _FORMAT = "fsdp_ac.ActivationPlan"
 _VERSION = 1
@@ -63,12 +43,13 @@ class ActivationPlan:
     """A strategy per module, applied to a model in one call; printable and saved as JSON.
 
     Args:
-        strategies: Clean qualified module name to strategy (see :data:`STRATEGIES`).
+        strategies: Clean qualified module name to strategy: a :mod:`fsdp_ac.strategies` object or
+            its spelling (``"full"``, ``"selective:torchtitan"``, ``"full+offload"``, ...).
 
     Raises:
         ValueError: A strategy is unknown, a name is empty (the root cannot be replaced in place), or
             two checkpointed or offloaded modules lie one inside the other.
-        TypeError: A name or a strategy is not a string.
+        TypeError: A name is not a string, or a strategy is neither a string nor a strategy object.
 
     Example:
         >>> plan = ActivationPlan({"layers.0": "full", "layers.1": "selective", "layers.2": "none"})
@@ -77,26 +58,25 @@ class ActivationPlan:
         >>> plan.save("plan.json")
     """
 
-    def __init__(self, strategies: Mapping[str, str]) -> None:
+    def __init__(self, strategies: Mapping[str, Strategy | str]) -> None:
+        self._strategies: dict[str, Strategy] = {}
         for name, strategy in strategies.items():
-            if not isinstance(name, str) or not isinstance(strategy, str):
+            if not isinstance(name, str) or not isinstance(
+                strategy, (str, NoCheckpoint, Full, Selective, Offload)
+            ):
                 raise TypeError(
-                    f"An activation plan maps module names to strategy names (strings), got {name!r}: "
-                    f"{strategy!r}."
-                )
-            if strategy not in STRATEGIES:
-                close = difflib.get_close_matches(strategy, STRATEGIES, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(
-                    f"Unknown strategy {strategy!r} for module {name!r}; use one of {STRATEGIES}.{hint}"
+                    f"An activation plan maps module names to strategy names (strings) or "
+                    f"fsdp_ac.strategies objects, got {name!r}: {strategy!r}."
                 )
             if not name:
                 raise ValueError(
                     "An activation plan cannot name the root module (''): it cannot be replaced in place. "
                     "Wrap the model yourself (checkpoint_wrapper(model)) or name its blocks."
                 )
-        self._strategies = dict(strategies)
-        active = sorted(name for name, strategy in self._strategies.items() if strategy != "none")
+            self._strategies[name] = (
+                parse_strategy(strategy, f"module {name!r}") if isinstance(strategy, str) else strategy
+            )
+        active = sorted(name for name, strategy in self._strategies.items() if strategy != NoCheckpoint())
         for outer in active:
             inner = next((n for n in active if n.startswith(outer + ".")), None)
             if inner is not None:
@@ -107,7 +87,7 @@ class ActivationPlan:
                 )
 
     @property
-    def strategies(self) -> dict[str, str]:
+    def strategies(self) -> dict[str, Strategy]:
         """A copy of the mapping from module name to strategy."""
         return dict(self._strategies)
 
@@ -117,7 +97,9 @@ class ActivationPlan:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"ActivationPlan({self._strategies!r})"
+        spelled = {name: _spelling(strategy) for name, strategy in self._strategies.items()}
+        shown = {name: s if isinstance(s, str) else self._strategies[name] for name, s in spelled.items()}
+        return f"ActivationPlan({shown!r})"
 
     def __len__(self) -> int:
         """Number of modules the plan names."""
@@ -129,7 +111,7 @@ class ActivationPlan:
 
     @classmethod
     def from_policy(
-        cls, model: nn.Module, policy: PolicySpec | ModulePolicy, strategy: str = "full"
+        cls, model: nn.Module, policy: PolicySpec | ModulePolicy, strategy: Strategy | str = "full"
     ) -> ActivationPlan:
         """Returns a plan giving ``strategy`` to every module ``policy`` selects in ``model``.
 
@@ -137,7 +119,7 @@ class ActivationPlan:
             model: The model to plan for.
             policy: Anything :class:`~fsdp_ac.ModulePolicy` accepts, e.g.
                 ``ModulePolicy({"LlamaDecoderLayer"}).every(2)``.
-            strategy: One of :data:`STRATEGIES`.
+            strategy: A strategy or its spelling (:data:`fsdp_ac.strategies.STRATEGIES`).
 
         Raises:
             ValueError: ``policy`` matches no submodule, or ``strategy`` is unknown.
@@ -154,7 +136,7 @@ class ActivationPlan:
         Raises:
             ValueError: A name is not a module of ``model``; the message suggests close names.
         """
-        names = [site.name for site in _sites(model)]
+        names = [site.name for site in walk(model)[1:]]
         missing = [name for name in self._strategies if name not in names]
         if missing:
             close = difflib.get_close_matches(missing[0], names, n=3)
@@ -170,8 +152,8 @@ class ActivationPlan:
 
         Names are clean qualified names; a module inside an FSDP1 unit is wrapped inside it, so the
         plan can be applied before or after ``FullyShardedDataParallel``. Modules with the same
-        ``selective`` preset share one :class:`~fsdp_ac.SelectiveCheckpoint`. When the model has FSDP
-        units, :func:`~fsdp_ac.check_alignment` then warns about regions that do not coincide with them.
+        ``selective`` preset share one :class:`~fsdp_ac.SelectiveCheckpoint`. The guards of
+        :func:`fsdp_ac.apply.wrap_in_place` run, as for :func:`~fsdp_ac.apply_activation_checkpointing`.
 
         Args:
             model: The model to modify in place.
@@ -185,43 +167,39 @@ class ActivationPlan:
         Raises:
             ValueError: A name is not a module of ``model`` (the message suggests close names), or a
                 named module is already wrapped or lies inside an activation wrapper (remove existing
-                wrappers first with :func:`~fsdp_ac.remove_activation_checkpointing`), or ``full+offload``
-                names the whole module of an FSDP1 unit without ``use_orig_params`` (apply the plan
-                before FSDP1, or use ``use_orig_params=True``).
+                wrappers first with :func:`~fsdp_ac.remove_activation_checkpointing`), or see
+                :func:`fsdp_ac.apply.wrap_in_place`.
         """
-        self.check(model)
-        sites = {site.name: site for site in _sites(model)}
-        wrapped_inside: dict[nn.Module, str] = {}
-        for site in sites.values():
-            if any(isinstance(m, TorchActivationWrapper) for m in site.chain):
-                for sub in post_order(site.module):
-                    wrapped_inside.setdefault(sub, site.name)
-        parents = parent_slots(model)
-        builders: dict[str, Callable[[nn.Module], nn.Module]] = {}
-        for name, strategy in self._strategies.items():
-            if strategy == "none":
-                continue
-            module = sites[name].module
-            if module in wrapped_inside:
-                where = wrapped_inside[module]
-                raise ValueError(
-                    f"The activation plan wraps {name!r}, but "
-                    + ("it is" if where == name else f"it lies inside {where!r}, which is")
-                    + " already wrapped for activation checkpointing or offloading. Call "
-                    "fsdp_ac.remove_activation_checkpointing(model) before applying a plan."
+        builders: dict[Strategy, Wrap] = {}
+
+        def choose(sites: list[Site]) -> list[Choice]:
+            self.check(model)
+            by_name = {site.name: site for site in sites}
+            wrapped_inside: dict[nn.Module, str] = {}
+            for site in sites:
+                if any(activation_wrappers(member) for member in site.chain):
+                    for sub in site.module.modules():
+                        wrapped_inside.setdefault(sub, site.name)
+            chosen: list[Choice] = []
+            for name, strategy in self._strategies.items():
+                if strategy == NoCheckpoint():
+                    continue
+                module = by_name[name].module
+                if module in wrapped_inside:
+                    where = wrapped_inside[module]
+                    raise ValueError(
+                        f"The activation plan wraps {name!r}, but "
+                        + ("it is" if where == name else f"it lies inside {where!r}, which is")
+                        + " already wrapped for activation checkpointing or offloading. Call "
+                        "fsdp_ac.remove_activation_checkpointing(model) before applying a plan."
+                    )
+                # One builder per strategy: blocks with the same selective strategy share what it learns.
+                chosen.append(
+                    (by_name[name], builders.setdefault(strategy, strategy.wrapper(engine=offload_engine)))
                 )
-            builder = builders.setdefault(strategy, _builder(strategy, offload_engine))
-            wrapper = builder(module)
-            for layer in _wrapper_layers(wrapper):
-                layer.region_name = name
-            for parent, _ in parents[module]:
-                # The guard apply_activation_checkpointing runs: offload around checkpoint inside a
-                # flat-parameter FSDP1 unit would leak the flat parameter into the state dict.
-                _refuse_nested_wrappers_in_flat_unit(parent, wrapper, module)
-            for parent, attr in parents[module]:
-                setattr(parent, attr, wrapper)
-        _check_alignment(model, strict=False, stacklevel=3)
-        return model
+            return chosen
+
+        return wrap_in_place(model, choose, caller="ActivationPlan.apply")
 
     def table(self, model: nn.Module | None = None) -> str:
         """Returns the plan as an aligned text table, one module per row.
@@ -233,9 +211,9 @@ class ActivationPlan:
             ValueError: ``model`` is given and lacks a module the plan names.
         """
         header = ["module", "strategy"]
-        rows = [[name, strategy] for name, strategy in self._strategies.items()]
+        rows = [[name, str(strategy)] for name, strategy in self._strategies.items()]
         if model is not None:
-            sites = {site.name: site for site in _sites(model)}
+            sites = {site.name: site for site in walk(model)}
             header += ["class", "parameters"]
             for row in rows:
                 if row[0] not in sites:
@@ -252,7 +230,8 @@ class ActivationPlan:
 
     def to_json(self) -> str:
         """Returns the plan as a JSON document (format name, version, strategies in order)."""
-        return json.dumps({"format": _FORMAT, "version": _VERSION, "strategies": self._strategies}, indent=2)
+        strategies = {name: _spelling(strategy) for name, strategy in self._strategies.items()}
+        return json.dumps({"format": _FORMAT, "version": _VERSION, "strategies": strategies}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ActivationPlan:
@@ -283,7 +262,12 @@ class ActivationPlan:
             raise ValueError(
                 'An activation plan needs a "strategies" object mapping module names to strategies.'
             )
-        return cls(strategies)
+        return cls(
+            {
+                name: strategy_from_json(value, f"module {name!r}") if isinstance(value, dict) else value
+                for name, value in strategies.items()
+            }
+        )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the plan to ``path`` as JSON."""
@@ -301,19 +285,11 @@ class ActivationPlan:
             return cls.from_json(file.read())
 
 
-def _builder(strategy: str, engine: OffloadEngine | None) -> Callable[[nn.Module], nn.Module]:
-    if strategy == "full":
-        return checkpoint_wrapper
-    if strategy == "offload":
-        return lambda module: offload_wrapper(module, engine=engine)
-    if strategy == "full+offload":
-        return lambda module: offload_wrapper(checkpoint_wrapper(module), engine=engine)
-    _, _, preset = strategy.partition(":")
-    return SelectiveCheckpoint(preset or "default")
-
-
-def _wrapper_layers(module: nn.Module) -> Iterator[ActivationWrapper]:
-    while isinstance(module, TorchActivationWrapper):
-        if isinstance(module, ActivationWrapper):
-            yield module
-        module = module._modules[WRAPPED_MODULE_ATTR]  # type: ignore[assignment]
+def _spelling(strategy: Strategy) -> str | dict[str, Any]:
+    """The strategy's name where it has one that reads back the same, else its JSON object."""
+    try:
+        if parse_strategy(str(strategy), "") == strategy:
+            return str(strategy)
+    except ValueError:
+        pass
+    return strategy.to_json()

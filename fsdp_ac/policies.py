@@ -20,31 +20,19 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from collections.abc import Callable, Iterable
+from typing import Any, TypeAlias
 
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    ActivationWrapper as TorchActivationWrapper,
-)
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper as TorchCheckpointWrapper,
 )
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import CustomPolicy, _Policy
 
-from fsdp_ac.names import WRAPPED_MODULE_ATTR
+from fsdp_ac.names import Site, walk
 
-__all__ = [
-    "ModulePolicy",
-    "PolicySpec",
-    "check_alignment",
-    "fully_shard_by_policy",
-    "parent_slots",
-    "post_order",
-    "select_modules",
-]
+__all__ = ["ModulePolicy", "PolicySpec", "check_alignment", "fully_shard_by_policy"]
 
 PolicySpec: TypeAlias = (
     type[nn.Module] | str | Iterable[type[nn.Module] | str] | Callable[..., bool] | _Policy
@@ -52,64 +40,6 @@ PolicySpec: TypeAlias = (
 """What :class:`ModulePolicy` accepts: a module class, a class name, a collection of either, a
 predicate ``(module) -> bool``, an FSDP policy object, or an FSDP callable ``(module, recurse,
 nonwrapped_numel) -> bool`` such as ``partial(transformer_auto_wrap_policy, ...)``."""
-
-_FSDP1_WRAPPED_ATTR = "_fsdp_wrapped_module"
-_Purpose = Literal["checkpoint", "shard"]
-
-
-@dataclass(frozen=True)
-class _Site:
-    """One module of the model together with the activation and FSDP1 wrappers stacked on it."""
-
-    name: str
-    """Clean qualified name (no wrapper segments)."""
-    chain: tuple[nn.Module, ...]
-    """Outermost wrapper first, the wrapped module last (a lone module is a chain of one)."""
-
-    @property
-    def module(self) -> nn.Module:
-        return self.chain[-1]
-
-    @property
-    def top(self) -> nn.Module:
-        """The outermost member below any FSDP1 wrapper: what FSDP1 wraps as one unit."""
-        return next(m for m in self.chain if not isinstance(m, FullyShardedDataParallel))
-
-
-def _inner(module: nn.Module) -> nn.Module | None:
-    """The module an activation wrapper or an FSDP1 wrapper holds; None for any other module."""
-    if isinstance(module, TorchActivationWrapper):
-        return module._modules.get(WRAPPED_MODULE_ATTR)
-    if isinstance(module, FullyShardedDataParallel):
-        return module._modules.get(_FSDP1_WRAPPED_ATTR)
-    return None
-
-
-def _chain(module: nn.Module) -> tuple[nn.Module, ...]:
-    chain = [module]
-    while (inner := _inner(chain[-1])) is not None:
-        chain.append(inner)
-    return tuple(chain)
-
-
-def _sites(root: nn.Module) -> list[_Site]:
-    """Every module below ``root`` once, in forward-definition (pre-)order, wrappers folded in."""
-    sites: list[_Site] = []
-    seen: set[nn.Module] = set(_chain(root))
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        # _modules, not named_children(): the raw tree, with the wrappers that named_children hides.
-        for attr, child in module._modules.items():
-            if child is None or child in seen:
-                continue
-            chain = _chain(child)
-            seen.update(chain)
-            name = f"{prefix}{attr}"
-            sites.append(_Site(name, chain))
-            visit(chain[-1], name + ".")
-
-    visit(_chain(root)[-1], "")
-    return sites
 
 
 def _class_names(module: nn.Module) -> set[str]:
@@ -284,20 +214,19 @@ class ModulePolicy(CustomPolicy):
         Raises:
             ValueError: The policy matches no submodule of ``model``.
         """
-        return [site.name for site in self._select_sites(model)]
+        return [site.name for site in self.sites(model)]
 
-    def _matches_alone(self, module: nn.Module) -> bool:
-        """Per-module answer for class, name and predicate specs (CustomPolicy's ``lambda_fn``)."""
-        return self._member_matches(module, frozenset())
+    def sites(self, model: nn.Module, ignored: frozenset[nn.Module] = frozenset()) -> list[Site]:
+        """Returns the modules this policy selects in ``model``, each with its wrappers, in model order.
 
-    def _member_matches(self, module: nn.Module, chosen: frozenset[nn.Module]) -> bool:
-        if self._fsdp_policy is not None or self._fsdp_callable is not None:
-            return module in chosen
-        if self._predicate is not None:
-            return bool(self._predicate(module))
-        return isinstance(module, self._classes) or not self._class_names.isdisjoint(_class_names(module))
+        Args:
+            model: The model to search; the root itself is never selected.
+            ignored: Modules to leave out (FSDP's ``ignored_modules``).
 
-    def _select_sites(self, model: nn.Module, ignored: frozenset[nn.Module] = frozenset()) -> list[_Site]:
+        Raises:
+            ValueError: The policy matches no submodule of ``model`` (the message lists the model's
+                module classes).
+        """
         chosen: frozenset[nn.Module] = frozenset()
         if self._fsdp_policy is not None:
             chosen = frozenset(
@@ -305,7 +234,7 @@ class ModulePolicy(CustomPolicy):
             )
         elif self._fsdp_callable is not None:
             chosen = frozenset(_run_fsdp_callable(self._fsdp_callable, model))
-        all_sites = _sites(model)
+        all_sites = walk(model)[1:]
         matched = [
             s
             for s in all_sites
@@ -322,8 +251,19 @@ class ModulePolicy(CustomPolicy):
                 matched = matched[-n:]
         return matched
 
-    def _no_match_message(self, model: nn.Module, sites: list[_Site]) -> str:
-        root = type(_chain(model)[-1]).__name__
+    def _matches_alone(self, module: nn.Module) -> bool:
+        """Per-module answer for class, name and predicate specs (CustomPolicy's ``lambda_fn``)."""
+        return self._member_matches(module, frozenset())
+
+    def _member_matches(self, module: nn.Module, chosen: frozenset[nn.Module]) -> bool:
+        if self._fsdp_policy is not None or self._fsdp_callable is not None:
+            return module in chosen
+        if self._predicate is not None:
+            return bool(self._predicate(module))
+        return isinstance(module, self._classes) or not self._class_names.isdisjoint(_class_names(module))
+
+    def _no_match_message(self, model: nn.Module, sites: list[Site]) -> str:
+        root = type(walk(model)[0].module).__name__
         classes = sorted({type(s.module).__name__ for s in sites} | {root})
         # Suggest the repeated class with the most parameters per module: the transformer block, usually.
         counts: dict[type[nn.Module], int] = {}
@@ -340,23 +280,6 @@ class ModulePolicy(CustomPolicy):
             f"The model's module classes are: {', '.join(classes)}. Name the block class among them{hint}."
         )
 
-    def _select(self, model: nn.Module, purpose: _Purpose) -> list[nn.Module]:
-        """The modules to wrap for ``purpose``, children before parents.
-
-        ``checkpoint``: the matched module itself (inside any FSDP1 wrapper), skipping matches that
-        already carry an activation wrapper. ``shard``: the outermost activation wrapper or the
-        module, skipping matches that FSDP2 has sharded already.
-        """
-        picked: list[nn.Module] = []
-        for site in self._select_sites(model):
-            if purpose == "checkpoint":
-                if not any(isinstance(m, TorchActivationWrapper) for m in site.chain):
-                    picked.append(site.module)
-            elif not any(isinstance(m, FSDPModule) for m in site.chain):
-                picked.append(site.top)
-        order = {m: i for i, m in enumerate(post_order(model))}
-        return sorted(picked, key=order.__getitem__)
-
     def _run_policy(
         self,
         root_module: nn.Module,
@@ -368,31 +291,8 @@ class ModulePolicy(CustomPolicy):
         Raises:
             ValueError: The policy matches no submodule of ``root_module``.
         """
-        sites = self._select_sites(root_module, frozenset(ignored_modules))
+        sites = self.sites(root_module, frozenset(ignored_modules))
         return {site.top: copy.copy(root_kwargs) for site in sites}
-
-
-def select_modules(
-    model: nn.Module, check_fn: Callable[[nn.Module], bool], auto_wrap_policy: Any
-) -> list[nn.Module]:
-    """Returns the modules of ``model`` to checkpoint, children before parents.
-
-    Never the root, a wrapper, or a module a wrapper already holds, so applying twice does not nest.
-    A module inside an FSDP1 wrapper is returned itself, so the checkpoint goes inside the FSDP unit.
-
-    Args:
-        model: The model to search.
-        check_fn: A predicate, used when ``auto_wrap_policy`` is ``None``.
-        auto_wrap_policy: Anything :class:`ModulePolicy` accepts (module classes, class names, a
-            predicate, an FSDP policy object or callable), or a ``ModulePolicy``.
-
-    Raises:
-        TypeError: ``auto_wrap_policy`` is none of these.
-        ValueError: The policy matches no submodule (the message lists the model's module classes).
-    """
-    return ModulePolicy(check_fn if auto_wrap_policy is None else auto_wrap_policy)._select(
-        model, "checkpoint"
-    )
 
 
 def fully_shard_by_policy(
@@ -426,42 +326,15 @@ def fully_shard_by_policy(
     """
     from torch.distributed.fsdp import fully_shard
 
-    for module in ModulePolicy(policy)._select(model, "shard"):
-        fully_shard(module, **fully_shard_kwargs)
+    sites = ModulePolicy(policy).sites(model)
+    # Children before parents (reversed model order), as nested units must be sharded.
+    for site in reversed(sites):
+        if not any(isinstance(m, FSDPModule) for m in site.chain):
+            fully_shard(site.top, **fully_shard_kwargs)
     if shard_root and not isinstance(model, FSDPModule):
         fully_shard(model, **fully_shard_kwargs)
-    _check_alignment(model, strict=False, stacklevel=3)
+    check_alignment(model, stacklevel=3)
     return model
-
-
-def parent_slots(model: nn.Module) -> dict[nn.Module, list[tuple[nn.Module, str]]]:
-    """Returns, for every module under ``model``, each ``(parent, attribute)`` slot that holds it.
-
-    Walks ``_modules``, not ``named_children()``: a module shared by two slots must be replaced in
-    both when it is wrapped.
-    """
-    slots: dict[nn.Module, list[tuple[nn.Module, str]]] = {}
-    for parent in post_order(model):
-        for attr, child in parent._modules.items():
-            if child is not None:
-                slots.setdefault(child, []).append((parent, attr))
-    return slots
-
-
-def post_order(module: nn.Module) -> list[nn.Module]:
-    """Returns every module reachable from ``module`` once, children before parents."""
-    seen: set[nn.Module] = set()
-    order: list[nn.Module] = []
-
-    def visit(m: nn.Module) -> None:
-        seen.add(m)
-        for child in m.children():
-            if child not in seen:
-                visit(child)
-        order.append(m)
-
-    visit(module)
-    return order
 
 
 # --- alignment of AC regions and FSDP units --------------------------------------------------------
@@ -471,24 +344,7 @@ def _is_unit(module: nn.Module) -> bool:
     return isinstance(module, (FullyShardedDataParallel, FSDPModule))
 
 
-def _walk(root: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[nn.Module, ...]]]:
-    """Yields (clean name, module, raw ancestors outermost first) for every raw module once."""
-    seen: set[nn.Module] = set()
-
-    def visit(module: nn.Module, name: str, ancestors: tuple[nn.Module, ...]) -> Iterator[Any]:
-        seen.add(module)
-        yield name, module, ancestors
-        for attr, child in module._modules.items():
-            if child is None or child in seen:
-                continue
-            hidden = attr in (WRAPPED_MODULE_ATTR, _FSDP1_WRAPPED_ATTR)
-            child_name = name if hidden else (f"{name}.{attr}" if name else attr)
-            yield from visit(child, child_name, (*ancestors, module))
-
-    yield from visit(root, "", ())
-
-
-def check_alignment(model: nn.Module, *, strict: bool = False) -> list[str]:
+def check_alignment(model: nn.Module, *, strict: bool = False, stacklevel: int = 2) -> list[str]:
     """Finds activation-checkpoint regions that do not coincide with FSDP units.
 
     Two placements cost memory and communication without a word from torch:
@@ -504,6 +360,8 @@ def check_alignment(model: nn.Module, *, strict: bool = False) -> list[str]:
     Args:
         model: The model after both activation checkpointing and FSDP were applied.
         strict: Raise instead of warning.
+        stacklevel: Where the warnings point, as for ``warnings.warn`` (callers that check on behalf
+            of their own caller pass one more).
 
     Returns:
         One message per misplaced region, naming the region and the units (empty when aligned).
@@ -518,11 +376,11 @@ def check_alignment(model: nn.Module, *, strict: bool = False) -> list[str]:
         >>> check_alignment(model, strict=True)
         []
     """
-    return _check_alignment(model, strict=strict, stacklevel=3)
-
-
-def _check_alignment(model: nn.Module, *, strict: bool, stacklevel: int) -> list[str]:
-    entries = list(_walk(model))
+    entries = [
+        (site.name, member, (*site.ancestors, *site.chain[:index]))
+        for site in walk(model)
+        for index, member in enumerate(site.chain)
+    ]
     if not any(_is_unit(m) for _, m, _ in entries):
         return []
     names = {m: name for name, m, _ in entries}

@@ -56,7 +56,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from fsdp_ac.wrappers import CheckpointImpl, checkpoint_wrapper, unwrap
+from fsdp_ac.names import unwrap
+from fsdp_ac.wrappers import CheckpointImpl, checkpoint_wrapper
 
 __all__ = ["ATTENTION_OPS", "MATMUL_OPS", "SelectiveCheckpoint"]
 

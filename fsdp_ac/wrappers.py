@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from functools import partial
@@ -38,19 +37,13 @@ from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from fsdp_ac.names import (
     WRAPPED_MODULE_ATTR,
+    activation_wrappers,
     clean_load_report,
     restore_prefix_on_load,
     strip_prefix_on_save,
+    unwrap,
 )
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, OffloadEngine, OffloadOptions, offload_saved_tensors
-from fsdp_ac.policies import (
-    ModulePolicy,
-    PolicySpec,
-    _check_alignment,
-    parent_slots,
-    post_order,
-    select_modules,
-)
 from fsdp_ac.recompute import RecomputeRegion, has_user_hooks
 
 __all__ = [
@@ -58,17 +51,32 @@ __all__ = [
     "CheckpointImpl",
     "CheckpointWrapper",
     "OffloadWrapper",
-    "apply_activation_checkpointing",
     "checkpoint_wrapper",
+    "naming_regions",
     "offload_wrapper",
-    "remove_activation_checkpointing",
-    "unwrap",
+    "refuse_hf_gradient_checkpointing",
+    "require_module",
 ]
 
 CheckpointImpl = _torch_wrappers.CheckpointImpl
 """torch's own enum (``REENTRANT``, ``NO_REENTRANT``), so members from either import are the same."""
 
-_TorchActivationWrapper = _torch_wrappers.ActivationWrapper
+_REGION_NAME: ContextVar[str | None] = ContextVar("fsdp_ac_region_name", default=None)
+"""The qualified name the application path is wrapping; a wrapper built meanwhile takes it."""
+
+
+@contextlib.contextmanager
+def naming_regions(name: str) -> Iterator[None]:
+    """Wrappers built inside this context take ``name`` as their ``region_name``.
+
+    The application path (:mod:`fsdp_ac.apply`) calls a user's ``checkpoint_wrapper_fn(module)``,
+    which has no name argument; this is how the wrapper learns its qualified name at construction.
+    """
+    token = _REGION_NAME.set(name)
+    try:
+        yield
+    finally:
+        _REGION_NAME.reset(token)
 
 
 class ActivationWrapper(_torch_wrappers.ActivationWrapper):
@@ -80,6 +88,8 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
 
     Args:
         mod: The module to wrap.
+        region_name: The name messages give the region; default: the name :func:`naming_regions`
+            gives, else the wrapped module's class name.
 
     Raises:
         TypeError: ``mod`` is not an ``nn.Module``.
@@ -105,15 +115,15 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
     )
     """Public attributes that belong to the wrapper itself; every other public one is forwarded."""
 
-    def __init__(self, mod: nn.Module) -> None:
-        _require_module(mod, type(self).__name__)
+    def __init__(self, mod: nn.Module, *, region_name: str | None = None) -> None:
+        require_module(mod, type(self).__name__)
         # torch's base __init__ registers hooks that double the prefix on legacy keys; ours replace them.
         nn.Module.__init__(self)
         nn.Module.__setattr__(self, WRAPPED_MODULE_ATTR, mod)
         self.register_state_dict_post_hook(strip_prefix_on_save)
         self.register_load_state_dict_pre_hook(restore_prefix_on_load)
         self.register_load_state_dict_post_hook(clean_load_report)
-        self.region_name = type(mod).__name__
+        self.region_name = region_name or _REGION_NAME.get() or type(mod).__name__
         _adapt_dcp_to_fsdp1_inside(self, mod)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -202,12 +212,23 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
             although their recomputation draws different numbers.
         check_recomputed_values: Compare every recomputed saved tensor with the forward's, bitwise,
             and raise on a difference. A debugging aid: it keeps a copy of each saved tensor.
+        offload: Also keep what the checkpoint saves (its inputs) in CPU memory, with these options:
+            ``offload_wrapper(checkpoint_wrapper(m))`` in one wrapper, which is what an FSDP1 unit
+            without ``use_orig_params`` can hold (it looks through one wrapper only).
+        engine: The :class:`~fsdp_ac.offload.OffloadEngine` that copies for ``offload``; None copies
+            synchronously.
+        region_name: See :class:`ActivationWrapper`.
         **checkpoint_fn_kwargs: Passed to the checkpoint function on every call.
 
     Raises:
         TypeError: ``checkpoint_impl`` is not a ``CheckpointImpl``, or ``use_reentrant`` is passed
             alongside it.
     """
+
+    offload: OffloadOptions | None = None
+    """How the checkpoint's inputs are offloaded; None keeps them on their device."""
+    engine: OffloadEngine | None = None
+    """The engine that copies for ``offload``, or None for synchronous copies."""
 
     def __init__(
         self,
@@ -217,9 +238,14 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
         *,
         allow_rng_divergence: bool = False,
         check_recomputed_values: bool = False,
+        offload: OffloadOptions | None = None,
+        engine: OffloadEngine | None = None,
+        region_name: str | None = None,
         **checkpoint_fn_kwargs: Any,
     ) -> None:
-        ActivationWrapper.__init__(self, mod)
+        ActivationWrapper.__init__(self, mod, region_name=region_name)
+        self.offload = offload
+        self.engine = engine
         if not isinstance(checkpoint_impl, CheckpointImpl):
             raise TypeError(
                 f"checkpoint_impl must be a CheckpointImpl member, got {checkpoint_impl!r}; use "
@@ -263,6 +289,14 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
         wrapped: nn.Module = getattr(self, WRAPPED_MODULE_ATTR)
         if not torch.is_grad_enabled():
             return wrapped(*args, **kwargs)
+        if self.offload is None:
+            return self._checkpoint_or_compile(wrapped, args, kwargs)
+        with offload_saved_tensors(wrapped, **dataclasses.asdict(self.offload), engine=self.engine):
+            return self._checkpoint_or_compile(wrapped, args, kwargs)
+
+    def _checkpoint_or_compile(
+        self, wrapped: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         if torch.compiler.is_compiling():
             if has_user_hooks(wrapped):
                 # The compiled backward recomputes traced ops but replays no Python side effects, so
@@ -278,7 +312,7 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
     def _checkpoint(self, wrapped: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The eager path: one :class:`RecomputeRegion` per call applies the replay rule."""
         if not self._checked_first_forward:
-            _refuse_hf_gradient_checkpointing(wrapped, self.region_name)
+            refuse_hf_gradient_checkpointing(wrapped, self.region_name)
             self._checked_first_forward = True
         _refuse_stateful_cache(self.region_name, args, kwargs)
         region = RecomputeRegion(
@@ -322,6 +356,7 @@ class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
         engine: An :class:`~fsdp_ac.offload.OffloadEngine`, shared by a model's offload wrappers,
             that copies on a side stream into a reused host pool and prefetches in backward; None
             (the default) copies synchronously, as torch's wrapper does.
+        region_name: See :class:`ActivationWrapper`.
 
     Raises:
         ValueError: ``min_offload_bytes`` is negative.
@@ -338,8 +373,9 @@ class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
         min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
         copy_cpu_tensors: bool = False,
         engine: OffloadEngine | None = None,
+        region_name: str | None = None,
     ) -> None:
-        ActivationWrapper.__init__(self, mod)
+        ActivationWrapper.__init__(self, mod, region_name=region_name)
         options = OffloadOptions(pin_memory, min_offload_bytes, copy_cpu_tensors)
         self.pin_memory = options.pin_memory
         self.min_offload_bytes = options.min_offload_bytes
@@ -368,6 +404,8 @@ def checkpoint_wrapper(
     *,
     allow_rng_divergence: bool = False,
     check_recomputed_values: bool = False,
+    offload: OffloadOptions | None = None,
+    engine: OffloadEngine | None = None,
     **checkpoint_fn_kwargs: Any,
 ) -> nn.Module:
     """Wraps ``module`` so that every training call recomputes its activations in backward.
@@ -382,6 +420,8 @@ def checkpoint_wrapper(
             ``checkpoint_impl`` is then ignored.
         allow_rng_divergence: See :class:`CheckpointWrapper`.
         check_recomputed_values: See :class:`CheckpointWrapper`.
+        offload: Also offload the inputs the checkpoint keeps (see :class:`CheckpointWrapper`).
+        engine: The :class:`~fsdp_ac.offload.OffloadEngine` that copies for ``offload``.
         **checkpoint_fn_kwargs: Passed to the checkpoint function, e.g. ``context_fn``.
 
     Returns:
@@ -398,19 +438,23 @@ def checkpoint_wrapper(
         >>> [name for name, _ in block.named_parameters()]
         ['weight', 'bias']
     """
-    _require_module(module, "checkpoint_wrapper")
-    existing = _find_in_wrapper_chain(module, _torch_wrappers.CheckpointWrapper)
+    require_module(module, "checkpoint_wrapper")
+    existing = next(
+        (m for m in activation_wrappers(module) if isinstance(m, _torch_wrappers.CheckpointWrapper)), None
+    )
     if existing is not None:
         return _reuse_checkpoint_wrapper(
-            module, existing, checkpoint_impl, checkpoint_fn, checkpoint_fn_kwargs
+            module, existing, (checkpoint_impl, offload, engine), checkpoint_fn, checkpoint_fn_kwargs
         )
-    _refuse_hf_gradient_checkpointing(module, type(module).__name__)
+    refuse_hf_gradient_checkpointing(module, type(module).__name__)
     return CheckpointWrapper(
         module,
         checkpoint_impl,
         checkpoint_fn,
         allow_rng_divergence=allow_rng_divergence,
         check_recomputed_values=check_recomputed_values,
+        offload=offload,
+        engine=engine,
         **checkpoint_fn_kwargs,
     )
 
@@ -451,7 +495,7 @@ def offload_wrapper(
         >>> block = offload_wrapper(nn.Linear(8, 8))
         >>> block(torch.randn(2, 8)).sum().backward()
     """
-    _require_module(module, "offload_wrapper")
+    require_module(module, "offload_wrapper")
     if isinstance(module, _torch_wrappers.OffloadWrapper):
         wanted = (pin_memory, min_offload_bytes, copy_cpu_tensors, engine)
         if isinstance(module, OffloadWrapper) and wanted != (
@@ -475,108 +519,7 @@ def offload_wrapper(
     )
 
 
-def apply_activation_checkpointing(
-    model: nn.Module,
-    checkpoint_wrapper_fn: Callable[[nn.Module], nn.Module] = checkpoint_wrapper,
-    check_fn: Callable[[nn.Module], bool] = lambda _: True,
-    auto_wrap_policy: PolicySpec | ModulePolicy | None = None,
-) -> None:
-    """Replaces selected submodules of ``model``, in place, by ``checkpoint_wrapper_fn(submodule)``.
-
-    The root is never wrapped (use :func:`checkpoint_wrapper` on it directly), and neither is a
-    wrapper or a module a wrapper already holds, so applying twice changes nothing. When the model
-    already has FSDP units, an AC region that spans several units, or a unit that splits a region,
-    is reported with a warning that names both (see :func:`fsdp_ac.check_alignment`).
-
-    Args:
-        model: The model to modify in place.
-        checkpoint_wrapper_fn: Builds the wrapper, e.g. :func:`checkpoint_wrapper`,
-            :func:`offload_wrapper`, or a ``functools.partial`` of either.
-        check_fn: Called on each submodule; ``True`` wraps it. Ignored when ``auto_wrap_policy``
-            is given.
-        auto_wrap_policy: What to wrap: a :class:`fsdp_ac.ModulePolicy`, a module class, a class
-            name (as Accelerate's ``transformer_cls_names_to_wrap`` gives them), a set of either, a
-            predicate, or an FSDP policy (``ModuleWrapPolicy``, ``CustomPolicy``, or a callable such
-            as ``partial(transformer_auto_wrap_policy, ...)``). The same object passed to FSDP gives
-            FSDP units and AC regions that coincide.
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module`` instance (the message says what it is).
-        TypeError: ``auto_wrap_policy`` is of none of those kinds.
-        ValueError: The policy or ``check_fn`` matches no submodule (the message lists the model's
-            module classes), or the model has Hugging Face gradient checkpointing enabled.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
-        >>> apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, nn.Linear))
-        >>> [name for name, _ in model.named_parameters()]
-        ['0.weight', '0.bias', '2.weight', '2.bias']
-    """
-    _require_module(model, "apply_activation_checkpointing")
-    _refuse_hf_gradient_checkpointing(model, type(model).__name__)
-    targets = select_modules(model, check_fn, auto_wrap_policy)
-    _turn_off_hf_cache(model)
-    names = {module: name for name, module in model.named_modules()}
-    parents = parent_slots(model)
-    for target in targets:
-        wrapper = checkpoint_wrapper_fn(target)
-        if isinstance(wrapper, ActivationWrapper) and target in names:
-            for layer in _wrapper_chain(wrapper):
-                if isinstance(layer, ActivationWrapper):
-                    layer.region_name = names[target] or type(target).__name__
-        for parent, _ in parents.get(target, []):
-            _refuse_nested_wrappers_in_flat_unit(parent, wrapper, target)
-        for parent, name in parents.get(target, []):
-            setattr(parent, name, wrapper)
-    _check_alignment(model, strict=False, stacklevel=3)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """Returns the module inside any stack of activation wrappers (fsdp_ac's or torch's).
-
-    Args:
-        module: A wrapper, or any module (returned as it is).
-
-    Example:
-        >>> linear = nn.Linear(2, 2)
-        >>> unwrap(offload_wrapper(checkpoint_wrapper(linear))) is linear
-        True
-    """
-    while isinstance(module, _TorchActivationWrapper):
-        module = getattr(module, WRAPPED_MODULE_ATTR)
-    return module
-
-
-def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Removes every activation wrapper from ``model`` in place, restoring the original module tree.
-
-    Afterwards names, module structure and state dicts are exactly the unwrapped model's.
-
-    Args:
-        model: The model to modify in place.
-
-    Returns:
-        ``model``, or the module inside it when ``model`` itself is a wrapper.
-
-    Raises:
-        ValueError: A wrapper carries hooks or a distributed state (e.g. ``fully_shard`` was applied
-            to it), which removing it would lose. Remove activation checkpointing before sharding.
-    """
-    for parent in post_order(model):
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, _TorchActivationWrapper):
-                for layer in _wrapper_chain(child):
-                    if layer._forward_pre_hooks or layer._forward_hooks:
-                        raise ValueError(
-                            f"The activation wrapper around '{getattr(layer, 'region_name', name)}' "
-                            "has forward hooks (for example, fully_shard was applied to it); removing "
-                            "it would drop them. Remove activation checkpointing before sharding."
-                        )
-                nn.Module.__setattr__(parent, name, unwrap(child))
-    return unwrap(model)
-
-
-def _require_module(value: Any, caller: str) -> None:
+def require_module(value: Any, caller: str) -> None:
     """Raises a ``TypeError`` that says what was passed instead of a module instance, and the fix."""
     if isinstance(value, nn.Module):
         return
@@ -595,30 +538,19 @@ def _require_module(value: Any, caller: str) -> None:
     raise TypeError(f"{caller} takes an nn.Module instance, got {got}: {fix}.")
 
 
-def _wrapper_chain(module: nn.Module) -> list[_TorchActivationWrapper]:
-    chain = []
-    while isinstance(module, _TorchActivationWrapper):
-        chain.append(module)
-        module = getattr(module, WRAPPED_MODULE_ATTR)
-    return chain
-
-
-def _find_in_wrapper_chain(module: nn.Module, kind: type[nn.Module]) -> nn.Module | None:
-    return next((layer for layer in _wrapper_chain(module) if isinstance(layer, kind)), None)
-
-
 def _reuse_checkpoint_wrapper(
     module: nn.Module,
     existing: nn.Module,
-    checkpoint_impl: CheckpointImpl,
+    settings: tuple[CheckpointImpl, OffloadOptions | None, OffloadEngine | None],
     checkpoint_fn: Callable[..., Any] | None,
     checkpoint_fn_kwargs: dict[str, Any],
 ) -> nn.Module:
     existing_fn = getattr(existing, "checkpoint_fn", None)
     existing_kwargs = dict(getattr(existing_fn, "keywords", {}))
     existing_kwargs.pop("use_reentrant", None)
+    existing_settings = tuple(getattr(existing, n, None) for n in ("checkpoint_impl", "offload", "engine"))
     same = (
-        getattr(existing, "checkpoint_impl", None) == checkpoint_impl
+        existing_settings == settings
         and checkpoint_fn is None
         and getattr(existing_fn, "func", None) is _torch_checkpoint
         and existing_kwargs == checkpoint_fn_kwargs
@@ -632,8 +564,11 @@ def _reuse_checkpoint_wrapper(
     return module
 
 
-def _refuse_hf_gradient_checkpointing(module: nn.Module, where: str) -> None:
-    """Hugging Face's own checkpointing inside an fsdp_ac region would recompute twice."""
+def refuse_hf_gradient_checkpointing(module: nn.Module, where: str) -> None:
+    """Raises a ``ValueError`` when Hugging Face's own checkpointing is on in ``module``.
+
+    Inside an fsdp_ac region it would recompute every layer twice.
+    """
     for name, sub in module.named_modules():
         if getattr(sub, "gradient_checkpointing", False) is True:
             location = f"'{name}' ({type(sub).__name__})" if name else type(sub).__name__
@@ -645,18 +580,6 @@ def _refuse_hf_gradient_checkpointing(module: nn.Module, where: str) -> None:
             )
 
 
-def _turn_off_hf_cache(model: nn.Module) -> None:
-    """Sets ``config.use_cache = False`` on a Hugging Face model, as its own checkpointing does."""
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False) is True:
-        config.use_cache = False  # type: ignore[union-attr]
-        warnings.warn(
-            f"fsdp_ac set {type(model).__name__}.config.use_cache = False: a key/value cache is "
-            "appended to again when a checkpointed layer is recomputed. Set it back for generation.",
-            stacklevel=3,
-        )
-
-
 def _adapt_dcp_to_fsdp1_inside(wrapper: ActivationWrapper, module: Any) -> None:
     """``CheckpointWrapper(FSDP(block))`` trains; DCP restores its optimizer state once adapted."""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -664,24 +587,7 @@ def _adapt_dcp_to_fsdp1_inside(wrapper: ActivationWrapper, module: Any) -> None:
     if isinstance(module, FullyShardedDataParallel):
         from fsdp_ac.dcp import adapt_dcp_names
 
-        adapt_dcp_names(wrapper.region_name)
-
-
-def _refuse_nested_wrappers_in_flat_unit(parent: nn.Module, wrapper: nn.Module, target: nn.Module) -> None:
-    """FSDP1 without ``use_orig_params`` unwraps only one wrapper level of the module it holds."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if (
-        isinstance(parent, FullyShardedDataParallel)
-        and not parent._use_orig_params
-        and len(_wrapper_chain(wrapper)) > 1
-    ):
-        raise ValueError(
-            f"{type(target).__name__} is the whole module of an FSDP1 unit with use_orig_params=False; "
-            "torch's FSDP1 looks through only one activation wrapper there, so two (offload around "
-            "checkpoint) would put FSDP's flat parameter into the state dict. Apply activation "
-            "checkpointing before FSDP1, or use use_orig_params=True."
-        )
+        adapt_dcp_names(wrapper.region_name, ActivationWrapper)
 
 
 def _refuse_stateful_cache(region_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,8 +34,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from fsdp_ac import ActivationMemoryMeter, apply_activation_checkpointing
-from fsdp_ac.environment import collective_timeout, select_backend
 from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
+
+# The demo starts its ranks as the distributed suite does (FSDP_AC_BACKEND, FSDP_AC_TIMEOUT_S).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from suite_settings import collective_timeout, select_backend
 
 MIB = 2**20
 

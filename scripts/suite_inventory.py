@@ -258,7 +258,8 @@ def _git(*args: str) -> str:
 def environment_line(command: str, suite: dict[str, str]) -> str:
     import torch
 
-    from fsdp_ac.environment import suite_nproc
+    sys.path.insert(0, str(REPO / "tests"))
+    from suite_settings import suite_nproc
 
     gpus = torch.cuda.device_count()
     device = f"{gpus} CUDA GPUs, NCCL" if gpus >= suite_nproc() else "CPU, gloo"

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from models import SMALL_GPT
+from suite_settings import collective_timeout
 
-from fsdp_ac.environment import collective_timeout
 from fsdp_ac.reference_model import GPT
 
 

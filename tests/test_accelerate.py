@@ -25,8 +25,9 @@ from models import SMALL_GPT, ForwardOpsInBackward, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-from fsdp_ac import ActivationPlan, OffloadWrapper, clean_name, environment
+from fsdp_ac import ActivationPlan, clean_name
 from fsdp_ac.reference_model import GPT, GPTConfig
+from fsdp_ac.strategies import Full, Offload, Selective
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # noqa: E402
@@ -125,7 +126,8 @@ def test_fsdp_ac_and_the_integration_import_without_accelerate() -> None:
 
 
 def test_environment_readers_parse_and_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert environment.ac_policy() is None
+    read = fsdp_ac_accelerate.environment_settings
+    assert read() == {}
     for raw, parsed in [
         ("ALL", "all"),
         ("every:2", "every:2"),
@@ -133,42 +135,40 @@ def test_environment_readers_parse_and_name_the_variable(monkeypatch: pytest.Mon
         ("budget:0.50", "budget:0.5"),
     ]:
         monkeypatch.setenv("FSDP_AC_POLICY", raw)
-        assert environment.ac_policy() == parsed
+        assert read()["policy"] == parsed
     for bad in ("every:0", "every", "budget:1.5", "half"):
         monkeypatch.setenv("FSDP_AC_POLICY", bad)
         with pytest.raises(ValueError, match=r"FSDP_AC_POLICY must be one of all, none, every:N"):
-            environment.ac_policy()
+            read()
+    monkeypatch.delenv("FSDP_AC_POLICY")
     monkeypatch.setenv("FSDP_AC_STRATEGY", "selective:torchtitan")
-    assert environment.ac_strategy() == "selective:torchtitan"
+    assert read()["strategy"] == Selective("torchtitan")
     monkeypatch.setenv("FSDP_AC_STRATEGY", "none")
     with pytest.raises(ValueError, match=r"FSDP_AC_STRATEGY must be one of full, selective"):
-        environment.ac_strategy()
+        read()
+    monkeypatch.delenv("FSDP_AC_STRATEGY")
     monkeypatch.setenv("FSDP_AC_BLOCKS", " LlamaDecoderLayer, MLP ")
-    assert environment.ac_blocks() == ("LlamaDecoderLayer", "MLP")
+    assert read()["blocks"] == ("LlamaDecoderLayer", "MLP")
     monkeypatch.setenv("FSDP_AC_OFFLOAD", "Yes")
     monkeypatch.setenv("FSDP_AC_PIN_MEMORY", "0")
     monkeypatch.setenv("FSDP_AC_OFFLOAD_MIN_BYTES", "4096")
-    assert (environment.ac_offload(), environment.ac_pin_memory(), environment.ac_offload_min_bytes()) == (
-        True,
-        False,
-        4096,
-    )
+    assert (read()["offload"], read()["pin_memory"], read()["offload_min_bytes"]) == (True, False, 4096)
     monkeypatch.setenv("FSDP_AC_OFFLOAD_MIN_BYTES", "-1")
     with pytest.raises(ValueError, match=r"FSDP_AC_OFFLOAD_MIN_BYTES must be a non-negative integer"):
-        environment.ac_offload_min_bytes()
+        read()
+    monkeypatch.delenv("FSDP_AC_OFFLOAD_MIN_BYTES")
     monkeypatch.setenv("FSDP_AC_PLAN", "/nonexistent/plan.json")
     with pytest.raises(ValueError, match=r"FSDP_AC_PLAN names '/nonexistent/plan.json', which is not a file"):
-        environment.ac_plan()
-    monkeypatch.setenv("WORLD_SIZE", "4")
+        read()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert (environment.launched_world_size(), environment.accelerate_fsdp_requested()) == (4, True)
+    assert fsdp_ac_accelerate.accelerate_fsdp_requested() is True
 
 
 def test_accelerate_flags_become_settings() -> None:
     read = fsdp_ac_accelerate.read_settings
     assert read(no_fsdp_accelerator()).enabled is False
     settings = read(fsdp_accelerator(plugin(activation_checkpointing_offload=True)))
-    assert (settings.enabled, settings.policy, settings.strategy, settings.offload) == (
+    assert (settings.enabled, settings.policy, str(settings.strategy), settings.offload) == (
         True,
         "all",
         "full+offload",
@@ -182,7 +182,7 @@ def test_fsdp_ac_settings_turn_checkpointing_on_and_off(monkeypatch: pytest.Monk
     read = fsdp_ac_accelerate.read_settings
     monkeypatch.setenv("FSDP_AC_STRATEGY", "selective")
     settings = read(no_fsdp_accelerator())  # DDP: no Accelerate flag, fsdp_ac's setting turns it on
-    assert (settings.enabled, settings.strategy) == (True, "selective")
+    assert (settings.enabled, settings.strategy) == (True, Selective())
     monkeypatch.setenv("FSDP_AC_POLICY", "none")
     off = read(fsdp_accelerator(plugin(activation_checkpointing_offload=True)))
     assert (off.enabled, off.offload) == (False, False)  # none wins over Accelerate's flags
@@ -230,7 +230,7 @@ def test_config_file_keys_with_the_environment_winning(
     assert (settings.enabled, settings.policy, settings.strategy, settings.blocks) == (
         True,
         "every:2",
-        "full+offload",
+        Offload(Full(), pin_memory=False, min_offload_bytes=0),
         ("TransformerBlock",),
     )
     assert (settings.offload_min_bytes, settings.pin_memory) == (0, False)
@@ -243,7 +243,7 @@ def test_config_file_keys_with_the_environment_winning(
     monkeypatch.setenv("FSDP_AC_CONFIG_FILE", str(json_config))
     model = gpt()
     assert fsdp_ac_accelerate.activation_plan(no_fsdp_accelerator(), model).strategies == {
-        "layers.1": "selective"
+        "layers.1": Selective()
     }
 
 
@@ -273,9 +273,9 @@ def test_blocks_come_from_accelerates_settings_as_accelerate_picks_them() -> Non
     by_name = plugin(
         auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["TransformerBlock"]
     )
-    assert plan(fsdp_accelerator(by_name), gpt()).strategies == dict.fromkeys(BLOCKS, "full")
+    assert plan(fsdp_accelerator(by_name), gpt()).strategies == dict.fromkeys(BLOCKS, Full())
     from_model = plugin(auto_wrap_policy="transformer_based_wrap")  # the model's _no_split_modules
-    assert plan(fsdp_accelerator(from_model), gpt()).strategies == dict.fromkeys(BLOCKS, "full")
+    assert plan(fsdp_accelerator(from_model), gpt()).strategies == dict.fromkeys(BLOCKS, Full())
     by_size = plugin(fsdp_version=1, auto_wrap_policy="size_based_wrap", min_num_params=10_000)
     assert list(plan(fsdp_accelerator(by_size), gpt())) == BLOCKS  # FSDP's own size rule picks blocks
 
@@ -296,7 +296,7 @@ def test_policies_pick_a_subset_of_the_blocks(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("FSDP_AC_POLICY", "every:2")
     monkeypatch.setenv("FSDP_AC_STRATEGY", "selective:matmul")
     plan = fsdp_ac_accelerate.activation_plan(accelerator, gpt())
-    assert plan.strategies == {"layers.0": "selective:matmul", "layers.2": "selective:matmul"}
+    assert plan.strategies == dict.fromkeys(["layers.0", "layers.2"], Selective("matmul"))
 
 
 def test_no_wrap_with_checkpointing_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -393,9 +393,9 @@ def test_prepare_switches_accelerates_checkpointing_off_during_the_call_only(
         True,
     )
     assert optimizer == "optimizer"
-    offloads = [m for m in model.modules() if isinstance(m, OffloadWrapper)]
+    offloads = [m for m in model.modules() if isinstance(m, CheckpointWrapper) and m.offload is not None]
     assert len(offloads) == 4
-    assert {(m.pin_memory, m.min_offload_bytes) for m in offloads} == {(False, 0)}
+    assert {(m.offload.pin_memory, m.offload.min_offload_bytes) for m in offloads} == {(False, 0)}
     assert gradients(model)[1] == len(BLOCKS)  # full+offload: offloaded and checkpointed
 
 

@@ -20,12 +20,12 @@ from fsdp_ac import (
     ActivationPlan,
     CheckpointWrapper,
     ModulePolicy,
-    OffloadWrapper,
     SelectiveCheckpoint,
     apply_activation_checkpointing,
 )
-from fsdp_ac.plan import STRATEGIES
+from fsdp_ac.offload import OffloadOptions
 from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
+from fsdp_ac.strategies import STRATEGIES, Full, Offload
 
 MIXED = {
     "layers.0": "full",
@@ -42,7 +42,7 @@ WRAPPERS_BY_STRATEGY = {
     "selective": "CheckpointWrapper>TransformerBlock",
     "selective:matmul": "CheckpointWrapper>TransformerBlock",
     "offload": "OffloadWrapper>TransformerBlock",
-    "full+offload": "OffloadWrapper>CheckpointWrapper>TransformerBlock",
+    "full+offload": "CheckpointWrapper>TransformerBlock",  # one wrapper that also offloads
     "none": "TransformerBlock",
 }
 
@@ -86,6 +86,7 @@ def test_each_strategy_wraps_as_named_and_keeps_gradients(six_blocks: GPT) -> No
     assert [chain_of(layer) for layer in layers] == [WRAPPERS_BY_STRATEGY[s] for s in MIXED.values()]
     assert [getattr(layer, "region_name", None) for layer in layers] == [*list(MIXED)[:5], None]
     assert layers[2].checkpoint_fn.keywords["context_fn"].args[0].owner.name == "matmul"
+    assert [getattr(layer, "offload", None) for layer in layers] == [None] * 4 + [OffloadOptions(), None]
     expected, recomputed = grads(six_blocks, tokens)
     assert recomputed == (0, 0)
     for step in range(2):
@@ -104,11 +105,7 @@ def test_blocks_with_one_preset_share_one_selective_object(six_blocks: GPT) -> N
 
 def test_from_policy_with_every_n(six_blocks: GPT) -> None:
     plan = ActivationPlan.from_policy(six_blocks, ModulePolicy({"TransformerBlock"}).every(2), "full+offload")
-    assert plan.strategies == {
-        "layers.0": "full+offload",
-        "layers.2": "full+offload",
-        "layers.4": "full+offload",
-    }
+    assert plan.strategies == dict.fromkeys(["layers.0", "layers.2", "layers.4"], Offload(Full()))
     assert list(plan) == ["layers.0", "layers.2", "layers.4"] and len(plan) == 3
 
 
@@ -203,7 +200,7 @@ def test_hugging_face_plan_by_module_name() -> None:
     planned = copy.deepcopy(model)
     ActivationPlan({"model.layers.0": "selective", "model.layers.1": "full+offload"}).apply(planned)
     assert isinstance(planned.model.layers._modules["0"], CheckpointWrapper)
-    assert isinstance(planned.model.layers._modules["1"], OffloadWrapper)
+    assert planned.model.layers._modules["1"].offload == OffloadOptions()
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     model(tokens, labels=tokens, use_cache=False).loss.backward()
     for _ in range(2):
@@ -216,18 +213,36 @@ def test_hugging_face_plan_by_module_name() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
-def test_offload_around_checkpoint_inside_a_flat_fsdp1_unit_is_refused_as_by_apply(
+def test_full_offload_inside_a_flat_fsdp1_unit_is_one_wrapper_with_clean_state_dicts(
     single_rank_group: None, six_blocks: GPT
 ) -> None:
-    """The plan path runs apply_activation_checkpointing's guard (Accelerate's FSDP1 default with
-    offload reaches FSDP1 units without use_orig_params through it)."""
+    """Accelerate's FSDP1 default with offload reaches FSDP1 units without use_orig_params through the
+    plan path: full+offload is one wrapper there, so the flat parameter stays out of the state dict."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    model = FSDP(six_blocks, auto_wrap_policy=ModulePolicy({TransformerBlock}), device_id=torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"two \(offload around checkpoint\).*use_orig_params=True"):
-        ActivationPlan({"layers.0": "full+offload"}).apply(model)
-    assert chain_of(model._fsdp_wrapped_module.layers[0]) == "FullyShardedDataParallel>TransformerBlock"
-    ActivationPlan({"layers.0": "full", "layers.1": "offload"}).apply(model)  # one wrapper each: fine
+    tokens = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    names = set(six_blocks.state_dict())
+    baseline, model = (
+        FSDP(
+            copy.deepcopy(six_blocks),
+            auto_wrap_policy=ModulePolicy({TransformerBlock}),
+            use_orig_params=False,
+            device_id=torch.device("cpu"),
+        )
+        for _ in range(2)
+    )
+    ActivationPlan({"layers.0": "full+offload", "layers.1": "offload"}).apply(model)
+    layer = model._fsdp_wrapped_module.layers[0]
+    assert chain_of(layer) == "FullyShardedDataParallel>CheckpointWrapper>TransformerBlock"
+    assert layer._fsdp_wrapped_module.offload == OffloadOptions()
+    expected, recomputed = grads(baseline, tokens)
+    assert recomputed[0] == 0
+    got, recomputed = grads(model, tokens)
+    assert recomputed[0] == 1  # the checkpointed block reran its GELU
+    for got_grad, want in zip(got, expected, strict=True):  # the flat parameters' gradients
+        assert torch.equal(got_grad, want)
+    assert set(get_model_state_dict(model)) == names
 
 
 def test_plan_inside_fsdp1_units(single_rank_group: None, six_blocks: GPT) -> None:

@@ -37,6 +37,7 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 from models import ForwardOpsInBackward
+from suite_settings import collective_timeout
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, OffloadWrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -46,7 +47,7 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 import fsdp_ac.accelerate
 from fsdp_ac import ModulePolicy
-from fsdp_ac.environment import accelerate_fsdp_requested, collective_timeout
+from fsdp_ac.accelerate import accelerate_fsdp_requested
 from fsdp_ac.reference_model import GPT, GPTConfig
 
 MODELS = ("gpt", "llama")

@@ -52,8 +52,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-
-from fsdp_ac.environment import collective_timeout, select_backend, suite_nproc
+from suite_settings import collective_timeout, select_backend, suite_nproc
 
 __all__ = ["RankContext", "grid", "run_on_ranks", "torchrun_arguments"]
 

@@ -33,8 +33,7 @@ from typing import Any
 import pytest
 import torch
 from accelerate_train import MODELS, STEPS, build
-
-from fsdp_ac.environment import suite_nproc
+from suite_settings import suite_nproc
 
 pytestmark = pytest.mark.distributed
 

@@ -17,8 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from launcher import RankContext, grid, run_on_ranks
-
-from fsdp_ac.environment import select_backend, suite_nproc
+from suite_settings import select_backend, suite_nproc
 
 pytestmark = pytest.mark.distributed
 

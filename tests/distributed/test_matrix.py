@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 import torch
 from launcher import RankContext, run_on_ranks
+from suite_settings import suite_nproc
 from training import (
     AC_WRAPPERS,
     COMPILE_BACKEND,
@@ -63,7 +64,6 @@ from training import (
 )
 
 from fsdp_ac import checkpoint_wrapper
-from fsdp_ac.environment import suite_nproc
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES
 from fsdp_ac.reference_model import GPT, TransformerBlock
 

@@ -6,8 +6,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-
-from fsdp_ac.environment import collective_timeout, select_backend, suite_nproc
+from suite_settings import collective_timeout, select_backend, suite_nproc
 
 
 def test_backend_defaults_to_gloo_without_enough_gpus(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,189 @@
+"""The one path by which activation wrappers go into a model, and come out of it.
+
+:func:`wrap_in_place` walks the model once, lets its caller choose the modules and how to wrap each,
+names each region, replaces the modules in every slot that holds them, and runs every wrap-time guard.
+:func:`apply_activation_checkpointing` (torch's signature), :meth:`fsdp_ac.ActivationPlan.apply` and
+the Accelerate integration (:func:`fsdp_ac.accelerate.prepare`) are thin callers, so a guard added
+here holds for all three:
+
+- Hugging Face gradient checkpointing on anywhere in the model: refused (every layer would be
+  recomputed twice);
+- a Hugging Face key/value cache (``config.use_cache``): set to ``False`` with a ``UserWarning``, as
+  Hugging Face's own gradient checkpointing does. The replay of a checkpointed layer would append to
+  the cache a second time; training has no use for it. Set it back for generation;
+- a stack of two activation wrappers placed as the whole module of an FSDP1 unit without
+  ``use_orig_params``: refused (FSDP1 looks through one wrapper there, so its flat parameter would
+  reach the state dict);
+- afterwards, :func:`~fsdp_ac.check_alignment` warns about regions that do not coincide with FSDP units.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from fsdp_ac.names import Site, activation_wrappers, unwrap, walk
+from fsdp_ac.policies import ModulePolicy, PolicySpec, check_alignment
+from fsdp_ac.wrappers import (
+    checkpoint_wrapper,
+    naming_regions,
+    refuse_hf_gradient_checkpointing,
+    require_module,
+)
+
+__all__ = ["Choice", "apply_activation_checkpointing", "remove_activation_checkpointing", "wrap_in_place"]
+
+Choice = tuple[Site, Callable[[nn.Module], nn.Module]]
+"""A module to wrap (its site in the model) and how to wrap it."""
+
+
+def wrap_in_place(
+    model: nn.Module, choose: Callable[[list[Site]], Iterable[Choice]], *, caller: str
+) -> nn.Module:
+    """Wraps the modules ``choose`` picks from ``model``'s sites, in place, with every guard.
+
+    Args:
+        model: The model to modify in place.
+        choose: Given every site of ``model`` (the root's first), returns the sites to wrap and the
+            function that wraps each; it raises when the choice is invalid.
+        caller: The public function, named when ``model`` is not a module.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` instance.
+        ValueError: Hugging Face gradient checkpointing is on in ``model``, or a wrapper stack would
+            be the whole module of an FSDP1 unit without ``use_orig_params``; or see ``choose``.
+    """
+    require_module(model, caller)
+    refuse_hf_gradient_checkpointing(model, type(model).__name__)
+    sites = walk(model)
+    order = {site.chain[0]: index for index, site in enumerate(sites)}
+    chosen = sorted(choose(sites), key=lambda choice: order[choice[0].chain[0]])
+    if chosen:
+        _turn_off_hf_cache(model)
+    # Children before parents: a parent's wrapper then holds its already wrapped children.
+    for site, wrap in reversed(chosen):
+        with naming_regions(site.name):
+            wrapper = wrap(site.module)
+        holders = site.holders(site.module)
+        for parent, _ in holders:
+            _refuse_nested_wrappers_in_flat_unit(parent, wrapper, site.module)
+        for parent, attr in holders:
+            setattr(parent, attr, wrapper)
+    check_alignment(model, stacklevel=4)
+    return model
+
+
+def apply_activation_checkpointing(
+    model: nn.Module,
+    checkpoint_wrapper_fn: Callable[[nn.Module], nn.Module] = checkpoint_wrapper,
+    check_fn: Callable[[nn.Module], bool] = lambda _: True,
+    auto_wrap_policy: PolicySpec | ModulePolicy | None = None,
+) -> None:
+    """Replaces selected submodules of ``model``, in place, by ``checkpoint_wrapper_fn(submodule)``.
+
+    The root is never wrapped (use :func:`~fsdp_ac.checkpoint_wrapper` on it directly), and neither
+    is a wrapper or a module a wrapper already holds, so applying twice changes nothing. The guards
+    of :func:`wrap_in_place` run (Hugging Face checkpointing and cache, FSDP1 flat units,
+    alignment with FSDP units).
+
+    Args:
+        model: The model to modify in place.
+        checkpoint_wrapper_fn: Builds the wrapper, e.g. :func:`~fsdp_ac.checkpoint_wrapper`,
+            :func:`~fsdp_ac.offload_wrapper`, or a ``functools.partial`` of either.
+        check_fn: Called on each submodule; ``True`` wraps it. Ignored when ``auto_wrap_policy``
+            is given.
+        auto_wrap_policy: What to wrap: a :class:`fsdp_ac.ModulePolicy`, a module class, a class
+            name (as Accelerate's ``transformer_cls_names_to_wrap`` gives them), a set of either, a
+            predicate, or an FSDP policy (``ModuleWrapPolicy``, ``CustomPolicy``, or a callable such
+            as ``partial(transformer_auto_wrap_policy, ...)``). The same object passed to FSDP gives
+            FSDP units and AC regions that coincide.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` instance (the message says what it is).
+        TypeError: ``auto_wrap_policy`` is of none of those kinds.
+        ValueError: The policy or ``check_fn`` matches no submodule (the message lists the model's
+            module classes), or see :func:`wrap_in_place`.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        >>> apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, nn.Linear))
+        >>> [name for name, _ in model.named_parameters()]
+        ['0.weight', '0.bias', '2.weight', '2.bias']
+    """
+    policy = ModulePolicy(check_fn if auto_wrap_policy is None else auto_wrap_policy)
+
+    def choose(_: list[Site]) -> list[Choice]:
+        return [
+            (site, checkpoint_wrapper_fn)
+            for site in policy.sites(model)
+            if not any(activation_wrappers(member) for member in site.chain)
+        ]
+
+    wrap_in_place(model, choose, caller="apply_activation_checkpointing")
+
+
+def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Removes every activation wrapper from ``model`` in place, restoring the original module tree.
+
+    Afterwards names, module structure and state dicts are exactly the unwrapped model's.
+
+    Args:
+        model: The model to modify in place.
+
+    Returns:
+        ``model``, or the module inside it when ``model`` itself is a wrapper.
+
+    Raises:
+        ValueError: A wrapper carries hooks or a distributed state (e.g. ``fully_shard`` was applied
+            to it), which removing it would lose. Remove activation checkpointing before sharding.
+    """
+    for site in walk(model)[1:]:
+        for index, member in enumerate(site.chain):
+            outermost = index == 0 or not activation_wrappers(site.chain[index - 1])
+            if not (outermost and activation_wrappers(member)):
+                continue
+            for layer in activation_wrappers(member):
+                if layer._forward_pre_hooks or layer._forward_hooks:
+                    raise ValueError(
+                        f"The activation wrapper around '{site.name}' has forward hooks (for example, "
+                        "fully_shard was applied to it); removing it would drop them. Remove "
+                        "activation checkpointing before sharding."
+                    )
+            for parent, attr in site.holders(member):
+                nn.Module.__setattr__(parent, attr, unwrap(member))
+    return unwrap(model)
+
+
+def _turn_off_hf_cache(model: nn.Module) -> None:
+    """Sets ``config.use_cache = False`` on a Hugging Face model, as its own checkpointing does."""
+    config: Any = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) is True:
+        config.use_cache = False
+        warnings.warn(
+            f"fsdp_ac set {type(unwrap(model)).__name__}.config.use_cache = False: a key/value cache is "
+            "appended to again when a checkpointed layer is recomputed. Set it back for generation.",
+            stacklevel=4,
+        )
+
+
+def _refuse_nested_wrappers_in_flat_unit(parent: nn.Module, wrapper: nn.Module, target: nn.Module) -> None:
+    """FSDP1 without ``use_orig_params`` unwraps only one wrapper level of the module it holds."""
+    if (
+        isinstance(parent, FullyShardedDataParallel)
+        and not parent._use_orig_params
+        and len(activation_wrappers(wrapper)) > 1
+    ):
+        raise ValueError(
+            f"{type(target).__name__} is the whole module of an FSDP1 unit with use_orig_params=False; "
+            "torch's FSDP1 looks through only one activation wrapper there, so two (offload around "
+            "checkpoint) would put FSDP's flat parameter into the state dict. Apply activation "
+            "checkpointing before FSDP1, use use_orig_params=True, or use the full+offload strategy "
+            "(fsdp_ac.strategies.Offload(Full())), which is one wrapper."
+        )
