@@ -6,6 +6,8 @@ names each region, replaces the modules in every slot that holds them, and runs 
 the Accelerate integration (:func:`fsdp_ac.accelerate.prepare`) are thin callers, so a guard added
 here holds for all three:
 
+Each runs when something is to be wrapped:
+
 - Hugging Face gradient checkpointing on anywhere in the model: refused (every layer would be
   recomputed twice);
 - a Hugging Face key/value cache (``config.use_cache``): set to ``False`` with a ``UserWarning``, as
@@ -61,11 +63,11 @@ def wrap_in_place(
             be the whole module of an FSDP1 unit without ``use_orig_params``; or see ``choose``.
     """
     require_module(model, caller)
-    refuse_hf_gradient_checkpointing(model, type(model).__name__)
     sites = walk(model)
     order = {site.chain[0]: index for index, site in enumerate(sites)}
     chosen = sorted(choose(sites), key=lambda choice: order[choice[0].chain[0]])
     if chosen:
+        refuse_hf_gradient_checkpointing(model, type(unwrap(model)).__name__)
         _turn_off_hf_cache(model)
     # Children before parents: a parent's wrapper then holds its already wrapped children.
     for site, wrap in reversed(chosen):

@@ -299,6 +299,15 @@ def test_policies_pick_a_subset_of_the_blocks(monkeypatch: pytest.MonkeyPatch) -
     assert plan.strategies == dict.fromkeys(["layers.0", "layers.2"], Selective("matmul"))
 
 
+def test_reads_leave_accelerates_plugin_as_it_is() -> None:
+    fsdp_plugin = plugin(auto_wrap_policy="transformer_based_wrap", activation_checkpointing_offload=True)
+    before = dict(vars(fsdp_plugin))
+    accelerator = fsdp_accelerator(fsdp_plugin)
+    assert fsdp_ac_accelerate.read_settings(accelerator).offload is True
+    assert list(fsdp_ac_accelerate.activation_plan(accelerator, gpt())) == BLOCKS
+    assert vars(fsdp_plugin) == before  # Accelerate's own resolution ran on a copy
+
+
 def test_no_wrap_with_checkpointing_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
     for no_blocks in (plugin(auto_wrap_policy="no_wrap"), plugin(auto_wrap_policy="size_based_wrap")):
         with pytest.raises(ValueError, match=r"NO_WRAP .* Set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP"):
