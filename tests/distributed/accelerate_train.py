@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import shutil
 import warnings
 from collections import Counter
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.fsdp as fsdp
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -111,7 +113,10 @@ def structure(model: nn.Module) -> dict[str, dict[str, int]]:
             found["checkpoints"][name] += 1
             if "context_fn" in getattr(module.checkpoint_fn, "keywords", {}):
                 found["selective"][name] += 1
-        if isinstance(module, OffloadWrapper):
+        # full+offload is one checkpoint wrapper that offloads (fsdp_ac.strategies.Offload(Full())).
+        if isinstance(module, OffloadWrapper) or (
+            isinstance(module, CheckpointWrapper) and getattr(module, "offload", None) is not None
+        ):
             found["offloads"][name] += 1
         for attr, child in module._modules.items():
             if child is not None:
@@ -122,6 +127,8 @@ def structure(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(model, FSDP1) and not model._use_orig_params:
+        return flat_full_grads(model)
     summon = FSDP1.summon_full_params(model, with_grads=True) if isinstance(model, FSDP1) else None
     with summon or contextlib.nullcontext():
         grads = {}
@@ -131,6 +138,29 @@ def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
                 grad = grad.full_tensor()
             grads[clean(name)] = grad.detach().cpu().clone()
     return grads
+
+
+def flat_full_grads(model: FSDP1) -> dict[str, torch.Tensor]:
+    """Each parameter's whole gradient from FSDP1's flat-parameter shards (``summon_full_params``
+    gives no gradients without ``use_orig_params``): gathered, then cut as the flat parameter records."""
+    names = {module: clean(name) for name, module in model.named_modules()}
+    grads = {}
+    for unit in FSDP1.fsdp_modules(model):
+        if unit._handle is None:
+            continue
+        flat = unit._handle.flat_param
+        shards = [torch.empty_like(flat.grad) for _ in range(dist.get_world_size(unit.process_group))]
+        dist.all_gather(shards, flat.grad.contiguous(), group=unit.process_group)
+        whole = torch.cat(shards)
+        views = iter(zip(flat._fqns, flat._shapes, strict=True))
+        offset = 0
+        for numel, padding in zip(flat._numels_with_padding, flat._is_padding_mask, strict=True):
+            if not padding:
+                fqn, shape = next(views)
+                name = ".".join(part for part in (names[unit], clean(fqn)) if part)
+                grads[name] = whole[offset : offset + numel].view(shape).detach().cpu().clone()
+            offset += numel
+    return dict(sorted(grads.items()))
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -147,23 +177,31 @@ def train(accelerator: Accelerator, kind: str, mode: str) -> tuple[nn.Module, di
     """Prepares a fresh model (``mode``: none, accelerate or fsdp_ac) and trains it for STEPS steps."""
     accelerator.free_memory()  # forget earlier runs' models: save_state saves every prepared model
     model = build(kind)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     plugin = fsdp_plugin(accelerator)
     if plugin is not None:
         # Accelerate's plugin resolves the block classes of the first model it prepares and keeps
         # them; a fresh launch per model would start from the config, as here.
         plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = transformer_auto_wrap_policy, None
+    # FSDP1 without use_orig_params replaces the parameters by flat ones, which Accelerate does not
+    # swap into an optimizer made before: the optimizer is made from the prepared model, as it asks.
+    flat = plugin is not None and int(plugin.fsdp_version) == 1 and not plugin.use_orig_params
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if mode == "fsdp_ac":
-            model, optimizer = fsdp_ac.accelerate.prepare(accelerator, model, optimizer)
+        configured = plugin.activation_checkpointing if plugin is not None else False
+        if plugin is not None and mode != "fsdp_ac":
+            plugin.activation_checkpointing = mode == "accelerate"
+        prepare = (
+            functools.partial(fsdp_ac.accelerate.prepare, accelerator)
+            if mode == "fsdp_ac"
+            else accelerator.prepare
+        )
+        if flat:
+            model = prepare(model)
+            optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=1e-2))
         else:
-            configured = plugin.activation_checkpointing if plugin is not None else False
-            if plugin is not None:
-                plugin.activation_checkpointing = mode == "accelerate"
-            model, optimizer = accelerator.prepare(model, optimizer)
-            if plugin is not None:
-                plugin.activation_checkpointing = configured
+            model, optimizer = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+        if plugin is not None:
+            plugin.activation_checkpointing = configured
     record: dict[str, Any] = {
         "structure": structure(model),
         "names": [name for name, _ in inner(model).named_parameters()],

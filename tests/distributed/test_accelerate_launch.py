@@ -265,6 +265,24 @@ def test_fsdp1_config_with_selective_checkpointing(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_fsdp1_flat_parameters_config_with_offload(tmp_path: Path) -> None:
+    """Accelerate's FSDP1 default (use_orig_params off) with offloaded checkpoint inputs
+    (fsdp_ac_offload: Accelerate 1.15 allows its own offload flag with FSDP2 only): each block's FSDP1
+    flat unit holds one checkpoint wrapper that offloads; training, saving and loading match the run
+    without checkpointing."""
+    results = launch("fsdp1_offload.yaml", tmp_path)
+    phase = fsdp_phase(results)
+    for kind in MODELS:
+        ranks = ranks_of(results, phase, kind)
+        blocks = ranks[0]["blocks"]
+        for rank, per_kind in enumerate(ranks):
+            where = (kind, f"rank {rank}")
+            assert per_kind["fsdp_ac"]["structure"]["offloads"] == dict.fromkeys(blocks, 1), where
+        # Includes the saved, gathered and loaded state dicts' keys: a plain model's, no _flat_param.
+        check_fsdp_ac(ranks, kind, blocks, fsdp=True)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 def test_ddp_config_checkpoints_every_second_block(tmp_path: Path) -> None:
     """DDP (no FSDP, no Accelerate checkpointing): fsdp_ac_policy: every:2 in the config file."""
     results = launch("ddp.yaml", tmp_path)
