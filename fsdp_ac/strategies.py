@@ -62,17 +62,29 @@ STRATEGIES: tuple[str, ...] = (
 Wrap: TypeAlias = Callable[[nn.Module], nn.Module]
 
 
+class _Strategy:
+    """What every strategy does with its :meth:`wrapper`."""
+
+    def wrapper(self, *, engine: OffloadEngine | None = None) -> Wrap:
+        """Returns the function that wraps modules with this strategy.
+
+        The modules one such function wraps share what a selective strategy learns; ``engine`` copies
+        for offloading strategies.
+        """
+        raise NotImplementedError
+
+    def wrap(self, module: nn.Module, *, engine: OffloadEngine | None = None) -> nn.Module:
+        """Returns ``module`` wrapped with this strategy, every option set at construction."""
+        return self.wrapper(engine=engine)(module)
+
+
 @dataclass(frozen=True)
-class NoCheckpoint:
+class NoCheckpoint(_Strategy):
     """Leaves the module as it is (``none``)."""
 
     def wrapper(self, *, engine: OffloadEngine | None = None) -> Wrap:
-        """Returns the function that wraps modules with this strategy: here, the identity."""
+        """The identity."""
         return lambda module: module
-
-    def wrap(self, module: nn.Module, *, engine: OffloadEngine | None = None) -> nn.Module:
-        """Returns ``module`` unchanged."""
-        return module
 
     def __str__(self) -> str:
         return "none"
@@ -83,19 +95,15 @@ class NoCheckpoint:
 
 
 @dataclass(frozen=True)
-class Full:
+class Full(_Strategy):
     """Full activation checkpointing (``full``): only the module's inputs are kept."""
 
     impl: CheckpointImpl = CheckpointImpl.NO_REENTRANT
     """torch's checkpoint implementation."""
 
     def wrapper(self, *, engine: OffloadEngine | None = None) -> Wrap:
-        """Returns the function that wraps modules with this strategy (``engine`` is not used)."""
+        """:func:`~fsdp_ac.checkpoint_wrapper` with ``impl``."""
         return lambda module: checkpoint_wrapper(module, self.impl)
-
-    def wrap(self, module: nn.Module, *, engine: OffloadEngine | None = None) -> nn.Module:
-        """Returns ``module`` in a :class:`~fsdp_ac.CheckpointWrapper`."""
-        return self.wrapper(engine=engine)(module)
 
     def __str__(self) -> str:
         return "full" if self.impl == CheckpointImpl.NO_REENTRANT else repr(self)
@@ -106,7 +114,7 @@ class Full:
 
 
 @dataclass(frozen=True)
-class Selective:
+class Selective(_Strategy):
     """Selective (op-level) checkpointing (``selective[:preset]``): some operator outputs are kept."""
 
     save: str | tuple[str, ...] = "default"
@@ -121,12 +129,8 @@ class Selective:
             _operators(self.save)
 
     def wrapper(self, *, engine: OffloadEngine | None = None) -> Wrap:
-        """Returns one :class:`~fsdp_ac.SelectiveCheckpoint`: the modules it wraps share what it learns."""
+        """One :class:`~fsdp_ac.SelectiveCheckpoint`."""
         return _selective(self, None, engine)
-
-    def wrap(self, module: nn.Module, *, engine: OffloadEngine | None = None) -> nn.Module:
-        """Returns ``module`` wrapped for selective checkpointing."""
-        return self.wrapper(engine=engine)(module)
 
     def __str__(self) -> str:
         if not isinstance(self.save, str):
@@ -139,7 +143,7 @@ class Selective:
 
 
 @dataclass(frozen=True)
-class Offload:
+class Offload(_Strategy):
     """Activation offloading (``offload``), alone or around checkpointing (``full+offload``)."""
 
     inner: Full | Selective | None = None
@@ -159,7 +163,7 @@ class Offload:
         return OffloadOptions(self.pin_memory, self.min_offload_bytes, self.copy_cpu_tensors)
 
     def wrapper(self, *, engine: OffloadEngine | None = None) -> Wrap:
-        """Returns the function that wraps modules with this strategy, copying through ``engine``."""
+        """One wrapper: an offloading checkpoint with ``inner``, else an offload wrapper."""
         options = self.options()
         if isinstance(self.inner, Selective):
             return _selective(self.inner, options, engine)
@@ -167,10 +171,6 @@ class Offload:
             impl = self.inner.impl
             return lambda module: checkpoint_wrapper(module, impl, offload=options, engine=engine)
         return lambda module: offload_wrapper(module, **dataclasses.asdict(options), engine=engine)
-
-    def wrap(self, module: nn.Module, *, engine: OffloadEngine | None = None) -> nn.Module:
-        """Returns ``module`` wrapped for offloading (one wrapper, also with ``inner``)."""
-        return self.wrapper(engine=engine)(module)
 
     def __str__(self) -> str:
         if self.options() != OffloadOptions():

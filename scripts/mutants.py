@@ -168,10 +168,10 @@ MUTANTS = (
         (
             Edit(
                 "wrappers.py",
-                # The wrapper's own check, the one followed by the compile check (the offload
+                # The wrapper's own check, the one followed by its offload option (the offload
                 # wrapper has the same two lines).
                 r"^ +if not torch\.is_grad_enabled\(\):\n +return wrapped\(\*args, \*\*kwargs\)\n"
-                r"(?= +if torch\.compiler\.is_compiling\(\):)",
+                r"(?= +if self\.offload is None:)",
                 "",
             ),
         ),
