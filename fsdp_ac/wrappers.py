@@ -17,7 +17,8 @@ What differs:
   run again) while observing hooks and buffer updates happen once per step (the replay rule,
   :mod:`fsdp_ac.recompute`); a random op with ``preserve_rng_state=False`` is refused; a replay that
   differs from the forward names the region.
-- Wrapping is idempotent and undoable (:func:`unwrap`, :func:`remove_activation_checkpointing`).
+- Wrapping is idempotent and undoable (:func:`~fsdp_ac.unwrap`,
+  :func:`~fsdp_ac.remove_activation_checkpointing`).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
 
     region_name: str
     """The wrapped module's name in messages: its qualified name when wrapped by
-    :func:`apply_activation_checkpointing`, else its class name."""
+    the application path (:mod:`fsdp_ac.apply`), else its class name."""
 
     _WRAPPER_ATTRIBUTES = frozenset(
         {
@@ -198,7 +199,7 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
 class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
     """Recomputes the wrapped module's activations in backward instead of saving them.
 
-    Use it through :func:`checkpoint_wrapper` or :func:`apply_activation_checkpointing`. Every call
+    Use it through :func:`checkpoint_wrapper` or :func:`~fsdp_ac.apply_activation_checkpointing`. Every call
     autograd records is checkpointed, in eval mode too; calls under ``torch.no_grad()`` or
     ``torch.inference_mode()`` run the module directly. The replay follows the replay rule of
     :mod:`fsdp_ac.recompute`.
