@@ -1,12 +1,10 @@
 """The one path by which activation wrappers go into a model, and come out of it.
 
-:func:`wrap_in_place` walks the model once, lets its caller choose the modules and how to wrap each,
+:func:`wrap_in_place` walks the model, lets its caller choose the modules and how to wrap each,
 names each region, replaces the modules in every slot that holds them, and runs every wrap-time guard.
 :func:`apply_activation_checkpointing` (torch's signature), :meth:`fsdp_ac.ActivationPlan.apply` and
 the Accelerate integration (:func:`fsdp_ac.accelerate.prepare`) are thin callers, so a guard added
-here holds for all three:
-
-Each runs when something is to be wrapped:
+here holds for all three. Each runs when something is to be wrapped:
 
 - Hugging Face gradient checkpointing on anywhere in the model: refused (every layer would be
   recomputed twice);

@@ -160,6 +160,11 @@ def test_environment_readers_parse_and_name_the_variable(monkeypatch: pytest.Mon
     monkeypatch.setenv("FSDP_AC_PLAN", "/nonexistent/plan.json")
     with pytest.raises(ValueError, match=r"FSDP_AC_PLAN names '/nonexistent/plan.json', which is not a file"):
         read()
+    for name in ("PLAN", "OFFLOAD", "PIN_MEMORY"):
+        monkeypatch.delenv(f"FSDP_AC_{name}")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=r"accelerate launch started 4 processes"):
+        fsdp_ac_accelerate.prepare(no_fsdp_accelerator(), gpt())
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert fsdp_ac_accelerate.accelerate_fsdp_requested() is True
 
