@@ -363,11 +363,7 @@ _POLICY_KINDS = ("every", "first", "last", "budget")
 
 
 def _parse_bool(raw: object, source: str) -> bool:
-    """Parses ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``, a YAML bool).
-
-    Raises:
-        ValueError: ``raw`` is none of these; the message names ``source``.
-    """
+    """Parses ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``, a YAML bool)."""
     if isinstance(raw, bool):
         return raw
     text = str(raw).strip().lower()
@@ -379,11 +375,7 @@ def _parse_bool(raw: object, source: str) -> bool:
 
 
 def _parse_byte_count(raw: object, source: str) -> int:
-    """Parses a non-negative integer number of bytes.
-
-    Raises:
-        ValueError: ``raw`` is not a non-negative integer; the message names ``source``.
-    """
+    """Parses a non-negative integer number of bytes."""
     text = str(raw).strip()
     if isinstance(raw, bool) or not text.isdigit():
         raise ValueError(f"{source} must be a non-negative integer number of bytes, got {raw!r}.")
@@ -391,11 +383,7 @@ def _parse_byte_count(raw: object, source: str) -> int:
 
 
 def _parse_class_names(raw: object, source: str) -> tuple[str, ...]:
-    """Parses block class names: a comma-separated string or a list of strings.
-
-    Raises:
-        ValueError: No name is given; the message names ``source``.
-    """
+    """Parses block class names: a comma-separated string or a list of strings."""
     items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
     names = tuple(str(item).strip() for item in items if str(item).strip())
     if not names:
@@ -404,14 +392,7 @@ def _parse_class_names(raw: object, source: str) -> tuple[str, ...]:
 
 
 def _parse_ac_policy(raw: object, source: str) -> str:
-    """Parses which blocks to checkpoint; returns it normalised (``every:2``, ``budget:0.5``, ...).
-
-    ``all`` and ``none``; ``every:N``, ``first:K`` and ``last:K`` with positive integers;
-    ``budget:F`` with ``0 < F <= 1``.
-
-    Raises:
-        ValueError: ``raw`` is none of these; the message names ``source`` and the forms.
-    """
+    """Parses which blocks: all, none, every:N, first:K, last:K or budget:F; returns it normalised."""
     text = str(raw).strip().lower().replace(" ", "")
     if text in ("all", "none"):
         return text
@@ -433,11 +414,7 @@ def _parse_ac_policy(raw: object, source: str) -> str:
 
 
 def _parse_ac_strategy(raw: object, source: str) -> Strategy:
-    """Parses what each chosen block gets: any strategy but ``none`` (see ``parse_strategy``).
-
-    Raises:
-        ValueError: ``raw`` is not such a strategy; the message names ``source`` and lists them.
-    """
+    """Parses what each chosen block gets: any strategy but ``none`` (see ``parse_strategy``)."""
     strategy = parse_strategy(str(raw), source)
     if isinstance(strategy, NoCheckpoint):
         allowed = [spelling for spelling in STRATEGIES if spelling != "none"]
@@ -446,11 +423,7 @@ def _parse_ac_strategy(raw: object, source: str) -> Strategy:
 
 
 def _parse_existing_file(raw: object, source: str) -> Path:
-    """Parses the path of a file that must exist.
-
-    Raises:
-        ValueError: There is no such file; the message names ``source``.
-    """
+    """Parses the path of a file that must exist."""
     path = Path(str(raw)).expanduser()
     if not path.is_file():
         raise ValueError(f"{source} names {str(raw)!r}, which is not a file.")
