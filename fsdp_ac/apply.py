@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from fsdp_ac.names import Site, activation_wrappers, unwrap, walk
+from fsdp_ac.names import Site, activation_wrappers, children_first, unwrap, walk
 from fsdp_ac.policies import ModulePolicy, PolicySpec, check_alignment
 from fsdp_ac.wrappers import (
     checkpoint_wrapper,
@@ -62,13 +62,14 @@ def wrap_in_place(
     """
     require_module(model, caller)
     sites = walk(model)
-    order = {site.chain[0]: index for index, site in enumerate(sites)}
-    chosen = sorted(choose(sites), key=lambda choice: order[choice[0].chain[0]])
+    chosen = dict(choose(sites))
     if chosen:
         refuse_hf_gradient_checkpointing(model, type(unwrap(model)).__name__)
         _turn_off_hf_cache(model)
     # Children before parents: a parent's wrapper then holds its already wrapped children.
-    for site, wrap in reversed(chosen):
+    order = {site.chain[0]: index for index, site in enumerate(sites)}
+    for site in children_first(sorted(chosen, key=lambda site: order[site.chain[0]])):
+        wrap = chosen[site]
         with naming_regions(site.name):
             wrapper = wrap(site.module)
         holders = site.holders(site.module)

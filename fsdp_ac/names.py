@@ -31,6 +31,7 @@ __all__ = [
     "WRAPPED_MODULE_ATTR",
     "Site",
     "activation_wrappers",
+    "children_first",
     "clean_name",
     "clean_state_dict",
     "unwrap",
@@ -328,3 +329,14 @@ def walk(root: nn.Module) -> list[Site]:
 
     visit(root, "", ())
     return list(dict.fromkeys(sites.values()))
+
+
+def children_first(sites: list[Site]) -> list[Site]:
+    """Returns ``sites`` (in model order) with each one after every site inside it: post-order."""
+    ordered: list[Site] = []
+    open_sites: list[Site] = []
+    for site in sites:
+        while open_sites and open_sites[-1].module not in site.ancestors:
+            ordered.append(open_sites.pop())
+        open_sites.append(site)
+    return ordered + open_sites[::-1]

@@ -30,7 +30,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import CustomPolicy, _Policy
 
-from fsdp_ac.names import Site, walk
+from fsdp_ac.names import Site, children_first, walk
 
 __all__ = ["ModulePolicy", "PolicySpec", "check_alignment", "fully_shard_by_policy"]
 
@@ -326,9 +326,8 @@ def fully_shard_by_policy(
     """
     from torch.distributed.fsdp import fully_shard
 
-    sites = ModulePolicy(policy).sites(model)
-    # Children before parents (reversed model order), as nested units must be sharded.
-    for site in reversed(sites):
+    # Children before parents, as nested units must be sharded.
+    for site in children_first(ModulePolicy(policy).sites(model)):
         if not any(isinstance(m, FSDPModule) for m in site.chain):
             fully_shard(site.top, **fully_shard_kwargs)
     if shard_root and not isinstance(model, FSDPModule):
