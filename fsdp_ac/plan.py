@@ -23,6 +23,7 @@ from fsdp_ac.names import Site, activation_wrappers, walk
 from fsdp_ac.offload import OffloadEngine
 from fsdp_ac.policies import ModulePolicy, PolicySpec
 from fsdp_ac.strategies import (
+    STRATEGIES,
     Full,
     NoCheckpoint,
     Offload,
@@ -286,10 +287,5 @@ class ActivationPlan:
 
 
 def _spelling(strategy: Strategy) -> str | dict[str, Any]:
-    """The strategy's name where it has one that reads back the same, else its JSON object."""
-    try:
-        if parse_strategy(str(strategy), "") == strategy:
-            return str(strategy)
-    except ValueError:
-        pass
-    return strategy.to_json()
+    """The strategy's name where it has one, else its JSON object."""
+    return str(strategy) if str(strategy) in STRATEGIES else strategy.to_json()

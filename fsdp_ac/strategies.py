@@ -77,6 +77,10 @@ class _Strategy:
         """Returns ``module`` wrapped with this strategy, every option set at construction."""
         return self.wrapper(engine=engine)(module)
 
+    def __str__(self) -> str:
+        """The strategy's spelling (:data:`STRATEGIES`), or its repr when its options have none."""
+        return next((text for text in STRATEGIES if parse_strategy(text, "") == self), repr(self))
+
 
 @dataclass(frozen=True)
 class NoCheckpoint(_Strategy):
@@ -85,9 +89,6 @@ class NoCheckpoint(_Strategy):
     def wrapper(self, *, engine: OffloadEngine | None = None) -> Wrap:
         """The identity."""
         return lambda module: module
-
-    def __str__(self) -> str:
-        return "none"
 
     def to_json(self) -> dict[str, Any]:
         """Returns the strategy as a JSON object (see :func:`strategy_from_json`)."""
@@ -104,9 +105,6 @@ class Full(_Strategy):
     def wrapper(self, *, engine: OffloadEngine | None = None) -> Wrap:
         """:func:`~fsdp_ac.checkpoint_wrapper` with ``impl``."""
         return lambda module: checkpoint_wrapper(module, self.impl)
-
-    def __str__(self) -> str:
-        return "full" if self.impl == CheckpointImpl.NO_REENTRANT else repr(self)
 
     def to_json(self) -> dict[str, Any]:
         """Returns the strategy as a JSON object (see :func:`strategy_from_json`)."""
@@ -131,11 +129,6 @@ class Selective(_Strategy):
     def wrapper(self, *, engine: OffloadEngine | None = None) -> Wrap:
         """One :class:`~fsdp_ac.SelectiveCheckpoint`."""
         return _selective(self, None, engine)
-
-    def __str__(self) -> str:
-        if not isinstance(self.save, str):
-            return repr(self)
-        return "selective" if self.save == "default" else f"selective:{self.save}"
 
     def to_json(self) -> dict[str, Any]:
         """Returns the strategy as a JSON object (see :func:`strategy_from_json`)."""
@@ -171,13 +164,6 @@ class Offload(_Strategy):
             impl = self.inner.impl
             return lambda module: checkpoint_wrapper(module, impl, offload=options, engine=engine)
         return lambda module: offload_wrapper(module, **dataclasses.asdict(options), engine=engine)
-
-    def __str__(self) -> str:
-        if self.options() != OffloadOptions():
-            return repr(self)
-        if self.inner is None:
-            return "offload"
-        return "full+offload" if self.inner == Full() else repr(self)
 
     def to_json(self) -> dict[str, Any]:
         """Returns the strategy as a JSON object (see :func:`strategy_from_json`)."""
