@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(config: str, out: Path) -> list[dict[str, Any]]:
-    """Runs ``accelerate launch`` with ``config``; returns each rank's results."""
+def launch(
+    config: str, out: Path, script: Sequence[str] = (), script_args: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """Runs ``accelerate launch`` with ``config``; returns each rank's results.
+
+    ``script``: what ``accelerate launch`` runs, ``accelerate_train.py`` by default (other scripts write
+    ``OUT/rank<r>.pt`` alike), e.g. ``["-m", "fsdp_ac.run", "trainer_train.py"]``; ``script_args``
+    follow ``OUT``.
+    """
     nproc = suite_nproc()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     env.pop("WORLD_SIZE", None)
@@ -83,8 +91,9 @@ def launch(config: str, out: Path) -> list[dict[str, Any]]:
         str(nproc),
         "--main_process_port",
         str(free_port()),
-        str(HERE / "accelerate_train.py"),
+        *(script or [str(HERE / "accelerate_train.py")]),
         str(out),
+        *script_args,
     ]
     log_path = out / "launch.log"
     with open(log_path, "wb") as log:
