@@ -18,7 +18,6 @@ import pytest
 import torch
 from hf_models import tiny_llama
 from models import recomputed_in_backward
-from test_accelerate import clean_environment, real_accelerator  # noqa: F401  (fixtures)
 
 from fsdp_ac import CheckpointWrapper
 
@@ -26,7 +25,7 @@ accelerate = pytest.importorskip("accelerate")
 import fsdp_ac.accelerate as fsdp_ac_accelerate  # noqa: E402
 import fsdp_ac.run  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("clean_environment")]
 ACCELERATES_OWN = {name: accelerate.Accelerator.__dict__[name] for name in ("prepare", "prepare_model")}
 SILU = torch.ops.aten.silu.default
 BLOCKS = ["model.layers.0", "model.layers.1"]
@@ -102,7 +101,7 @@ def test_an_accelerate_with_other_internals_is_refused_naming_its_version(
 
 @pytest.mark.parametrize("call", ["prepare", "prepare_model", "fsdp_ac.accelerate.prepare"])
 def test_routed_prepare_checkpoints_once_with_dropout_gradients_unchanged(
-    real_accelerator: Any,  # noqa: F811
+    real_accelerator: Any,
     routing: None,
     monkeypatch: pytest.MonkeyPatch,
     call: str,
@@ -128,7 +127,7 @@ def test_routed_prepare_checkpoints_once_with_dropout_gradients_unchanged(
 
 
 def test_evaluation_prepare_and_disabled_routing_leave_the_model_alone(
-    real_accelerator: Any,  # noqa: F811
+    real_accelerator: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FSDP_AC_POLICY", "all")
