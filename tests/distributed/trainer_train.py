@@ -1,16 +1,21 @@
-"""The training script that ``test_trainers.py`` runs with ``accelerate launch``: Hugging Face
-``Trainer`` and TRL's ``SFTTrainer`` on a tiny ``LlamaForCausalLM`` with attention dropout.
+"""The training script that ``test_trainers.py`` runs with ``accelerate launch`` or ``torchrun``:
+Hugging Face ``Trainer`` and TRL's ``SFTTrainer`` on a tiny ``LlamaForCausalLM`` with attention
+dropout, and ``Trainer`` on a PEFT LoRA model of it (frozen base).
 
     accelerate launch --config_file CONFIG [-m fsdp_ac.run] tests/distributed/trainer_train.py OUT [--enable]
+    torchrun --nproc_per_node 2 -m fsdp_ac.run tests/distributed/trainer_train.py OUT --kinds trainer
 
-The script is what a user writes: it never calls ``accelerator.prepare`` or fsdp_ac. Checkpointing
-reaches it through ``-m fsdp_ac.run`` (zero code) or, with ``--enable``, the one line
-``fsdp_ac.accelerate.enable()``. For each trainer it trains the same model on the same data twice:
-with ``FSDP_AC_POLICY=none`` (the reference: neither fsdp_ac nor Accelerate checkpoints) and with the
+The script is what a user writes: it never calls ``accelerator.prepare`` or fsdp_ac, nor PEFT's
+``enable_input_require_grads``. Checkpointing reaches it through ``-m fsdp_ac.run`` (zero code) or,
+with ``--enable``, the one line ``fsdp_ac.accelerate.enable()``. For each trainer (``--kinds``:
+``trainer``, ``sft``, ``peft``) it trains the same model on the same data twice: with
+``FSDP_AC_POLICY=none`` (the reference: neither fsdp_ac nor Accelerate checkpoints) and with the
 settings as configured. Each run records its logged losses, how many SiLUs (one per block, a
 forward-only operator) the whole run executed, the checkpoint wrappers and parameter names, the
-trained parameters, and the keys of the model ``trainer.save_model()`` wrote. The configured run of
-``Trainer`` is then resumed from its mid-run checkpoint, and records its parameters at the end.
+trained parameters, and the file ``trainer.save_model()`` wrote (a PEFT model's: its adapters); the
+PEFT runs also record each step's full gradients of the adapters and whether the first layer's input
+needed a gradient. The configured run of ``Trainer`` is then resumed from its mid-run checkpoint, and
+records its parameters at the end.
 
 On CPU Accelerate runs an FSDP config as DDP; the script then runs everything again with
 Accelerate's state switched to FSDP (``accelerate_train.use_fsdp_on_cpu``), as the Accelerate tests do.
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from accelerate_train import build, clean, full_state, use_fsdp_on_cpu
 from models import ForwardOpsInBackward
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -34,6 +40,7 @@ from fsdp_ac.environment import accelerate_fsdp_requested, collective_timeout
 STEPS = 4
 SAVE_STEPS = 2
 SILU = torch.ops.aten.silu.default
+KINDS = ("trainer", "sft", "peft")
 
 
 def dataset(rows: int = 16) -> list[dict[str, torch.Tensor]]:
@@ -58,8 +65,6 @@ def tokenizer() -> Any:
 
 def make_trainer(kind: str, out: Path, on_fsdp_cpu: bool) -> Any:
     """``Trainer`` or ``SFTTrainer`` as a user sets it up; on CPU optionally forced onto FSDP."""
-    import transformers
-
     common = {
         "output_dir": str(out),
         "max_steps": STEPS,
@@ -76,10 +81,13 @@ def make_trainer(kind: str, out: Path, on_fsdp_cpu: bool) -> Any:
         # A hung rank fails within FSDP_AC_TIMEOUT_S instead of the default 30 minutes.
         "ddp_timeout": int(collective_timeout().total_seconds()),
     }
-    if kind == "trainer":
+    model = build("llama")
+    if kind in ("trainer", "peft"):
         base, args = transformers.Trainer, transformers.TrainingArguments(**common)
         data: Any = dataset()
         extra: dict[str, Any] = {}
+        if kind == "peft":
+            model = lora(model)
     else:
         import datasets
         from trl import SFTConfig, SFTTrainer
@@ -98,11 +106,62 @@ def make_trainer(kind: str, out: Path, on_fsdp_cpu: bool) -> Any:
                 use_fsdp_on_cpu(self.accelerator)
                 self.is_fsdp_enabled = True
 
-    return OnFsdp(model=build("llama"), args=args, train_dataset=data, **extra)
+    return OnFsdp(model=model, args=args, train_dataset=data, **extra)
+
+
+def lora(model: torch.nn.Module) -> torch.nn.Module:
+    """The PEFT LoRA model a user makes: the base frozen, adapters on attention and MLP, LoRA dropout."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,  # random A and B: every adapter gets a gradient from step one
+    )
+    torch.manual_seed(1)
+    return get_peft_model(model, config)
+
+
+class AdapterGradients(transformers.TrainerCallback):  # type: ignore[misc]
+    """A ``TrainerCallback`` that keeps each step's full gradients of the trainable parameters (the
+    adapters), by clean name, before the optimizer step; and whether the input of the first decoder
+    layer needed a gradient in a training forward (no: the base, embeddings included, is frozen)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+        self.input_needs_grad: list[bool] = []
+        first = model.base_model.model.model.layers[0]
+        first.register_forward_pre_hook(self._record_input, with_kwargs=True)
+
+    def _record_input(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if torch.is_grad_enabled():
+            self.input_needs_grad.append(hidden.requires_grad)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs["model"]
+        self.steps.append(
+            {
+                clean(name).removeprefix("module."): full(parameter.grad)
+                for name, parameter in model.named_parameters()
+                if parameter.requires_grad
+            }
+        )
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A gradient on CPU, gathered from its shards under FSDP2 (every rank takes part)."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().cpu().clone()
 
 
 def train(kind: str, out: Path, on_fsdp_cpu: bool, *, resume: bool = False) -> dict[str, Any]:
     trainer = make_trainer(kind, out, on_fsdp_cpu)
+    gradients = None
+    if kind == "peft":
+        gradients = AdapterGradients(trainer.model)
+        trainer.add_callback(gradients)
     with ForwardOpsInBackward(SILU) as silus:
         trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE_STEPS}") if resume else None)
     model = trainer.model_wrapped
@@ -118,23 +177,31 @@ def train(kind: str, out: Path, on_fsdp_cpu: bool, *, resume: bool = False) -> d
         "params": full_state(model),
         "distributed_type": str(trainer.accelerator.distributed_type),
     }
+    if gradients is not None:
+        record["grads"], record["input_needs_grad"] = gradients.steps, gradients.input_needs_grad
+        hooks = trainer.model.get_input_embeddings()._forward_hooks.values()
+        record["embedding_hooks"] = [getattr(hook, "__qualname__", repr(hook)) for hook in hooks]
     if not resume:
         trainer.save_model(str(out / "saved"))
         trainer.accelerator.wait_for_everyone()
         if trainer.accelerator.is_main_process:
             from safetensors.torch import load_file
 
-            record["saved"] = load_file(out / "saved" / "model.safetensors")
+            written = "adapter_model" if kind == "peft" else "model"
+            record["saved"] = load_file(out / "saved" / f"{written}.safetensors")
     trainer.accelerator.wait_for_everyone()
     return record
 
 
-def run_all(out: Path, on_fsdp_cpu: bool) -> dict[str, Any]:
+def run_all(out: Path, on_fsdp_cpu: bool, kinds: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for kind in ("trainer", "sft"):
+    for kind in kinds:
+        configured_policy = os.environ.get("FSDP_AC_POLICY")
         os.environ["FSDP_AC_POLICY"] = "none"
         reference = train(kind, out / kind / "none", on_fsdp_cpu)
         del os.environ["FSDP_AC_POLICY"]
+        if configured_policy is not None:  # set by the launch: the configured run's setting
+            os.environ["FSDP_AC_POLICY"] = configured_policy
         configured = train(kind, out / kind / "configured", on_fsdp_cpu)
         results[kind] = {"none": reference, "configured": configured}
         if kind == "trainer":
@@ -146,15 +213,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--enable", action="store_true", help="the one-line way: enable() in the script")
+    parser.add_argument("--kinds", default="trainer,sft", help=f"which of {KINDS}, comma-separated")
     options = parser.parse_args()
+    kinds = options.kinds.split(",")
     if options.enable:
         import fsdp_ac.accelerate
 
         fsdp_ac.accelerate.enable()
     rank = int(os.environ.get("RANK", "0"))
-    phases = {"as_configured": run_all(options.out / "as_configured", on_fsdp_cpu=False)}
+    phases = {"as_configured": run_all(options.out / "as_configured", False, kinds)}
     if accelerate_fsdp_requested() and not torch.cuda.is_available():
-        phases["fsdp"] = run_all(options.out / "fsdp", on_fsdp_cpu=True)
+        phases["fsdp"] = run_all(options.out / "fsdp", True, kinds)
     torch.save(phases, options.out / f"rank{rank}.pt")
 
 
