@@ -591,3 +591,166 @@ def _inside_wrappers(model: nn.Module) -> nn.Module:
             model = compiled
         else:
             return model
+
+
+# --- enable() / disable(): every Accelerator.prepare through fsdp_ac ----------------------------------
+# Appended section (issue #12); it calls only the public functions above.
+
+__all__ += ["disable", "enable"]
+
+_ROUTED_METHODS = ("prepare", "prepare_model")
+"""The ``Accelerator`` methods :func:`enable` routes. Every path to Accelerate's own checkpointing
+starts at one of them: FSDP1's ``apply_activation_checkpointing`` in ``prepare_model``, FSDP2's
+``fsdp2_apply_ac`` in ``_prepare_fsdp2``, which only ``prepare`` calls."""
+_CHECKED_ACCELERATE = "1.15.0"
+"""The Accelerate release whose internals :func:`enable` was checked against."""
+
+
+def enable() -> None:
+    """Routes every ``Accelerator.prepare`` of the process through :func:`prepare`.
+
+    Scripts that never call ``accelerator.prepare`` themselves (Hugging Face ``Trainer``, TRL's
+    trainers, any library built on Accelerate) get fsdp_ac's activation checkpointing from the same
+    settings as :func:`prepare`: Accelerate's ``fsdp_activation_checkpointing`` flag (or
+    ``TrainingArguments(fsdp_config={"activation_checkpointing": True})``), the ``fsdp_ac_*`` keys and
+    the ``FSDP_AC_*`` variables. Accelerate's own checkpointing is switched off for each call, and
+    fsdp_ac checkpoints the blocks after Accelerate has sharded or replicated the model.
+    ``python -m fsdp_ac.run train.py`` calls this before it runs an unmodified script.
+
+    ``Accelerator.prepare`` and ``Accelerator.prepare_model`` are replaced on the class, so every
+    accelerator, made before or after the call, is routed; ``prepare_model(..., evaluation_mode=True)``
+    (no training, nothing to checkpoint) is left to Accelerate. A second call changes nothing.
+
+    Raises:
+        ImportError: ``accelerate`` is not installed.
+        RuntimeError: The installed Accelerate's internals differ from those this routing was checked
+            against; the message names its version and what differs.
+
+    Example:
+        >>> import fsdp_ac.accelerate
+        >>> fsdp_ac.accelerate.enable()
+        >>> trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        >>> trainer.train()  # its accelerator.prepare checkpoints with fsdp_ac
+    """
+    from accelerate import Accelerator
+
+    _check_accelerate_internals()
+    for name in _ROUTED_METHODS:
+        method = Accelerator.__dict__[name]
+        if not _is_route(method):
+            setattr(Accelerator, name, _route(name, method))
+
+
+def disable() -> None:
+    """Undoes :func:`enable`: ``Accelerator.prepare`` and ``prepare_model`` are Accelerate's again.
+
+    Models already prepared keep their checkpointing. Does nothing when routing is off.
+
+    Raises:
+        RuntimeError: Something replaced a routed method after :func:`enable` (another library's
+            patch); restoring Accelerate's method would drop that patch too, so nothing is changed.
+    """
+    from accelerate import Accelerator
+
+    current = {name: Accelerator.__dict__[name] for name in _ROUTED_METHODS}
+    routed = [name for name, method in current.items() if _is_route(method)]
+    if not routed:
+        return
+    for name, method in current.items():
+        if name not in routed:
+            raise RuntimeError(
+                f"Accelerator.{name} was replaced after fsdp_ac.accelerate.enable() by {method!r}; "
+                "disable() would drop that replacement too. Undo it first, then call disable()."
+            )
+    for name in routed:
+        setattr(Accelerator, name, current[name].__wrapped__)
+
+
+def _is_route(method: object) -> bool:
+    return getattr(method, "_fsdp_ac_route", False) is True
+
+
+def _route(name: str, original: Any) -> Any:
+    """The routed ``Accelerator.<name>``: :func:`prepare`, unless called on behalf of :func:`prepare`.
+
+    :func:`prepare` calls ``accelerator.prepare``, which calls ``prepare_model``: those nested calls
+    reach Accelerate's own methods, so a model is prepared and checkpointed once, also when a script
+    calls :func:`prepare` itself while routing is on.
+    """
+
+    @functools.wraps(original)
+    def routed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "prepare":
+            objects, placement = args, kwargs.get("device_placement")
+            evaluation = False
+        else:
+            model, device, evaluation = _prepare_model_arguments(*args, **kwargs)
+            objects, placement = (model,), (None if device is None else [device])
+        if evaluation or _inside_prepare():
+            return original(self, *args, **kwargs)
+        return prepare(self, *objects, device_placement=placement)
+
+    routed._fsdp_ac_route = True  # type: ignore[attr-defined]
+    return routed
+
+
+def _prepare_model_arguments(
+    model: nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False
+) -> tuple[nn.Module, bool | None, bool]:
+    """``Accelerator.prepare_model``'s arguments, bound as Accelerate binds them."""
+    return model, device_placement, evaluation_mode
+
+
+def _inside_prepare() -> bool:
+    """Whether :func:`prepare` or one of Accelerate's own routed methods is running in this thread.
+
+    Read from the call stack rather than kept in a flag, so no state outlives a call.
+    """
+    import sys
+    import types
+
+    from accelerate import Accelerator
+
+    codes = {prepare.__code__}
+    for name in _ROUTED_METHODS:
+        method = Accelerator.__dict__[name]
+        codes.add(getattr(method, "__wrapped__", method).__code__)
+    frame: types.FrameType | None = sys._getframe(2)  # the routed method's caller
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _check_accelerate_internals() -> None:
+    """Refuses an Accelerate whose checkpointing entry points are not where :func:`enable` routes them."""
+    import inspect
+
+    import accelerate
+    import accelerate.accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    differences = []
+    fields = {field.name for field in dataclasses.fields(FullyShardedDataParallelPlugin)}
+    for field in ("activation_checkpointing", "activation_checkpointing_offload", "fsdp_version"):
+        if field not in fields:
+            differences.append(f"FullyShardedDataParallelPlugin has no field {field}")
+    if not hasattr(accelerate.accelerator, "fsdp2_apply_ac"):
+        differences.append("its FSDP2 checkpointing is not fsdp2_apply_ac")
+    expected = {
+        "prepare": ["self", "args", "device_placement"],
+        "prepare_model": ["self", "model", "device_placement", "evaluation_mode"],
+    }
+    for name, parameters in expected.items():
+        method = inspect.unwrap(getattr(accelerate.Accelerator, name))
+        found = list(inspect.signature(method).parameters)
+        if found != parameters:
+            differences.append(f"Accelerator.{name} takes ({', '.join(found)})")
+    if differences:
+        raise RuntimeError(
+            f"fsdp_ac.accelerate.enable() cannot route Accelerate {accelerate.__version__}: "
+            f"{'; '.join(differences)} (checked against Accelerate {_CHECKED_ACCELERATE}). Install "
+            f"accelerate=={_CHECKED_ACCELERATE}, or call fsdp_ac.accelerate.prepare(accelerator, ...) in "
+            "place of accelerator.prepare."
+        )

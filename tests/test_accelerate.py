@@ -8,11 +8,9 @@ with a wrapper that checkpointed nothing.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,32 +34,7 @@ import fsdp_ac.accelerate as fsdp_ac_accelerate  # noqa: E402
 
 DROPOUT_GPT = GPTConfig(**{**SMALL_GPT.__dict__, "n_layers": 4, "dropout": 0.2})
 BLOCKS = ["layers.0", "layers.1", "layers.2", "layers.3"]
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No setting of Accelerate, torchrun or fsdp_ac leaks in from the shell, or out to other tests.
-
-    Accelerate writes some variables itself, so the whole environment is restored afterwards.
-    """
-    saved = dict(os.environ)
-    for key in list(os.environ):
-        if key.startswith(("FSDP_", "ACCELERATE_")) or key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-            monkeypatch.delenv(key)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture
-def real_accelerator() -> Iterator[Any]:
-    """A real one-process CPU Accelerator; Accelerate's shared state is reset afterwards."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield accelerate.Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("clean_environment")]
 
 
 def gpt(config: GPTConfig = DROPOUT_GPT) -> GPT:

@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,32 +60,60 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(config: str, out: Path) -> list[dict[str, Any]]:
-    """Runs ``accelerate launch`` with ``config``; returns each rank's results."""
+def launch(
+    config: str | None,
+    out: Path,
+    script: Sequence[str] = (),
+    script_args: Sequence[str] = (),
+    settings: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Runs ``accelerate launch`` with ``config`` (``torchrun`` when None); returns each rank's results.
+
+    ``script``: what the launcher runs, ``accelerate_train.py`` by default (other scripts write
+    ``OUT/rank<r>.pt`` alike), e.g. ``["-m", "fsdp_ac.run", "trainer_train.py"]``; ``script_args``
+    follow ``OUT``. ``settings``: more environment variables (``FSDP_AC_*``) for the ranks. Under
+    ``torchrun`` no ``ACCELERATE_*`` variable or config file is set: the script's ``Accelerator``
+    (``Trainer``'s) runs as a plain ``torchrun`` job makes it, DDP.
+    """
     nproc = suite_nproc()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     env.pop("WORLD_SIZE", None)
     env.update(
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(REPO), str(HERE.parent), env.get("PYTHONPATH", "")]),
-        FSDP_AC_CONFIG_FILE=str(CONFIGS / config),
         FSDP_AC_TIMEOUT_S=os.environ.get("FSDP_AC_TIMEOUT_S", "60"),
+        **(settings or {}),
     )
-    if not on_gpus():
-        env["ACCELERATE_USE_CPU"] = "true"  # else each process would run alone (docs/accelerate.md)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CONFIGS / config),
-        "--num_processes",
-        str(nproc),
-        "--main_process_port",
-        str(free_port()),
-        str(HERE / "accelerate_train.py"),
-        str(out),
-    ]
+    if config is None:
+        launcher = "torchrun"
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+        ]
+    else:
+        launcher = f"accelerate launch with {config}"
+        env["FSDP_AC_CONFIG_FILE"] = str(CONFIGS / config)
+        if not on_gpus():
+            env["ACCELERATE_USE_CPU"] = "true"  # else each process would run alone (docs/accelerate.md)
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / config),
+            "--num_processes",
+            str(nproc),
+            "--main_process_port",
+            str(free_port()),
+        ]
+    command += [*(script or [str(HERE / "accelerate_train.py")]), str(out), *script_args]
     log_path = out / "launch.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -106,7 +135,7 @@ def launch(config: str, out: Path) -> list[dict[str, Any]]:
             else f"failed (exit code {process.returncode})"
         )
         tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
-        pytest.fail(f"accelerate launch with {config} {how}; its last output:\n{tail}", pytrace=False)
+        pytest.fail(f"{launcher} {how}; its last output:\n{tail}", pytrace=False)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
