@@ -29,7 +29,8 @@ LAYERS: dict[str, int] = {
     "strategies": 6,
     "plan": 7,
     "accelerate": 8,
-    "__init__": 9,
+    "run": 9,
+    "__init__": 10,
 }
 
 

@@ -26,6 +26,7 @@ import torch
 from accelerate_train import build
 from launcher import RankContext, run_on_ranks
 from models import ForwardOpsInBackward
+from suite_settings import collective_timeout
 from test_accelerate_launch import on_gpus, tolerance
 
 import fsdp_ac
@@ -83,12 +84,12 @@ def lightning_on_rank(ctx: RankContext, case: Case) -> dict[str, Any]:
             return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
     if case.strategy == "ddp":
-        strategy: Any = DDPStrategy(timeout=fsdp_ac.environment.collective_timeout())
+        strategy: Any = DDPStrategy(timeout=collective_timeout())
     else:
         strategy = FSDPStrategy(
             auto_wrap_policy=fsdp_ac.ModulePolicy(BLOCK),  # fsdp_ac's policy where Lightning takes one
             use_orig_params=True,
-            timeout=fsdp_ac.environment.collective_timeout(),
+            timeout=collective_timeout(),
         )
     L.seed_everything(0, verbose=False)
     tokens = torch.randint(0, 64, (4 * ctx.world_size, 12), generator=torch.Generator().manual_seed(3))

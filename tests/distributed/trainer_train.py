@@ -33,9 +33,10 @@ import torch
 import transformers
 from accelerate_train import build, clean, full_state, use_fsdp_on_cpu
 from models import ForwardOpsInBackward
+from suite_settings import collective_timeout
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-from fsdp_ac.environment import accelerate_fsdp_requested, collective_timeout
+from fsdp_ac.accelerate import accelerate_fsdp_requested
 
 STEPS = 4
 SAVE_STEPS = 2
