@@ -3,7 +3,8 @@ PYTHON ?= python
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-unit test-distributed bench gpu-check lint docs-testing docs-testing-results mutants
+.PHONY: install demo test test-unit test-distributed test-torch test-torch-range bench gpu-check lint docs-testing \
+	docs-testing-results mutants
 
 # Uses the torch already installed; installs the CPU wheel torch==2.13.0 only when there is none,
 # so that the range in setup.cfg never pulls a multi-GB CUDA build.
@@ -24,6 +25,25 @@ test-unit: install
 
 test-distributed: install
 	FSDP_AC_NPROC=$(NPROC) $(PYTHON) -m pytest tests/distributed
+
+# The torch releases the unit tests also run on, besides the one `install` uses (2.13.0): the range in
+# setup.cfg is the range these cover (docs/testing.md, "The torch range"). Each is a CUDA build of
+# several GB that pip takes from this machine's disk (2.14.1) or downloads.
+TORCH_RANGE ?= 2.14.1
+
+# The unit tests on torch==$(TORCH), in a venv of its own under build/ that is reused while it holds
+# that release: `make test-torch TORCH=2.14.1`.
+TORCH_VENV = build/torch-$(TORCH)
+test-torch:
+	@test -n "$(TORCH)" || { echo "make test-torch needs a release, e.g. TORCH=2.14.1"; exit 2; }
+	$(TORCH_VENV)/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(TORCH)')" \
+	2>/dev/null || { rm -rf $(TORCH_VENV) && $(PYTHON) -m venv $(TORCH_VENV) \
+	&& $(TORCH_VENV)/bin/python -m pip install -q torch==$(TORCH) \
+	&& $(TORCH_VENV)/bin/python -m pip install -q -e ".[test]"; }
+	$(TORCH_VENV)/bin/python -m pytest -n 2 tests --ignore=tests/distributed
+
+test-torch-range:
+	for version in $(TORCH_RANGE); do $(MAKE) test-torch TORCH=$$version || exit 1; done
 
 bench: install
 	$(PYTHON) scripts/benchmark.py

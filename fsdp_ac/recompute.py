@@ -308,7 +308,7 @@ class _SavedTensorAudit:
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if outer is None:  # not under torch's non-reentrant checkpoint: nothing to audit
             return contextlib.nullcontext()
-        outer_pack, outer_unpack = outer
+        outer_pack = outer[0]
         metadata, values, check_values = self.metadata, self.values, self.check_values
 
         def pack(tensor: torch.Tensor) -> Any:
@@ -317,7 +317,7 @@ class _SavedTensorAudit:
                 values.append(tensor.detach().clone())
             return outer_pack(tensor)
 
-        return torch.autograd.graph.saved_tensors_hooks(pack, outer_unpack)
+        return _TransparentHooks(pack, outer)
 
     def comparing(self) -> contextlib.AbstractContextManager[Any]:
         """Hooks that compare each tensor the replay saves with the forward's; see :meth:`check_count`."""
@@ -326,7 +326,7 @@ class _SavedTensorAudit:
         if outer is None or not self.metadata:
             self.position = len(self.metadata)
             return contextlib.nullcontext()
-        outer_pack, outer_unpack = outer
+        outer_pack = outer[0]
 
         def pack(tensor: torch.Tensor) -> Any:
             index = self.position
@@ -353,7 +353,7 @@ class _SavedTensorAudit:
                 )
             return outer_pack(tensor)
 
-        return torch.autograd.graph.saved_tensors_hooks(pack, outer_unpack)
+        return _TransparentHooks(pack, outer)
 
     def check_count(self) -> None:
         """Raises if a replay that ran to its end saved fewer tensors than the forward.
@@ -366,6 +366,33 @@ class _SavedTensorAudit:
                 f"Checkpointed region '{self.region_name}' saved fewer tensors when recomputed in "
                 f"backward ({self.position}) than in forward ({len(self.metadata)}). {_LIKELY_CAUSES}"
             )
+
+
+class _TransparentHooks(torch.autograd.graph.saved_tensors_hooks):
+    """The audit's hooks, which selective checkpointing looks through to the hooks they delegate to.
+
+    From torch 2.14, selective checkpointing asks for the saved-tensor hooks in scope (the user's,
+    e.g. offloading) when it saves an op's output outside the autograd graph; it skips checkpoint's
+    own hooks, marked ``_checkpoint_internal`` and pointing at the hooks below them (``_user_hooks``,
+    present only while pushed). Unmarked, the audit counts as a user's hooks: every selective region
+    warns (FutureWarning), and with ``respect_saved_tensors_hooks=True`` (torch's announced future
+    default) its saves go through checkpoint's own pack and backward fails. Checked on torch 2.14.1;
+    torch 2.13 reads neither attribute.
+    """
+
+    def __init__(self, pack: Callable[[torch.Tensor], Any], outer: tuple[Callable[..., Any], ...]) -> None:
+        super().__init__(pack, outer[1])
+        self._outer = outer
+
+    def __enter__(self) -> None:
+        self.pack_hook._checkpoint_internal = True  # type: ignore[attr-defined]
+        self.pack_hook._user_hooks = self._outer  # type: ignore[attr-defined]
+        super().__enter__()
+
+    def __exit__(self, *args: object) -> None:
+        # The autograd graph keeps the pack hook: a lasting reference would keep the hooks below alive.
+        del self.pack_hook._user_hooks  # type: ignore[attr-defined]
+        super().__exit__(*args)
 
 
 def _describe(meta: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import warnings
 from collections import namedtuple
 
@@ -19,7 +20,13 @@ from models import ConvNet, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 
-from fsdp_ac import CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper, offload_wrapper
+from fsdp_ac import (
+    CheckpointImpl,
+    SelectiveCheckpoint,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+    offload_wrapper,
+)
 from fsdp_ac.recompute import (
     RandomOpWithoutRngStateError,
     RecomputationMismatchError,
@@ -390,3 +397,62 @@ def test_hugging_face_cache_in_training_is_refused() -> None:
 def test_a_wrapper_is_truthy() -> None:
     assert checkpoint_wrapper(nn.Linear(2, 2))
     assert checkpoint_wrapper(nn.Sequential())
+
+
+SAC_ROUTES_SAVES_THROUGH_HOOKS = (
+    "respect_saved_tensors_hooks" in inspect.signature(torch.utils.checkpoint.checkpoint).parameters
+)
+"""torch 2.14 and later: selective checkpointing can hand the outputs it saves to the user's hooks."""
+
+
+def _selective_step_under_hooks(**checkpoint_kwargs: object) -> tuple[nn.Module, int, int]:
+    """One step of a selective ("matmul") block inside the user's saved-tensor hooks.
+
+    Returns:
+        The block, how many tensors the user's hooks packed, and how many ``addmm``/``relu`` the
+        backward recomputed (1: the relu only, the selection saved the matmuls).
+    """
+    torch.manual_seed(0)
+    block = SelectiveCheckpoint("matmul", **checkpoint_kwargs)(
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    )
+    packed: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        packed.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = block(torch.randn(4, 8, requires_grad=True)).sum()
+    rerun = recomputed_in_backward(loss, torch.ops.aten.addmm.default, torch.ops.aten.relu.default)
+    return block, len(packed), rerun
+
+
+def test_the_replay_audit_is_not_taken_for_the_users_saved_tensor_hooks() -> None:
+    """torch 2.14 warns that selective checkpointing bypasses the user's hooks whenever any are pushed
+    inside its region; the audit's are fsdp_ac's own and must not make every selective block warn."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    block = SelectiveCheckpoint("matmul")(copy.deepcopy(reference))
+    x = torch.randn(4, 8)
+    reference(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        loss = block(x).sum()
+        rerun = recomputed_in_backward(loss, torch.ops.aten.addmm.default, torch.ops.aten.relu.default)
+    assert rerun == 1  # relu recomputed, the matmuls saved: the selection applied
+    assert_same_grads(reference, block)
+
+
+@pytest.mark.skipif(not SAC_ROUTES_SAVES_THROUGH_HOOKS, reason="torch < 2.14: no respect_saved_tensors_hooks")
+def test_selective_saves_reach_the_users_hooks_through_the_replay_audit() -> None:
+    """With ``respect_saved_tensors_hooks=True`` (torch's announced default) the outputs the selection
+    saves go to the user's hooks (e.g. offloading) as without the audit, and backward still works."""
+    unaudited, packed_unaudited, _ = _selective_step_under_hooks(
+        respect_saved_tensors_hooks=True, determinism_check="none"
+    )
+    audited, packed, rerun = _selective_step_under_hooks(respect_saved_tensors_hooks=True)
+    _, packed_bypassing, _ = _selective_step_under_hooks(respect_saved_tensors_hooks=False)
+    assert rerun == 1
+    assert packed == packed_unaudited > packed_bypassing
+    assert_same_grads(unaudited, audited)
