@@ -35,7 +35,6 @@ What this fixes in Accelerate 1.15 (``docs/accelerate.md`` has the details and t
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import logging
@@ -48,6 +47,18 @@ from typing import Any, cast
 
 from torch import nn
 
+from fsdp_ac._compat import (
+    CHECKED_ACCELERATE,
+    ROUTED_ACCELERATOR_METHODS,
+    accelerate_differences,
+    accelerator_fsdp_plugin,
+    compiled_original,
+    hf_no_split_modules,
+    plugin_checkpointing,
+    plugin_fsdp_version,
+    plugin_wrap_policy,
+    set_plugin_checkpointing,
+)
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES
 from fsdp_ac.plan import ActivationPlan
 from fsdp_ac.policies import ModulePolicy
@@ -203,7 +214,7 @@ def _fsdp_plugin(accelerator: Any) -> tuple[Any, bool]:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     if accelerator.distributed_type == DistributedType.FSDP:
-        return accelerator.state.fsdp_plugin, True
+        return accelerator_fsdp_plugin(accelerator), True
     if accelerate_fsdp_requested():
         return FullyShardedDataParallelPlugin(), False
     return None, False
@@ -293,8 +304,7 @@ def _merge_settings(
     """Accelerate's flags, overridden by fsdp_ac's settings; checks that they fit together."""
     value = {name: found[0] for name, found in own.items()}
     source = {name: found[1] for name, found in own.items()}
-    accelerate_ac = bool(plugin is not None and plugin.activation_checkpointing)
-    accelerate_offload = bool(plugin is not None and plugin.activation_checkpointing_offload)
+    accelerate_ac, accelerate_offload = plugin_checkpointing(plugin) if plugin is not None else (False, False)
     if "plan" in value and ("policy" in value or "strategy" in value or value.get("offload")):
         other = source.get("policy") or source.get("strategy") or source["offload"]
         raise ValueError(
@@ -337,7 +347,7 @@ def _merge_settings(
         offload=offload,
         offload_min_bytes=offload_min_bytes,
         pin_memory=pin_memory,
-        fsdp_version=int(plugin.fsdp_version) if plugin is not None else None,
+        fsdp_version=plugin_fsdp_version(plugin) if plugin is not None else None,
         fsdp_active=active,
     )
 
@@ -485,7 +495,7 @@ def _blocks(model: nn.Module, settings: ActivationCheckpointingSettings, plugin:
     if settings.blocks is not None:
         return ModulePolicy(set(settings.blocks))
     if plugin is None:
-        names = getattr(model, "_no_split_modules", None)
+        names = hf_no_split_modules(model)
         if names:
             return ModulePolicy(set(names))
         raise ValueError(
@@ -493,11 +503,8 @@ def _blocks(model: nn.Module, settings: ActivationCheckpointingSettings, plugin:
             "_no_split_modules and Accelerate has no FSDP transformer policy. Set FSDP_AC_BLOCKS (or "
             "fsdp_ac_blocks in the config file) to the block class name, e.g. LlamaDecoderLayer."
         )
-    # Accelerate's own resolution (transformer_cls_names_to_wrap, else _no_split_modules), on a copy:
-    # reading the plan leaves the plugin as it is.
-    resolved = copy.copy(plugin)
-    resolved.set_auto_wrap_policy(model)
-    policy = resolved.auto_wrap_policy
+    # Accelerate's own resolution (transformer_cls_names_to_wrap, else _no_split_modules).
+    policy = plugin_wrap_policy(plugin, model)
     if policy is None:
         raise ValueError(
             "fsdp_activation_checkpointing is on with fsdp_auto_wrap_policy NO_WRAP (or SIZE_BASED_WRAP "
@@ -561,12 +568,12 @@ def _accelerate_checkpointing_off(plugin: Any) -> Iterator[None]:
     if plugin is None:
         yield
         return
-    saved = plugin.activation_checkpointing, plugin.activation_checkpointing_offload
-    plugin.activation_checkpointing = plugin.activation_checkpointing_offload = False
+    saved = plugin_checkpointing(plugin)
+    set_plugin_checkpointing(plugin, False, False)
     try:
         yield
     finally:
-        plugin.activation_checkpointing, plugin.activation_checkpointing_offload = saved
+        set_plugin_checkpointing(plugin, *saved)
 
 
 def _apply(plan: ActivationPlan, prepared: nn.Module, main: bool) -> None:
@@ -587,7 +594,7 @@ def _inside_wrappers(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (DistributedDataParallel, DataParallel)):
             model = model.module
-        elif isinstance(compiled := getattr(model, "_orig_mod", None), nn.Module):
+        elif (compiled := compiled_original(model)) is not None:
             model = compiled
         else:
             return model
@@ -598,12 +605,8 @@ def _inside_wrappers(model: nn.Module) -> nn.Module:
 
 __all__ += ["disable", "enable"]
 
-_ROUTED_METHODS = ("prepare", "prepare_model")
-"""The ``Accelerator`` methods :func:`enable` routes. Every path to Accelerate's own checkpointing
-starts at one of them: FSDP1's ``apply_activation_checkpointing`` in ``prepare_model``, FSDP2's
-``fsdp2_apply_ac`` in ``_prepare_fsdp2``, which only ``prepare`` calls."""
-_CHECKED_ACCELERATE = "1.15.0"
-"""The Accelerate release whose internals :func:`enable` was checked against."""
+_ROUTED_METHODS = tuple(ROUTED_ACCELERATOR_METHODS)
+"""The ``Accelerator`` methods :func:`enable` routes, as ``fsdp_ac._compat`` lists them."""
 
 
 def enable() -> None:
@@ -725,32 +728,13 @@ def _inside_prepare() -> bool:
 
 def _check_accelerate_internals() -> None:
     """Refuses an Accelerate whose checkpointing entry points are not where :func:`enable` routes them."""
-    import inspect
-
     import accelerate
-    import accelerate.accelerator
-    from accelerate.utils import FullyShardedDataParallelPlugin
 
-    differences = []
-    fields = {field.name for field in dataclasses.fields(FullyShardedDataParallelPlugin)}
-    for field in ("activation_checkpointing", "activation_checkpointing_offload", "fsdp_version"):
-        if field not in fields:
-            differences.append(f"FullyShardedDataParallelPlugin has no field {field}")
-    if not hasattr(accelerate.accelerator, "fsdp2_apply_ac"):
-        differences.append("its FSDP2 checkpointing is not fsdp2_apply_ac")
-    expected = {
-        "prepare": ["self", "args", "device_placement"],
-        "prepare_model": ["self", "model", "device_placement", "evaluation_mode"],
-    }
-    for name, parameters in expected.items():
-        method = inspect.unwrap(getattr(accelerate.Accelerator, name))
-        found = list(inspect.signature(method).parameters)
-        if found != parameters:
-            differences.append(f"Accelerator.{name} takes ({', '.join(found)})")
+    differences = accelerate_differences()
     if differences:
         raise RuntimeError(
             f"fsdp_ac.accelerate.enable() cannot route Accelerate {accelerate.__version__}: "
-            f"{'; '.join(differences)} (checked against Accelerate {_CHECKED_ACCELERATE}). Install "
-            f"accelerate=={_CHECKED_ACCELERATE}, or call fsdp_ac.accelerate.prepare(accelerator, ...) in "
+            f"{'; '.join(differences)} (checked against Accelerate {CHECKED_ACCELERATE}). Install "
+            f"accelerate=={CHECKED_ACCELERATE}, or call fsdp_ac.accelerate.prepare(accelerator, ...) in "
             "place of accelerator.prepare."
         )

@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from fsdp_ac._compat import uses_flat_parameters
 from fsdp_ac.names import Site, activation_wrappers, children_first, unwrap, walk
 from fsdp_ac.policies import ModulePolicy, PolicySpec, check_alignment
 from fsdp_ac.wrappers import (
@@ -178,7 +179,7 @@ def _refuse_nested_wrappers_in_flat_unit(parent: nn.Module, wrapper: nn.Module, 
     """FSDP1 without ``use_orig_params`` unwraps only one wrapper level of the module it holds."""
     if (
         isinstance(parent, FullyShardedDataParallel)
-        and not parent._use_orig_params
+        and uses_flat_parameters(parent)
         and len(activation_wrappers(wrapper)) > 1
     ):
         raise ValueError(

@@ -20,8 +20,9 @@ torch's own walk; every other name, those through torch's own wrappers included,
 unchanged. fsdp_ac installs the adaptation (:func:`adapt_dcp_names`) when one of its wrappers first
 takes an FSDP1 unit, never at import, and keeps it for the rest of the process.
 
-Checked on torch 2.13. On a torch whose ``_get_fqns`` is missing or has another signature the
-adaptation is not installed and the nesting is refused instead, naming the nestings that need none.
+Checked on torch 2.13.0 and 2.14.1 (:data:`CHECKED_TORCH`). On a torch whose ``_get_fqns`` is missing
+or has another signature the adaptation is not installed and the nesting is refused instead, naming
+the nestings that need none.
 """
 
 from __future__ import annotations
@@ -32,18 +33,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint import state_dict as _dcp_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from fsdp_ac._compat import CHECKED_TORCH, DCP_FQN_WALK_PARAMETERS, dcp_fqn_walk, replace_dcp_fqn_walk
 from fsdp_ac.names import WRAPPED_MODULE_ATTR, unwrap
 
 __all__ = ["CHECKED_TORCH", "adapt_dcp_names"]
-
-CHECKED_TORCH = "2.13"
-"""The torch release whose ``_get_fqns`` this module was written against and tested with."""
-
-_CHECKED_PARAMETERS = ("model", "name", "dsd_fqn_modifiers", "skip_ddp_prefix", "skip_compiler_prefix")
-"""``_get_fqns``'s parameters in torch 2.13; another signature means another walk, left alone."""
 
 _Walk = Callable[..., set[str]]
 
@@ -90,22 +85,23 @@ def adapt_dcp_names(region_name: str, wrapper_type: type[nn.Module]) -> None:
         wrapper_type: fsdp_ac's activation wrapper class (torch's own wrappers keep torch's walk).
 
     Raises:
-        ValueError: This torch's ``_get_fqns`` is missing or differs from torch 2.13's, so the
+        ValueError: This torch's ``_get_fqns`` is missing or differs from the checked torch's, so the
             adaptation cannot be checked to hold; the message names the nestings that need none.
     """
-    current = getattr(_dcp_state_dict, "_get_fqns", None)
+    current = dcp_fqn_walk()
     if isinstance(current, _WalkThroughWrappedUnits):
         return
-    if current is None or tuple(inspect.signature(current).parameters) != _CHECKED_PARAMETERS:
+    checked = " and ".join(CHECKED_TORCH)
+    if current is None or tuple(inspect.signature(current).parameters) != DCP_FQN_WALK_PARAMETERS:
         raise ValueError(
             f"FSDP1's unit is being placed inside the activation wrapper around '{region_name}' "
             "(CheckpointWrapper(FSDP(block))). torch's DCP cannot restore that nesting's optimizer state "
-            f"by itself, and fsdp_ac's adaptation of its name walk was checked on torch {CHECKED_TORCH}, "
+            f"by itself, and fsdp_ac's adaptation of its name walk was checked on torch {checked}, "
             f"while torch {torch.__version__} has another torch.distributed.checkpoint.state_dict."
             "_get_fqns. Pass auto_wrap_policy=fsdp_ac.ModulePolicy(<your block classes>) to FSDP, which "
             "makes FSDP(CheckpointWrapper(block)), or apply activation checkpointing after FSDP."
         )
-    _dcp_state_dict._get_fqns = _WalkThroughWrappedUnits(current, wrapper_type)
+    replace_dcp_fqn_walk(_WalkThroughWrappedUnits(current, wrapper_type))
 
 
 def _split_at_wrapped_unit(

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from fsdp_ac._compat import StorageWeakRef, TorchDispatchMode, storage_from_weak_ref, tree_leaves
 
 __all__ = ["ActivationMemoryMeter"]
 
@@ -76,7 +75,7 @@ class ActivationMemoryMeter(TorchDispatchMode):
         for cdata, ref in self._created.items():
             if ref.expired() or cdata in excluded:
                 continue
-            storage = torch.UntypedStorage._new_with_weak_ptr(cdata)
+            storage = storage_from_weak_ref(ref)
             if storage is not None:
                 total += storage.nbytes()
         self._created.clear()

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    ActivationWrapper as TorchActivationWrapper,
-)
 from torch.distributed.fsdp import FullyShardedDataParallel
+
+from fsdp_ac._compat import FSDP1_WRAPPED_ATTR, WRAPPED_MODULE_ATTR, TorchActivationWrapper
 
 __all__ = [
     "FSDP1_WRAPPED_ATTR",
@@ -38,11 +37,6 @@ __all__ = [
     "walk",
     "wrapper_chain",
 ]
-
-WRAPPED_MODULE_ATTR = "_checkpoint_wrapped_module"
-"""Attribute under which a wrapper keeps its module; torch's FSDP and DCP key off this name."""
-FSDP1_WRAPPED_ATTR = "_fsdp_wrapped_module"
-"""Attribute under which an FSDP1 unit keeps its module."""
 
 _WRAPPED_SEGMENT = WRAPPED_MODULE_ATTR + "."
 _PENDING_REPORT_ATTR = "_fsdp_ac_pending_load_report"

@@ -33,7 +33,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from fsdp_ac._compat import is_traceable_wrapper_subclass
 
 __all__ = [
     "DEFAULT_MIN_OFFLOAD_BYTES",

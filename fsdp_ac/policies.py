@@ -17,25 +17,28 @@ or that an FSDP unit splits.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointWrapper as TorchCheckpointWrapper,
-)
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-from torch.distributed.fsdp.wrap import CustomPolicy, _Policy
 
+from fsdp_ac._compat import (
+    FsdpPolicy,
+    FsdpTargetsPolicy,
+    TorchCheckpointWrapper,
+    custom_policy_fields,
+    flat_parameter_modules,
+    run_fsdp_policy,
+)
 from fsdp_ac.names import Site, children_first, walk
 
 __all__ = ["ModulePolicy", "PolicySpec", "check_alignment", "fully_shard_by_policy"]
 
 PolicySpec: TypeAlias = (
-    type[nn.Module] | str | Iterable[type[nn.Module] | str] | Callable[..., bool] | _Policy
+    type[nn.Module] | str | Iterable[type[nn.Module] | str] | Callable[..., bool] | FsdpPolicy
 )
 """What :class:`ModulePolicy` accepts: a module class, a class name, a collection of either, a
 predicate ``(module) -> bool``, an FSDP policy object, or an FSDP callable ``(module, recurse,
@@ -74,7 +77,7 @@ def _run_fsdp_callable(fn: Callable[..., bool], root: nn.Module) -> set[nn.Modul
     return chosen
 
 
-class ModulePolicy(CustomPolicy):
+class ModulePolicy(FsdpTargetsPolicy):
     """Selects the blocks of a model for FSDP units and activation checkpointing, the same way for both.
 
     It is an FSDP policy object (a ``CustomPolicy``), so FSDP1 and torch's own
@@ -112,18 +115,18 @@ class ModulePolicy(CustomPolicy):
         self._classes: tuple[type[nn.Module], ...] = ()
         self._class_names: frozenset[str] = frozenset()
         self._predicate: Callable[[nn.Module], bool] | None = None
-        self._fsdp_policy: _Policy | None = None
+        self._fsdp_policy: FsdpPolicy | None = None
         self._fsdp_callable: Callable[..., bool] | None = None
         self._subsets: tuple[tuple[str, int], ...] = ()
         self._spec_repr = ""
         if isinstance(spec, ModulePolicy):
-            self.__dict__.update({k: v for k, v in spec.__dict__.items() if k != "_lambda_fn"})
+            self.__dict__.update(custom_policy_fields(spec))
             return
         if isinstance(spec, str):
             spec = {spec}
         if isinstance(spec, type):
             spec = {spec}
-        if isinstance(spec, _Policy):
+        if isinstance(spec, FsdpPolicy):
             self._fsdp_policy = spec
             self._spec_repr = type(spec).__name__
         elif callable(spec):
@@ -229,9 +232,7 @@ class ModulePolicy(CustomPolicy):
         """
         chosen: frozenset[nn.Module] = frozenset()
         if self._fsdp_policy is not None:
-            chosen = frozenset(
-                self._fsdp_policy._run_policy(model, ignored_modules=set(ignored), root_kwargs={})
-            )
+            chosen = frozenset(run_fsdp_policy(self._fsdp_policy, model, ignored))
         elif self._fsdp_callable is not None:
             chosen = frozenset(_run_fsdp_callable(self._fsdp_callable, model))
         all_sites = walk(model)[1:]
@@ -280,19 +281,13 @@ class ModulePolicy(CustomPolicy):
             f"The model's module classes are: {', '.join(classes)}. Name the block class among them{hint}."
         )
 
-    def _run_policy(
-        self,
-        root_module: nn.Module,
-        ignored_modules: set[nn.Module],
-        root_kwargs: dict[str, Any],
-    ) -> dict[nn.Module, dict[str, Any]]:
-        """FSDP's policy interface: the outermost activation wrapper of each match, or the match.
+    def fsdp_targets(self, root: nn.Module, ignored: frozenset[nn.Module]) -> list[nn.Module]:
+        """What FSDP1 makes units of: the outermost activation wrapper of each match, or the match.
 
         Raises:
-            ValueError: The policy matches no submodule of ``root_module``.
+            ValueError: The policy matches no submodule of ``root``.
         """
-        sites = self.sites(root_module, frozenset(ignored_modules))
-        return {site.top: copy.copy(root_kwargs) for site in sites}
+        return [site.top for site in self.sites(root, ignored)]
 
 
 def fully_shard_by_policy(
@@ -399,9 +394,10 @@ def check_alignment(model: nn.Module, *, strict: bool = False, stacklevel: int =
     managed_by: dict[nn.Module, nn.Module | None] = {}
     for _, module, _ in entries:
         for param in module._parameters.values():
-            for info in (*getattr(param, "_param_infos", ()), *getattr(param, "_shared_param_infos", ())):
-                managed_by[info.module] = owner(module)
-            if param is not None and not hasattr(param, "_param_infos"):
+            held = flat_parameter_modules(param)
+            for holder in held or ():
+                managed_by[holder] = owner(module)
+            if param is not None and held is None:
                 managed_by.setdefault(module, owner(module))
 
     problems: list[str] = []

@@ -36,10 +36,15 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.distributed._composable_state import _State
-from torch.nn.modules.batchnorm import _NormBase
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from fsdp_ac._compat import (
+    ComposableState,
+    NormBase,
+    TorchDispatchMode,
+    TransparentSavedTensorsHooks,
+    saved_tensors_hooks_in_scope,
+    tree_leaves,
+)
 
 __all__ = [
     "RandomOpWithoutRngStateError",
@@ -128,7 +133,7 @@ def _is_framework_hook(hook: Callable[..., Any]) -> bool:
     """
     fn: Any = hook
     for _ in range(8):
-        if isinstance(getattr(fn, "__self__", None), _State):
+        if isinstance(getattr(fn, "__self__", None), ComposableState):
             return True
         if (getattr(fn, "__module__", None) or "").startswith("torch.distributed"):
             return True
@@ -264,7 +269,7 @@ _NO_CONTEXT = contextlib.nullcontext()
 
 def _running_statistics(module: nn.Module) -> list[torch.Tensor]:
     """Buffers a norm layer updates in training, which CPU kernels do without bumping their version."""
-    if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+    if isinstance(module, NormBase) and module.training and module.track_running_stats:
         return [b for b in (module.running_mean, module.running_var) if b is not None]
     return []
 
@@ -305,7 +310,7 @@ class _SavedTensorAudit:
 
     def recording(self) -> contextlib.AbstractContextManager[Any]:
         """Hooks that record the metadata (and values, if checked) of each tensor the forward saves."""
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        outer = saved_tensors_hooks_in_scope()
         if outer is None:  # not under torch's non-reentrant checkpoint: nothing to audit
             return contextlib.nullcontext()
         outer_pack = outer[0]
@@ -317,12 +322,12 @@ class _SavedTensorAudit:
                 values.append(tensor.detach().clone())
             return outer_pack(tensor)
 
-        return _TransparentHooks(pack, outer)
+        return TransparentSavedTensorsHooks(pack, outer)
 
     def comparing(self) -> contextlib.AbstractContextManager[Any]:
         """Hooks that compare each tensor the replay saves with the forward's; see :meth:`check_count`."""
         self.position = 0
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        outer = saved_tensors_hooks_in_scope()
         if outer is None or not self.metadata:
             self.position = len(self.metadata)
             return contextlib.nullcontext()
@@ -353,7 +358,7 @@ class _SavedTensorAudit:
                 )
             return outer_pack(tensor)
 
-        return _TransparentHooks(pack, outer)
+        return TransparentSavedTensorsHooks(pack, outer)
 
     def check_count(self) -> None:
         """Raises if a replay that ran to its end saved fewer tensors than the forward.
@@ -366,33 +371,6 @@ class _SavedTensorAudit:
                 f"Checkpointed region '{self.region_name}' saved fewer tensors when recomputed in "
                 f"backward ({self.position}) than in forward ({len(self.metadata)}). {_LIKELY_CAUSES}"
             )
-
-
-class _TransparentHooks(torch.autograd.graph.saved_tensors_hooks):
-    """The audit's hooks, which selective checkpointing looks through to the hooks they delegate to.
-
-    From torch 2.14, selective checkpointing asks for the saved-tensor hooks in scope (the user's,
-    e.g. offloading) when it saves an op's output outside the autograd graph; it skips checkpoint's
-    own hooks, marked ``_checkpoint_internal`` and pointing at the hooks below them (``_user_hooks``,
-    present only while pushed). Unmarked, the audit counts as a user's hooks: every selective region
-    warns (FutureWarning), and with ``respect_saved_tensors_hooks=True`` (torch's announced future
-    default) its saves go through checkpoint's own pack and backward fails. Checked on torch 2.14.1;
-    torch 2.13 reads neither attribute.
-    """
-
-    def __init__(self, pack: Callable[[torch.Tensor], Any], outer: tuple[Callable[..., Any], ...]) -> None:
-        super().__init__(pack, outer[1])
-        self._outer = outer
-
-    def __enter__(self) -> None:
-        self.pack_hook._checkpoint_internal = True  # type: ignore[attr-defined]
-        self.pack_hook._user_hooks = self._outer  # type: ignore[attr-defined]
-        super().__enter__()
-
-    def __exit__(self, *args: object) -> None:
-        # The autograd graph keeps the pack hook: a lasting reference would keep the hooks below alive.
-        del self.pack_hook._user_hooks  # type: ignore[attr-defined]
-        super().__exit__(*args)
 
 
 def _describe(meta: tuple[Any, ...]) -> tuple[Any, ...]:

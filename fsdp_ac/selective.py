@@ -50,12 +50,15 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch._ops import OpOverload
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from fsdp_ac._compat import (
+    OpOverload,
+    StorageWeakRef,
+    TorchDispatchMode,
+    is_traceable_wrapper_subclass,
+    tree_leaves,
+)
 from fsdp_ac.names import unwrap
 from fsdp_ac.wrappers import CheckpointImpl, checkpoint_wrapper
 

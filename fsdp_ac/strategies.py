@@ -32,8 +32,8 @@ from typing import Any, TypeAlias
 
 import torch
 from torch import nn
-from torch._ops import OpOverload
 
+from fsdp_ac._compat import OpOverload
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, OffloadEngine, OffloadOptions
 from fsdp_ac.selective import SelectiveCheckpoint
 from fsdp_ac.wrappers import CheckpointImpl, checkpoint_wrapper, offload_wrapper

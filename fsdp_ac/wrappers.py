@@ -23,6 +23,7 @@ What differs:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import dataclasses
@@ -33,11 +34,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as _torch_wrappers
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from fsdp_ac.names import (
+from fsdp_ac._compat import (
     WRAPPED_MODULE_ATTR,
+    CheckpointImpl,
+    TorchActivationWrapper,
+    TorchCheckpointWrapper,
+    TorchOffloadWrapper,
+    active_ddp_module,
+    checkpoint_function,
+)
+from fsdp_ac.names import (
     activation_wrappers,
     clean_load_report,
     restore_prefix_on_load,
@@ -59,8 +67,6 @@ __all__ = [
     "require_module",
 ]
 
-CheckpointImpl = _torch_wrappers.CheckpointImpl
-"""torch's own enum (``REENTRANT``, ``NO_REENTRANT``), so members from either import are the same."""
 
 _REGION_NAME: ContextVar[str | None] = ContextVar("fsdp_ac_region_name", default=None)
 """The qualified name the application path is wrapping; a wrapper built meanwhile takes it."""
@@ -80,11 +86,29 @@ def naming_regions(name: str) -> Iterator[None]:
         _REGION_NAME.reset(token)
 
 
-class ActivationWrapper(_torch_wrappers.ActivationWrapper):
+_CONSTRUCTING = "_fsdp_ac_constructing"
+"""Present in a wrapper's ``__dict__`` until its whole ``__init__`` chain has returned."""
+
+
+class _Constructed(abc.ABCMeta):
+    """The wrappers' metaclass: marks a wrapper constructed once its outermost ``__init__`` returns.
+
+    A subclass's ``__init__`` runs on after the base class's, so only the call that constructs the
+    instance knows when construction ends. ``abc.ABCMeta`` because torch's wrappers are ABCs.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        wrapper = super().__call__(*args, **kwargs)
+        wrapper.__dict__.pop(_CONSTRUCTING, None)
+        return wrapper
+
+
+class ActivationWrapper(TorchActivationWrapper, metaclass=_Constructed):
     """Base class of the checkpoint and offload wrappers; not meant to be instantiated directly.
 
-    The wrapped module lives at ``self._checkpoint_wrapped_module``. Attribute reads and writes,
-    ``len()``, iteration and indexing reach it. In ``named_modules()`` the wrapper and the wrapped
+    The wrapped module lives at ``self._checkpoint_wrapped_module``. Attribute reads, ``len()``,
+    iteration and indexing reach it, and so do writes of public attributes the wrapper does not own
+    (see :meth:`__setattr__`). In ``named_modules()`` the wrapper and the wrapped
     module share one name, so every name derived from module traversal is the unwrapped model's.
 
     Args:
@@ -102,24 +126,11 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
     """The wrapped module's name in messages: its qualified name when wrapped by
     the application path (:mod:`fsdp_ac.apply`), else its class name."""
 
-    _WRAPPER_ATTRIBUTES = frozenset(
-        {
-            "region_name",
-            "checkpoint_impl",
-            "checkpoint_fn",
-            "allow_rng_divergence",
-            "check_recomputed_values",
-            "pin_memory",
-            "min_offload_bytes",
-            "copy_cpu_tensors",
-        }
-    )
-    """Public attributes that belong to the wrapper itself; every other public one is forwarded."""
-
     def __init__(self, mod: nn.Module, *, region_name: str | None = None) -> None:
         require_module(mod, type(self).__name__)
         # torch's base __init__ registers hooks that double the prefix on legacy keys; ours replace them.
         nn.Module.__init__(self)
+        self.__dict__[_CONSTRUCTING] = True
         nn.Module.__setattr__(self, WRAPPED_MODULE_ATTR, mod)
         self.register_state_dict_post_hook(strip_prefix_on_save)
         self.register_load_state_dict_pre_hook(restore_prefix_on_load)
@@ -128,7 +139,12 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
         _adapt_dcp_to_fsdp1_inside(self, mod)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """Sets public attributes the wrapper does not own on the wrapped module.
+        """Sets a public attribute the wrapper does not own on the wrapped module.
+
+        The wrapper owns every attribute set while it is constructed (wrappers take all their options
+        then), every private one, and, later, each one it already has (in its ``__dict__``, parameters,
+        buffers or submodules) or its class defines. So a subclass's new option stays on the wrapper
+        without being listed anywhere, and ``wrapper.dropout_p = 0.0`` reaches the wrapped module.
 
         FSDP1's auto-wrap replaces the wrapped module by its FSDP unit through here (AC applied
         before FSDP1 gives ``CheckpointWrapper(FSDP(block))``); DCP then needs
@@ -137,18 +153,22 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
         Raises:
             ValueError: See :func:`fsdp_ac.dcp.adapt_dcp_names`.
         """
-        if name == WRAPPED_MODULE_ATTR and name in self._modules:
+        state = self.__dict__
+        modules = state.get("_modules", {})
+        if name == WRAPPED_MODULE_ATTR and name in modules:
             _adapt_dcp_to_fsdp1_inside(self, value)
-        own = (
-            name.startswith("_")
-            or name in self._WRAPPER_ATTRIBUTES
-            or name in self.__dict__
-            or hasattr(type(self), name)
+        forwarded = (
+            WRAPPED_MODULE_ATTR in modules
+            and _CONSTRUCTING not in state
+            and not name.startswith("_")
+            and name not in state
+            and not any(name in state.get(kind, {}) for kind in ("_parameters", "_buffers", "_modules"))
+            and not hasattr(type(self), name)
         )
-        if own or WRAPPED_MODULE_ATTR not in self._modules:
-            super().__setattr__(name, value)
+        if forwarded:
+            setattr(modules[WRAPPED_MODULE_ATTR], name, value)
         else:
-            setattr(self._modules[WRAPPED_MODULE_ATTR], name, value)
+            super().__setattr__(name, value)
 
     def __bool__(self) -> bool:
         """Always true, as for any module (``__len__`` alone would make an empty one falsy or fail)."""
@@ -196,7 +216,7 @@ class ActivationWrapper(_torch_wrappers.ActivationWrapper):
         return nn.Module.named_parameters(self, prefix, recurse, remove_duplicate)
 
 
-class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
+class CheckpointWrapper(ActivationWrapper, TorchCheckpointWrapper):
     """Recomputes the wrapped module's activations in backward instead of saving them.
 
     Use it through :func:`checkpoint_wrapper` or :func:`~fsdp_ac.apply_activation_checkpointing`. Every call
@@ -333,14 +353,14 @@ class CheckpointWrapper(ActivationWrapper, _torch_wrappers.CheckpointWrapper):
         return self.checkpoint_fn(region, *args, **kwargs)
 
 
-@torch._dynamo.disable  # type: ignore[untyped-decorator]
+@torch.compiler.disable  # type: ignore[untyped-decorator]
 def _checkpoint_eagerly(
     wrapper: CheckpointWrapper, wrapped: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     return wrapper._checkpoint(wrapped, args, kwargs)
 
 
-class OffloadWrapper(ActivationWrapper, _torch_wrappers.OffloadWrapper):
+class OffloadWrapper(ActivationWrapper, TorchOffloadWrapper):
     """Keeps the activations that the wrapped module saves for backward in CPU memory.
 
     Parameters, buffers (and views of either), tensors already on the CPU and tensors below
@@ -440,9 +460,7 @@ def checkpoint_wrapper(
         ['weight', 'bias']
     """
     require_module(module, "checkpoint_wrapper")
-    existing = next(
-        (m for m in activation_wrappers(module) if isinstance(m, _torch_wrappers.CheckpointWrapper)), None
-    )
+    existing = next((m for m in activation_wrappers(module) if isinstance(m, TorchCheckpointWrapper)), None)
     if existing is not None:
         return _reuse_checkpoint_wrapper(
             module, existing, (checkpoint_impl, offload, engine), checkpoint_fn, checkpoint_fn_kwargs
@@ -497,7 +515,7 @@ def offload_wrapper(
         >>> block(torch.randn(2, 8)).sum().backward()
     """
     require_module(module, "offload_wrapper")
-    if isinstance(module, _torch_wrappers.OffloadWrapper):
+    if isinstance(module, TorchOffloadWrapper):
         wanted = (pin_memory, min_offload_bytes, copy_cpu_tensors, engine)
         if isinstance(module, OffloadWrapper) and wanted != (
             module.pin_memory,
@@ -546,14 +564,13 @@ def _reuse_checkpoint_wrapper(
     checkpoint_fn: Callable[..., Any] | None,
     checkpoint_fn_kwargs: dict[str, Any],
 ) -> nn.Module:
-    existing_fn = getattr(existing, "checkpoint_fn", None)
-    existing_kwargs = dict(getattr(existing_fn, "keywords", {}))
+    existing_fn, existing_kwargs = checkpoint_function(existing)
     existing_kwargs.pop("use_reentrant", None)
     existing_settings = tuple(getattr(existing, n, None) for n in ("checkpoint_impl", "offload", "engine"))
     same = (
         existing_settings == settings
         and checkpoint_fn is None
-        and getattr(existing_fn, "func", None) is _torch_checkpoint
+        and existing_fn is _torch_checkpoint
         and existing_kwargs == checkpoint_fn_kwargs
     )
     if not same:
@@ -732,10 +749,8 @@ class _RoutedParameters:
         None elsewhere, and under compile, where the replay is part of the compiled backward graph
         and no nested backward runs.
         """
-        from torch.nn.parallel import DistributedDataParallel
-
         if torch.compiler.is_compiling() or not (
-            _ROUTING_PARAMETERS.get() or DistributedDataParallel._get_active_ddp_module() is not None
+            _ROUTING_PARAMETERS.get() or active_ddp_module() is not None
         ):
             return None
         index: dict[int, int] = {}
