@@ -248,6 +248,48 @@ def test_attribute_reads_and_indexing_reach_the_wrapped_module() -> None:
     assert linear.out_features == 3
 
 
+class _LabelledWrapper(CheckpointWrapper):
+    """A subclass with an option of its own, listed nowhere: it is set while the wrapper is built."""
+
+    def __init__(self, mod: nn.Module, label: str) -> None:
+        super().__init__(mod)
+        self.label = label
+
+
+def test_attributes_set_while_building_stay_and_later_new_ones_reach_the_wrapped_module() -> None:
+    inner = nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.5))
+    inner.p_drop = 0.5
+    wrapper = _LabelledWrapper(inner, "first")
+    assert wrapper.__dict__["label"] == "first" and not hasattr(inner, "label")
+    wrapper.label = "second"  # owned: stays on the wrapper after construction too
+    wrapper.region_name = "layers.3"
+    wrapper.checkpoint_impl = CheckpointImpl.REENTRANT
+    assert (wrapper.__dict__["label"], wrapper.__dict__["region_name"]) == ("second", "layers.3")
+    assert wrapper.__dict__["checkpoint_impl"] == CheckpointImpl.REENTRANT
+    assert not {"label", "region_name", "checkpoint_impl"} & set(vars(inner))
+    wrapper.p_drop = 0.1  # the wrapped module's attribute
+    wrapper.tag = "new"  # new after construction: forwarded, as before
+    assert (inner.p_drop, inner.tag) == (0.1, "new")
+    assert "p_drop" not in vars(wrapper) and "tag" not in vars(wrapper)
+    assert (wrapper.p_drop, wrapper.tag) == (0.1, "new")
+    offload = OffloadWrapper(nn.Linear(2, 2), pin_memory=False)
+    offload.min_offload_bytes = 7
+    assert (offload.__dict__["min_offload_bytes"], offload.__dict__["pin_memory"]) == (7, False)
+    assert not hasattr(offload._checkpoint_wrapped_module, "min_offload_bytes")
+    copied = copy.deepcopy(wrapper)
+    copied.tag = "copy"  # a copy is constructed already: it forwards too
+    assert copied._checkpoint_wrapped_module.tag == "copy" and inner.tag == "new"
+
+
+def test_replacing_the_wrapped_module_through_setattr_keeps_the_wrapper() -> None:
+    """FSDP1's auto-wrap puts its unit in place of the wrapped module by ``setattr``."""
+    wrapper = checkpoint_wrapper(nn.Linear(2, 2))
+    replacement = nn.Linear(2, 2)
+    wrapper._checkpoint_wrapped_module = replacement
+    assert wrapper._modules["_checkpoint_wrapped_module"] is replacement
+    assert [p for p in wrapper.parameters()] == [replacement.weight, replacement.bias]
+
+
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
 def test_fsdp_unwraps_our_wrapper_like_torchs(single_rank_group: None) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
