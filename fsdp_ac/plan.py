@@ -10,7 +10,8 @@ Strategy            What the module gets
 ``full``            :func:`~fsdp_ac.checkpoint_wrapper`: only its inputs are kept; the rest is
                     recomputed in backward.
 ``selective``       :class:`~fsdp_ac.SelectiveCheckpoint` with the ``default`` preset; other presets
-                    as ``selective:<preset>`` (``selective:torchtitan``, ``selective:matmul``, ...).
+                    as ``selective:<preset>`` (``selective:torchtitan``, ``selective:matmul``, ...),
+                    or operator calls as ``selective:aten.addmm.default#0,aten.mm.default#2``.
 ``offload``         :func:`~fsdp_ac.offload_wrapper`: its saved activations live in CPU memory.
 ``full+offload``    Checkpointed, and its inputs (all the checkpoint keeps) offloaded to CPU memory.
 ==================  ===============================================================================
@@ -84,11 +85,12 @@ class ActivationPlan:
                     f"An activation plan maps module names to strategy names (strings), got {name!r}: "
                     f"{strategy!r}."
                 )
-            if strategy not in STRATEGIES:
+            if strategy not in STRATEGIES and not _is_op_selection(strategy):
                 close = difflib.get_close_matches(strategy, STRATEGIES, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ValueError(
-                    f"Unknown strategy {strategy!r} for module {name!r}; use one of {STRATEGIES}.{hint}"
+                    f"Unknown strategy {strategy!r} for module {name!r}; use one of {STRATEGIES}, or "
+                    f"'selective:<operators>' as in 'selective:aten.addmm.default#0'.{hint}"
                 )
             if not name:
                 raise ValueError(
@@ -308,8 +310,18 @@ def _builder(strategy: str, engine: OffloadEngine | None) -> Callable[[nn.Module
         return lambda module: offload_wrapper(module, engine=engine)
     if strategy == "full+offload":
         return lambda module: offload_wrapper(checkpoint_wrapper(module), engine=engine)
-    _, _, preset = strategy.partition(":")
-    return SelectiveCheckpoint(preset or "default")
+    _, _, choice = strategy.partition(":")
+    return SelectiveCheckpoint.from_text(choice)
+
+
+def _is_op_selection(strategy: str) -> bool:
+    """Whether ``strategy`` is ``selective:<operators>``, the per-operator choices a planner writes.
+
+    Raises:
+        ValueError: It is, but names an operator this torch lacks (from SelectiveCheckpoint).
+    """
+    kind, _, choice = strategy.partition(":")
+    return kind == "selective" and "." in choice and SelectiveCheckpoint.from_text(choice) is not None
 
 
 def _wrapper_layers(module: nn.Module) -> Iterator[ActivationWrapper]:
