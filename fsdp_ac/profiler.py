@@ -16,8 +16,9 @@ records:
   model by the same meter.
 
 Bytes come from the deterministic meter (exact, the same on every run and machine); on CUDA the
-allocator's figure for the whole forward is recorded too. Times are medians over ``repeats`` steps of
-the process's wall clock. :mod:`fsdp_ac.planner` turns a :class:`Profile` into a plan.
+allocator's figure for the whole forward is recorded too. Times are medians over ``repeats`` steps, of
+the process's CPU time on the CPU and of wall time (synchronised) on CUDA. :mod:`fsdp_ac.planner`
+turns a :class:`Profile` into a plan.
 """
 
 from __future__ import annotations
@@ -343,9 +344,9 @@ class _BlockRecorder(TorchDispatchMode):
     ``timed`` (the clock adds a little to each call).
     """
 
-    def __init__(self, n_blocks: int, *, timed: bool) -> None:
+    def __init__(self, n_blocks: int, *, clock: Callable[[], float] | None) -> None:
         super().__init__()
-        self.timed = timed
+        self.clock = clock
         self.block: int | None = None
         self.blocks_run = 0
         self.created: dict[int, _Created] = {}
@@ -385,9 +386,10 @@ class _BlockRecorder(TorchDispatchMode):
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        start = time.perf_counter() if self.timed and self.block is not None else 0.0
+        timed = self.clock is not None and self.block is not None
+        start = self.clock() if timed else 0.0  # type: ignore[misc]
         out = func(*args, **(kwargs or {}))
-        elapsed = (time.perf_counter() - start) * 1e3 if start else 0.0
+        elapsed = (self.clock() - start) * 1e3 if timed else 0.0  # type: ignore[misc]
         call: int | None = None
         if self.block is not None:
             order = self.order[self.block]
@@ -415,12 +417,33 @@ class _Observation:
     recorder: _BlockRecorder
     alive: dict[int, _Created]
     forward_ms: float
+    backward_ms: float
 
 
-def _observe(workload: Workload, model: nn.Module, names: list[str], *, timed: bool) -> _Observation:
-    """Runs forward and loss under a :class:`_BlockRecorder`, then backward; returns what it saw."""
+def _clock(device: torch.device) -> Callable[[], float]:
+    """A clock in seconds: CPU time of the process on the CPU, synchronised wall time on CUDA.
+
+    CPU time as ``scripts/benchmark.py`` measures by default: on a shared machine, wall time also
+    counts the time other processes hold the cores. On CUDA kernels run asynchronously, so the clock
+    synchronises first to charge each operator its own kernels.
+    """
+    if device.type == "cuda":
+
+        def synchronized() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return synchronized
+    return time.process_time
+
+
+def _observe(
+    workload: Workload, model: nn.Module, names: list[str], *, timed: bool, backward: bool = True
+) -> _Observation:
+    """Runs forward and loss under a :class:`_BlockRecorder` (then backward); returns what it saw."""
     modules = dict(model.named_modules())
-    recorder = _BlockRecorder(len(names), timed=timed)
+    clock = _clock(workload.batch.device)
+    recorder = _BlockRecorder(len(names), clock=clock if timed else None)
     handles = []
     for index, name in enumerate(names):
         module = modules[name]
@@ -428,10 +451,10 @@ def _observe(workload: Workload, model: nn.Module, names: list[str], *, timed: b
         handles.append(module.register_forward_hook(lambda m, a, out, i=index: recorder.leave(i, out)))
     excluded = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
     try:
-        start = time.perf_counter()
+        start = clock()
         with recorder, torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
             loss = workload.loss(model, workload.batch)
-        forward_ms = (time.perf_counter() - start) * 1e3
+        forward_ms = (clock() - start) * 1e3
     finally:
         for handle in handles:
             handle.remove()
@@ -440,9 +463,11 @@ def _observe(workload: Workload, model: nn.Module, names: list[str], *, timed: b
         for key, created in recorder.created.items()
         if not created.ref.expired() and key not in excluded
     }
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return _Observation(recorder, alive, forward_ms)
+    start = clock()
+    if backward:
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return _Observation(recorder, alive, forward_ms, (clock() - start) * 1e3)
 
 
 def _held_by_block(observation: _Observation, n_blocks: int) -> tuple[list[int], list[int], int]:
@@ -460,16 +485,25 @@ def _held_by_block(observation: _Observation, n_blocks: int) -> tuple[list[int],
     return held, before, outside
 
 
-def profile(workload: Workload, *, repeats: int = 3, progress: Progress | None = None) -> Profile:
+def profile(
+    workload: Workload,
+    *,
+    repeats: int = 3,
+    progress: Progress | None = None,
+    strategies: Sequence[str] = STRATEGIES_MEASURED,
+) -> Profile:
     """Measures ``workload`` for :func:`fsdp_ac.planner.plan`.
 
-    Runs ``repeats`` timed steps under an operator recorder, ``repeats`` plain steps for the step time,
-    and one metered forward per strategy of :data:`STRATEGIES_MEASURED` on copies of the model.
+    Runs one warm-up step, then ``repeats`` steps whose forward runs under an operator recorder (its
+    clock adds a little to the forward time), and two forwards per strategy of ``strategies`` on a copy
+    of the model (the first lets the ``default`` preset learn).
 
     Args:
         workload: The model, its blocks, a sample batch and the loss.
         repeats: Steps whose median gives each time (at least 1).
         progress: Called with (steps done, steps in all) after each step.
+        strategies: Strategies whose bytes per block to measure for the table (the planner does not
+            need them; ``()`` skips them).
 
     Returns:
         The :class:`Profile`, blocks in forward order.
@@ -483,7 +517,7 @@ def profile(workload: Workload, *, repeats: int = 3, progress: Progress | None =
     model = workload.model
     names = ModulePolicy(workload.blocks).names(model)
     modules = dict(model.named_modules())
-    total = 1 + 2 * repeats + len(STRATEGIES_MEASURED)
+    total = 1 + repeats + len(strategies)
     done = 0
 
     def advance() -> None:
@@ -506,20 +540,9 @@ def profile(workload: Workload, *, repeats: int = 3, progress: Progress | None =
             "a block that runs twice (weights shared across positions) cannot be planned alone. "
             "Select modules that run once per forward."
         )
-    forward, backward = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        loss = workload.loss(model, workload.batch)
-        middle = time.perf_counter()
-        loss.backward()
-        end = time.perf_counter()
-        model.zero_grad(set_to_none=True)
-        forward.append((middle - start) * 1e3)
-        backward.append((end - middle) * 1e3)
-        advance()
     held, before, outside = _held_by_block(first, len(names))
     measured: dict[str, list[int]] = {}
-    for strategy in STRATEGIES_MEASURED:
+    for strategy in strategies:
         measured[strategy] = _strategy_bytes(workload, names, strategy)
         advance()
     # Blocks of one kind run the same calls: their times are pooled, which steadies the medians.
@@ -555,8 +578,9 @@ def profile(workload: Workload, *, repeats: int = 3, progress: Progress | None =
             for j in alike[index]
         )
         forward_ms = statistics.median(
-            sum(t for _, t in obs.recorder.calls[index]) + sum(obs.recorder.other[index])
+            sum(t for _, t in obs.recorder.calls[j]) + sum(obs.recorder.other[j])
             for obs in observations
+            for j in alike[index]
         )
         blocks.append(
             BlockProfile(
@@ -567,7 +591,7 @@ def profile(workload: Workload, *, repeats: int = 3, progress: Progress | None =
                 ops=tuple(ops),
                 other_ms=other_ms,
                 forward_ms=forward_ms,
-                measured_bytes={strategy: measured[strategy][index] for strategy in STRATEGIES_MEASURED},
+                measured_bytes={strategy: measured[strategy][index] for strategy in strategies},
             )
         )
     return Profile(
@@ -576,8 +600,8 @@ def profile(workload: Workload, *, repeats: int = 3, progress: Progress | None =
         no_ac_bytes=sum(created.nbytes for created in first.alive.values()),
         outside_before=tuple(before),
         outside_bytes=outside,
-        forward_ms=statistics.median(forward),
-        backward_ms=statistics.median(backward),
+        forward_ms=statistics.median(obs.forward_ms for obs in observations),
+        backward_ms=statistics.median(obs.backward_ms for obs in observations),
         allocator_bytes=_allocator_bytes(workload),
     )
 
@@ -589,8 +613,8 @@ def _strategy_bytes(workload: Workload, names: list[str], strategy: str) -> list
     model = copy.deepcopy(workload.model)
     ActivationPlan(dict.fromkeys(names, strategy)).apply(model)
     # The default preset learns on its first call, saving every matmul output that once.
-    workload.step(model)
-    held, _, _ = _held_by_block(_observe(workload, model, names, timed=False), len(names))
+    workload.loss(model, workload.batch)
+    held, _, _ = _held_by_block(_observe(workload, model, names, timed=False, backward=False), len(names))
     return held
 
 
