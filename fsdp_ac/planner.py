@@ -35,7 +35,16 @@ from typing import Any
 from fsdp_ac.plan import ActivationPlan
 from fsdp_ac.profiler import BlockProfile, Profile
 
-__all__ = ["BlockChoice", "BudgetError", "MemoryPlan", "block_options", "plan", "smallest_budget", "solve"]
+__all__ = [
+    "BlockChoice",
+    "BudgetError",
+    "MemoryPlan",
+    "block_options",
+    "budget_needed",
+    "plan",
+    "smallest_budget",
+    "solve",
+]
 
 MAX_ENUMERATED_CALLS = 12
 """Blocks with more matmul and attention calls than this get a greedy curve instead of every subset."""
@@ -123,16 +132,33 @@ def _frontier(points: list[BlockChoice]) -> list[BlockChoice]:
     return kept
 
 
+def budget_needed(held: Sequence[int], recompute: Sequence[int], before: Sequence[int], outside: int) -> int:
+    """The bytes a budget must cover (see the module docstring), from per-block figures.
+
+    Args:
+        held: Per block in forward order, the bytes it holds at the end of forward.
+        recompute: Per block, the bytes alive for it while backward recomputes it (for a block that is
+            not checkpointed, its held bytes).
+        before: Per block, the bytes created outside the blocks before it.
+        outside: All bytes created outside the blocks.
+
+    Example:
+        A fixed strategy measured block by block (:func:`fsdp_ac.profiler.block_bytes`) needs
+        ``budget_needed(held, [max(h, n) for h, n in zip(held, no_ac_held)], before, outside)``.
+    """
+    peak, prefix = 0, 0
+    for i, (kept, rebuilt) in enumerate(zip(held, recompute, strict=True)):
+        peak = max(peak, before[i] + prefix + rebuilt)
+        prefix += kept
+    return max(peak, outside + prefix)
+
+
 def _peak(
     options: Sequence[Sequence[BlockChoice]], before: Sequence[int], outside: int, picks: Sequence[int]
 ) -> int:
-    """The bytes the budget must cover for one choice per block (see the module docstring)."""
-    peak, prefix = 0, 0
-    for i, pick in enumerate(picks):
-        choice = options[i][pick]
-        peak = max(peak, before[i] + prefix + choice.recompute_bytes)
-        prefix += choice.held_bytes
-    return max(peak, outside + prefix)
+    """The bytes the budget must cover for one choice per block."""
+    chosen = [options[i][pick] for i, pick in enumerate(picks)]
+    return budget_needed([c.held_bytes for c in chosen], [c.recompute_bytes for c in chosen], before, outside)
 
 
 def solve(

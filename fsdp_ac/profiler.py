@@ -43,10 +43,12 @@ from fsdp_ac.policies import ModulePolicy, PolicySpec
 from fsdp_ac.selective import ATTENTION_OPS, MATMUL_OPS, SelectiveCheckpoint, op_call_name
 
 __all__ = [
+    "BlockBytes",
     "BlockProfile",
     "OpProfile",
     "Profile",
     "Workload",
+    "block_bytes",
     "builtin_workload",
     "lm_loss",
     "profile",
@@ -612,10 +614,32 @@ def _strategy_bytes(workload: Workload, names: list[str], strategy: str) -> list
 
     model = copy.deepcopy(workload.model)
     ActivationPlan(dict.fromkeys(names, strategy)).apply(model)
-    # The default preset learns on its first call, saving every matmul output that once.
+    return block_bytes(workload, model).held
+
+
+@dataclass(frozen=True)
+class BlockBytes:
+    """What one forward of a (possibly checkpointed) model holds, split by block."""
+
+    held: list[int]
+    """Per block (forward order), the bytes alive at the end of forward that its forward created."""
+    before: list[int]
+    """Per block, the bytes alive created outside every block before it ran."""
+    outside: int
+    """All bytes alive created outside every block."""
+
+
+def block_bytes(workload: Workload, model: nn.Module | None = None) -> BlockBytes:
+    """Measures what each block of ``model`` (default: the workload's) holds after forward and loss.
+
+    Runs one forward and loss first, so that selective presets that learn on their first call have
+    learned; neither forward runs backward. The blocks are those the workload's policy selects.
+    """
+    model = workload.model if model is None else model
+    names = ModulePolicy(workload.blocks).names(model)
     workload.loss(model, workload.batch)
-    held, _, _ = _held_by_block(_observe(workload, model, names, timed=False, backward=False), len(names))
-    return held
+    observation = _observe(workload, model, names, timed=False, backward=False)
+    return BlockBytes(*_held_by_block(observation, len(names)))
 
 
 def _allocator_bytes(workload: Workload) -> int | None:
