@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +166,7 @@ def builtin_workload(
         raise ValueError(
             f"Unknown built-in model {name!r}; use 'gpt' or 'llama', or give package.module:factory."
         )
-    model.to(device)
+    cast(nn.Module, model).to(device)  # as a module: transformers' own .to signature confuses mypy
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
     return Workload(model, blocks, tokens, lm_loss, f"{what}, seq {seq}, batch {batch}, vocab {vocab}")
 

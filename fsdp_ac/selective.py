@@ -388,7 +388,9 @@ class SelectiveCheckpoint:
     """The preset names ``save`` accepts."""
 
     def __init__(
-        self, save: str | Iterable[OpOverload] | Callable[..., Any] = "default", **checkpoint_kwargs: Any
+        self,
+        save: str | Iterable[OpOverload | str] | Callable[..., Any] = "default",
+        **checkpoint_kwargs: Any,
     ) -> None:
         self._policy_fn: Callable[..., Any] | None = None
         self._save_ops: frozenset[OpOverload] | None = None

@@ -230,6 +230,40 @@ def test_bad_arguments_raise_with_the_fix() -> None:
         SelectiveCheckpoint(context_fn=lambda: None)
 
 
+def test_named_calls_save_exactly_those_outputs(gpt: GPT, tokens: torch.Tensor) -> None:
+    full = copy.deepcopy(gpt)
+    apply_activation_checkpointing(full, auto_wrap_policy={TransformerBlock})
+    full_bytes, expected_grads = step(full, tokens)
+    # The third addmm of a block (the MLP's first matmul, 4 x d_model wide) and nothing else: not
+    # even the attention output, which every preset saves.
+    wrapped = copy.deepcopy(gpt)
+    wrapper_fn = selective(wrapped, ["aten.addmm.default#2"])
+    assert wrapper_fn.text == "aten.addmm.default#2"
+    for _ in range(2):
+        held, grads = step(wrapped, tokens)
+        assert held - full_bytes == SMALL_GPT.n_layers * 4 * UNIT
+        for got, want in zip(grads, expected_grads, strict=True):
+            assert torch.equal(got, want)
+    # The saved matmul is not recomputed: QKV (3) and the projection (1) are; the last never is.
+    extra = recomputed_matmul_flops(wrapped, tokens) - recomputed_matmul_flops(gpt, tokens)
+    assert extra == SMALL_GPT.n_layers * 4 * 2 * BATCH * SEQ * SMALL_GPT.d_model**2
+
+
+def test_operator_names_read_back_from_text() -> None:
+    text = SelectiveCheckpoint.from_text("aten.addmm.default#2, aten.bmm.default,aten.addmm.default#0").text
+    assert text == "aten.bmm.default,aten.addmm.default#0,aten.addmm.default#2"
+    assert SelectiveCheckpoint.from_text(text).text == text
+    assert SelectiveCheckpoint.from_text("torchtitan").text == "torchtitan"
+    assert SelectiveCheckpoint(lambda ctx, op, *a, **k: CheckpointPolicy.PREFER_RECOMPUTE).text is None
+    for bad in ("aten.nope.default#0", "aten.mm.default#x", "mm#0.x"):
+        with pytest.raises(ValueError, match=r"namespace\.operator\.overload"):
+            SelectiveCheckpoint.from_text(bad)
+    plan = ActivationPlan({"layers.0": "selective:aten.addmm.default#2", "layers.1": "selective:matmul"})
+    assert ActivationPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(ValueError, match=r"namespace\.operator\.overload"):
+        ActivationPlan({"layers.0": "selective:aten.nope.default#0"})
+
+
 def test_checkpoint_arguments_reach_the_wrapper() -> None:
     block = SelectiveCheckpoint("matmul", preserve_rng_state=False, allow_rng_divergence=True)(
         nn.Linear(2, 2)
