@@ -321,7 +321,10 @@ def _is_op_selection(strategy: str) -> bool:
         ValueError: It is, but names an operator this torch lacks (from SelectiveCheckpoint).
     """
     kind, _, choice = strategy.partition(":")
-    return kind == "selective" and "." in choice and SelectiveCheckpoint.from_text(choice) is not None
+    if kind != "selective" or "." not in choice:
+        return False
+    SelectiveCheckpoint.from_text(choice)  # raises, naming the operator it cannot read
+    return True
 
 
 def _wrapper_layers(module: nn.Module) -> Iterator[ActivationWrapper]:

@@ -604,12 +604,16 @@ def draw_pareto(records: list[Record], path: str) -> None:
     for axis, (model, rows) in zip(axes[0], models.items(), strict=True):
         for r in rows:
             planned = r.predicted_memory_ratio is not None
+            color = "tab:red" if planned else "tab:blue"
+            # From the bytes held at the end of forward to the budget the variant needs (recompute).
+            axis.plot([r.memory_ratio, r.budget_ratio], [r.time_ratio] * 2, color=color, alpha=0.4, lw=1)
+            axis.scatter(r.budget_ratio, r.time_ratio, marker="|", s=60, color=color, alpha=0.6)
             axis.scatter(
                 r.memory_ratio,
                 r.time_ratio,
                 marker="*" if planned else "o",
                 s=90 if planned else 40,
-                color="tab:red" if planned else "tab:blue",
+                color=color,
             )
             axis.annotate(
                 r.name.rpartition("/")[2],
@@ -629,7 +633,11 @@ def draw_pareto(records: list[Record], path: str) -> None:
             color="grey",
             linewidth=0.8,
         )
-        axis.set(title=model, xlabel="activation memory / no AC", ylabel="step time / no AC")
+        axis.set(
+            title=f"{model}: held at the end of forward (dot) to budget needed (bar)",
+            xlabel="activation memory / no AC",
+            ylabel="step time / no AC",
+        )
         axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
