@@ -3,11 +3,15 @@
 Run it as ``make bench`` (``python scripts/benchmark.py``). It has three parts, each a set of records;
 ``--only`` runs some of them (``--only overhead,state_dict`` takes seconds):
 
-- ``steps``: AC variants of the reference GPT. Every variant is a copy of one model (same weights,
-  same batch) run in this one process. A step is the forward, the loss and the backward (what
-  activation checkpointing changes). The activation memory is what the forward and the loss hold for
-  backward, measured deterministically by :class:`fsdp_ac.ActivationMemoryMeter` on a separate step,
-  whose gradients are also compared bitwise with those of ``no_ac``.
+- ``steps``: AC variants of the reference GPT, then of a Llama-style decoder (``transformers``'
+  ``LlamaForCausalLM``, records ``llama/<name>``; ``--model`` picks one, or a user's model given as
+  ``package.module:factory``), including the memory planner's plans for 25%, 50% and 75% of no AC's
+  activation bytes (``fsdp_ac_plan_<percent>``, planned from one profile of the model in the run).
+  Every variant is a copy of one model (same weights, same batch) run in this one process. A step
+  is the forward, the loss and the backward (what activation checkpointing changes). The activation
+  memory is what the forward and the loss hold for backward, measured deterministically by
+  :class:`fsdp_ac.ActivationMemoryMeter` on a separate step, whose gradients are also compared
+  bitwise with those of ``no_ac``.
 - ``overhead``: the cost of a wrapper per call: forward and backward of a 2-layer MLP of width 64 on a
   batch of 8, unwrapped, in torch's ``checkpoint_wrapper`` and in fsdp_ac's. The module is small so
   that the wrapper's own work, not the arithmetic, decides the ratio.
@@ -21,13 +25,18 @@ time other processes hold the cores, which is noise to this comparison; ``--cloc
 wall time instead.
 
 ``--json PATH`` writes ``{"steps": [...], "costs": [...]}``: step records ``{"name", "time_ratio",
-"memory_ratio", "step_ms", "activation_bytes"}`` (ratios to ``no_ac``) and cost records ``{"name",
-"blocks", "plain_us", "torch_us", "fsdp_ac_us", "ratio", "target"}`` (ratio: fsdp_ac to torch).
-``--check`` exits with status 1 when a target is missed: ``fsdp_ac_full`` holds no more memory than
-``torch_full`` at a time ratio at most 3% above it (faster is met), ``fsdp_ac_selective`` holds at
-most 0.60 of ``no_ac``'s memory at a time ratio of at most 1.06, a call through fsdp_ac's wrapper
-takes at most 1.10 times as long as through torch's, and ``state_dict()`` and ``load_state_dict()``
-of the 96-block model at most 1.25 times as long.
+"memory_ratio", "step_ms", "activation_bytes", "budget_ratio"}`` (ratios to ``no_ac``; the planner's
+also ``"predicted_memory_ratio"``) and cost records ``{"name", "blocks", "plain_us", "torch_us",
+"fsdp_ac_us", "ratio", "target"}`` (ratio: fsdp_ac to torch). ``--png PATH`` draws every variant's
+time against its memory (needs matplotlib). ``--check`` exits with status 1 when a target is missed
+(every time target is an upper bound: faster is met): ``fsdp_ac_full`` holds no more memory than
+``torch_full`` at a time ratio at most 3% above it, ``fsdp_ac_selective`` holds at most 0.60 of
+``no_ac``'s memory at a time ratio of at most 1.06; the plans for 25%, 50% and 75% hold at most that
+at time ratios of at most 1.20, 1.08 and 1.035, ``llama/fsdp_ac_plan_50`` at most 0.50 at 1.10;
+each plan's time is at most 2% above the fastest fixed variant of its model whose ``budget_ratio``
+fits the plan's budget, and its predicted memory ratio is within 5% of the measured one; a call
+through fsdp_ac's wrapper takes at most 1.10 times as long as through torch's, and ``state_dict()``
+and ``load_state_dict()`` of the 96-block model at most 1.25 times as long.
 """
 
 from __future__ import annotations
