@@ -10,6 +10,8 @@ from types import ModuleType
 
 import pytest
 
+from fsdp_ac.reference_model import GPT, GPTConfig
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 TINY = ["--model", "gpt", "--layers", "3", "--d-model", "32", "--heads", "4", "--seq", "16", "--batch", "2"]
 TINY += ["--vocab", "64"]
@@ -148,3 +150,21 @@ def test_plan_targets_compare_with_the_fastest_fixed_variant_that_fits(bench_scr
     results = dict(bench_script.check_targets(records))
     assert [met for text, met in results.items() if "predicted" in text] == [False]  # 17% off
     assert [met for text, met in results.items() if "fastest fixed" in text] == [True]
+
+
+def tiny_user_model() -> GPT:
+    """A user's model for ``--model test_benchmark:tiny_user_model``."""
+    return GPT(GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_heads=4, n_layers=3))
+
+
+def test_a_user_model_by_import_path(bench_script: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--model", f"{__name__}:tiny_user_model", "--block", "TransformerBlock", "--shape", "2,16"]
+    argv += ["--only", "steps", "--variants", "fsdp_ac_full,fsdp_ac_plan_75", "--repeats", "1"]
+    assert bench_script.main([*argv, "--warmup", "0", "--json", str(out)]) == 0
+    records = {r["name"]: r for r in json.loads(out.read_text())["steps"]}
+    assert list(records) == ["no_ac", "fsdp_ac_full", "fsdp_ac_plan_75"]
+    assert records["fsdp_ac_plan_75"]["memory_ratio"] == pytest.approx(
+        records["fsdp_ac_plan_75"]["predicted_memory_ratio"], rel=0.05
+    )
+    assert records["fsdp_ac_full"]["memory_ratio"] < records["fsdp_ac_plan_75"]["memory_ratio"] <= 0.75
