@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fsdp_ac.plan import ActivationPlan
-from fsdp_ac.profiler import BlockProfile, Profile
+from fsdp_ac.profiler import BlockProfile, Profile, text_table
 
 __all__ = [
     "BlockChoice",
@@ -258,20 +258,13 @@ class MemoryPlan:
             [name, f"{c.held_bytes / 2**20:.2f}", f"{c.extra_ms:.1f}", c.strategy]
             for name, c in self.choices.items()
         ]
-        header = ["block", "held_MiB", "recompute_ms", "strategy"]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-        lines = [
-            "  ".join([*(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)), r[3]])
-            for r in [header, *rows]
-        ]
-        lines.insert(1, "  ".join("-" * w for w in [*widths, len("strategy")]))
-        lines.append(
+        predictions = (
             f"budget {self.budget_bytes / 2**20:.2f} MiB: held {self.predicted_bytes / 2**20:.2f} MiB "
             f"(memory ratio {self.predicted_memory_ratio:.3f}), at a recompute "
             f"{self.predicted_peak_bytes / 2**20:.2f} MiB; "
             f"predicted time ratio {self.predicted_time_ratio:.3f}"
         )
-        return "\n".join(lines)
+        return text_table(["block", "held_MiB", "recompute_ms", "strategy"], rows) + "\n" + predictions
 
 
 def _budget_bytes(profile: Profile, budget: int | float) -> int:

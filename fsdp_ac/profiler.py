@@ -307,17 +307,20 @@ class Profile:
             ]
             for b in self.blocks
         ]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
         summary = (
             f"{self.description}\nno AC: {self.no_ac_bytes / 2**20:.2f} MiB held for backward "
             f"({self.outside_bytes / 2**20:.2f} outside the blocks); step {self.step_ms:.1f} ms "
             f"(forward {self.forward_ms:.1f}, backward {self.backward_ms:.1f})"
         )
-        return summary + "\n" + "\n".join(lines)
+        return summary + "\n" + text_table(header, rows)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Aligns ``rows`` under ``header`` in columns two spaces apart, a rule under the header."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _storage_key(tensor: torch.Tensor) -> int | None:
