@@ -28,7 +28,10 @@ Presets (``SelectiveCheckpoint(save=...)``):
 ``"attention"``
     Saves attention outputs only; recomputes every matmul.
 
-A collection of ``OpOverload`` saves exactly those operators' outputs; a callable is used as torch's
+A collection of ``OpOverload`` saves exactly those operators' outputs. Operators may also be given by
+name, ``"aten.mm.default"`` (every call) or ``"aten.mm.default#2"`` (the third call in each call of the
+block, counting from 0): the per-call form is what the memory planner (:mod:`fsdp_ac.planner`) chooses,
+and :meth:`SelectiveCheckpoint.from_text` reads it back from a plan. A callable is used as torch's
 ``policy_fn(ctx, op, *args, **kwargs)`` as it is.
 
 Every form compiles: under ``torch.compile`` the policy tags the traced operators and the compiled
@@ -54,6 +57,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from fsdp_ac._compat import (
     OpOverload,
+    OpOverloadPacket,
     StorageWeakRef,
     TorchDispatchMode,
     is_traceable_wrapper_subclass,
@@ -62,7 +66,7 @@ from fsdp_ac._compat import (
 from fsdp_ac.names import unwrap
 from fsdp_ac.wrappers import CheckpointImpl, checkpoint_wrapper
 
-__all__ = ["ATTENTION_OPS", "MATMUL_OPS", "SelectiveCheckpoint"]
+__all__ = ["ATTENTION_OPS", "MATMUL_OPS", "SelectiveCheckpoint", "op_call_name"]
 
 
 def _resolve(*names: str) -> frozenset[OpOverload]:
@@ -138,6 +142,29 @@ Any operator not listed is assumed to read its inputs, which errs towards saving
 
 _OpKey = tuple[OpOverload, int]
 """An operator and how many calls of it came before in the same region call."""
+
+
+def op_call_name(op: OpOverload, n: int) -> str:
+    """Names the ``n``-th call (from 0) of ``op`` in one call of a block: ``"aten.mm.default#2"``."""
+    return f"{op}#{n}"
+
+
+def _parse_op(text: str) -> tuple[OpOverload, int | None]:
+    """Reads ``"aten.mm.default"`` (every call) or ``"aten.mm.default#2"`` (that call only).
+
+    Raises:
+        ValueError: The text is not ``namespace.operator.overload[#n]`` of an operator of this torch.
+    """
+    name, hash_, count = text.strip().partition("#")
+    name = name.strip()
+    ops = _resolve(name) if name.count(".") == 2 else frozenset()
+    if not ops or (hash_ and not count.strip().isdigit()):
+        raise ValueError(
+            f"Cannot read {text!r} as an operator to save: write namespace.operator.overload, "
+            "optionally with #<call> counting from 0, e.g. 'aten.mm.default' or 'aten.addmm.default#2'."
+        )
+    return next(iter(ops)), int(count) if hash_ else None
+
 
 _Kind = tuple[type[nn.Module], tuple[tuple[str, tuple[int, ...], torch.dtype], ...]]
 """A block's class and the names, shapes and dtypes of its parameters: blocks alike run alike."""
@@ -260,6 +287,28 @@ class _RegionCall:
             self.owner._plans.pop(self.key, None)
 
 
+class _CallPolicy:
+    """Policy state for one call of a region whose choices name operator calls (``aten.mm.default#2``)."""
+
+    def __init__(self, calls: frozenset[_OpKey], ops: frozenset[OpOverload]) -> None:
+        self.saved = calls
+        self.ops = ops
+        self.counted = frozenset(op for op, _ in calls)
+        self.calls: defaultdict[OpOverload, int] = defaultdict(int)
+        self.replays: defaultdict[OpOverload, int] = defaultdict(int)
+
+    def policy(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if func in self.ops:
+            return CheckpointPolicy.MUST_SAVE
+        if func not in self.counted:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        # The recompute replays the forward's calls in order: count them apart to find the same ones.
+        counter = self.replays if ctx.is_recompute else self.calls
+        key = (func, counter[func])
+        counter[func] += 1
+        return CheckpointPolicy.MUST_SAVE if key in self.saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def _kind(module: nn.Module) -> _Kind:
     """Blocks of one kind (class and parameter shapes) run the same operators, so share a plan."""
     inner = unwrap(module)
@@ -288,6 +337,10 @@ def _selective_contexts(block: _BlockKind) -> tuple[Any, Any]:
     owner, kind = block.owner, block.kind
     if owner._policy_fn is not None:
         return create_selective_checkpoint_contexts(owner._policy_fn)
+    if owner._save_calls:
+        return create_selective_checkpoint_contexts(
+            _CallPolicy(owner._save_calls, owner._save_ops or frozenset()).policy
+        )
     if owner._save_ops is not None:
         return create_selective_checkpoint_contexts(sorted(owner._save_ops, key=str))
     compiling = torch.compiler.is_compiling()
@@ -317,16 +370,18 @@ class SelectiveCheckpoint:
 
     Args:
         save: A preset name (see :attr:`PRESETS` and the module docstring), a collection of operators
-            (``OpOverload``, e.g. ``torch.ops.aten.mm.default``) whose outputs to save, or torch's
-            ``policy_fn(ctx, op, *args, **kwargs) -> CheckpointPolicy``.
+            whose outputs to save (``OpOverload``, e.g. ``torch.ops.aten.mm.default``, or names:
+            ``"aten.mm.default"`` for every call, ``"aten.mm.default#2"`` for the third call in each
+            call of the block), or torch's ``policy_fn(ctx, op, *args, **kwargs) -> CheckpointPolicy``.
         **checkpoint_kwargs: Passed to :func:`~fsdp_ac.checkpoint_wrapper` (``preserve_rng_state``,
             ``allow_rng_divergence``, ``determinism_check``, ...).
 
     Raises:
-        ValueError: ``save`` is an unknown preset name or an empty collection.
-        TypeError: ``save`` holds something other than ``OpOverload`` (e.g. ``torch.ops.aten.mm``
-            without ``.default``), or ``checkpoint_kwargs`` asks for reentrant checkpointing or sets
-            ``context_fn``.
+        ValueError: ``save`` is an unknown preset name, an empty collection, or holds a name that is
+            not an operator of this torch.
+        TypeError: ``save`` holds something other than ``OpOverload`` or a name (e.g.
+            ``torch.ops.aten.mm`` without ``.default``), or ``checkpoint_kwargs`` asks for reentrant
+            checkpointing or sets ``context_fn``.
 
     Example:
         >>> apply_activation_checkpointing(
@@ -338,10 +393,14 @@ class SelectiveCheckpoint:
     """The preset names ``save`` accepts."""
 
     def __init__(
-        self, save: str | Iterable[OpOverload] | Callable[..., Any] = "default", **checkpoint_kwargs: Any
+        self,
+        save: str | Iterable[OpOverload | str] | Callable[..., Any] = "default",
+        **checkpoint_kwargs: Any,
     ) -> None:
         self._policy_fn: Callable[..., Any] | None = None
         self._save_ops: frozenset[OpOverload] | None = None
+        self._save_calls: frozenset[_OpKey] = frozenset()
+        self._text: str | None = None
         self._plans: dict[_Kind, _Plan] = {}
         self._context_fns: dict[_Kind, functools.partial[tuple[Any, Any]]] = {}
         self._warned: set[_Kind] = set()
@@ -350,7 +409,7 @@ class SelectiveCheckpoint:
                 raise ValueError(
                     f"Unknown selective checkpointing preset {save!r}; use one of {self.PRESETS}."
                 )
-            self.name = save
+            self.name = self._text = save
             if save == "matmul":
                 self._save_ops = MATMUL_OPS | ATTENTION_OPS
             elif save == "attention":
@@ -359,21 +418,34 @@ class SelectiveCheckpoint:
             self.name = "custom"
             self._policy_fn = save
         else:
-            ops = list(save)
-            for op in ops:
-                if not isinstance(op, OpOverload):
-                    hint = f" Use {op}.default." if isinstance(op, torch._ops.OpOverloadPacket) else ""
+            ops: list[OpOverload] = []
+            calls: list[_OpKey] = []
+            for item in save:
+                if isinstance(item, str):
+                    op, n = _parse_op(item)
+                    if n is None:
+                        ops.append(op)
+                    else:
+                        calls.append((op, n))
+                elif isinstance(item, OpOverload):
+                    ops.append(item)
+                else:
+                    hint = f" Use {item}.default." if isinstance(item, OpOverloadPacket) else ""
                     raise TypeError(
                         f"SelectiveCheckpoint saves outputs of OpOverloads such as "
-                        f"torch.ops.aten.mm.default, got {op!r}.{hint}"
+                        f"torch.ops.aten.mm.default, or of operators named as 'aten.mm.default#0', "
+                        f"got {item!r}.{hint}"
                     )
-            if not ops:
+            if not ops and not calls:
                 raise ValueError(
                     "SelectiveCheckpoint got no operators to save, which is full checkpointing; use "
                     "fsdp_ac.checkpoint_wrapper for that, or name the operators to save."
                 )
             self.name = "custom"
             self._save_ops = frozenset(ops)
+            self._save_calls = frozenset(calls)
+            named_calls = [op_call_name(op, n) for op, n in sorted(calls, key=lambda k: (str(k[0]), k[1]))]
+            self._text = ",".join([*sorted(map(str, self._save_ops)), *named_calls])
         if (
             checkpoint_kwargs.get("checkpoint_impl", CheckpointImpl.NO_REENTRANT)
             != CheckpointImpl.NO_REENTRANT
@@ -387,7 +459,28 @@ class SelectiveCheckpoint:
         self._checkpoint_kwargs = checkpoint_kwargs
 
     def __repr__(self) -> str:
-        return f"SelectiveCheckpoint({self.name!r})"
+        return f"SelectiveCheckpoint({self.text or self.name!r})"
+
+    @property
+    def text(self) -> str | None:
+        """The choice as :meth:`from_text` reads it: a preset, or operator names joined by commas.
+
+        None for a ``policy_fn``.
+        """
+        return self._text
+
+    @classmethod
+    def from_text(cls, text: str, **checkpoint_kwargs: Any) -> SelectiveCheckpoint:
+        """Reads a preset name or comma-separated operator names (``"aten.mm.default#0,aten.bmm.default"``).
+
+        The text of an ``ActivationPlan`` strategy ``selective:<text>``; :attr:`text` writes it.
+
+        Raises:
+            ValueError: ``text`` is neither a preset nor operator names (the message says which part).
+        """
+        if "." not in text:
+            return cls(text or "default", **checkpoint_kwargs)
+        return cls([part for part in text.split(",") if part.strip()], **checkpoint_kwargs)
 
     def __call__(self, module: nn.Module) -> nn.Module:
         """Returns ``module`` wrapped in a checkpoint wrapper that applies this selection.

@@ -7,7 +7,9 @@ Spelling            Object                    What the module gets
 ``full``            ``Full()``                :func:`~fsdp_ac.checkpoint_wrapper`: only its inputs are
                                               kept; the rest is recomputed in backward.
 ``selective``       ``Selective()``           :class:`~fsdp_ac.SelectiveCheckpoint`, ``default``
-                                              preset; ``selective:<preset>`` for the others.
+                                              preset; ``selective:<preset>`` for the others;
+                                              ``selective:aten.mm.default#0,...`` for operator
+                                              calls (the memory planner's choices).
 ``offload``         ``Offload()``             :func:`~fsdp_ac.offload_wrapper`: its saved
                                               activations live in CPU memory.
 ``full+offload``    ``Offload(Full())``       Checkpointed, and its inputs (all the checkpoint keeps)
@@ -30,10 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-import torch
 from torch import nn
 
-from fsdp_ac._compat import OpOverload
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, OffloadEngine, OffloadOptions
 from fsdp_ac.selective import SelectiveCheckpoint
 from fsdp_ac.wrappers import CheckpointImpl, checkpoint_wrapper, offload_wrapper
@@ -117,14 +117,17 @@ class Selective(_Strategy):
 
     save: str | tuple[str, ...] = "default"
     """A preset name (:attr:`fsdp_ac.SelectiveCheckpoint.PRESETS`), or operator names whose outputs
-    are saved (``"aten.mm.default"``)."""
+    are saved: ``"aten.mm.default"`` (every call) or ``"aten.mm.default#2"`` (the third call in one
+    call of the block, as the memory planner chooses)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.save, str):
-            SelectiveCheckpoint(self.save)  # an unknown preset fails here, naming the presets
-        else:
+        if not isinstance(self.save, str):
             object.__setattr__(self, "save", tuple(self.save))
-            _operators(self.save)
+        SelectiveCheckpoint(self.save)  # an unknown preset or operator fails here, naming it
+
+    def __str__(self) -> str:
+        """``selective[:preset]``, or ``selective:`` and the operator (call) names joined by commas."""
+        return super().__str__() if isinstance(self.save, str) else "selective:" + ",".join(self.save)
 
     def wrapper(self, *, engine: OffloadEngine | None = None) -> Wrap:
         """One :class:`~fsdp_ac.SelectiveCheckpoint`."""
@@ -183,7 +186,8 @@ def parse_strategy(text: str, source: str) -> Strategy:
 
     Args:
         text: ``none``, ``full``, ``selective``, ``selective:<preset>``, ``offload`` or
-            ``full+offload`` (case and spaces are ignored).
+            ``full+offload`` (case and spaces are ignored); also ``selective:`` and operator (call)
+            names joined by commas, ``selective:aten.addmm.default#0,aten.mm.default``.
         source: Where ``text`` came from, named in the error (``"module 'layers.0'"``,
             ``"FSDP_AC_STRATEGY"``).
 
@@ -205,6 +209,12 @@ def parse_strategy(text: str, source: str) -> Strategy:
         return Offload(Full())
     if spelling in STRATEGIES:
         return Selective(spelling.partition(":")[2] or "default")
+    kind, _, operators = spelling.partition(":")
+    if kind == "selective" and "." in operators:  # the per-operator choices a planner writes
+        try:
+            return Selective(tuple(part for part in operators.split(",") if part))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"Strategy {text!r} for {source}: {error}") from None
     close = difflib.get_close_matches(spelling, STRATEGIES, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"Unknown strategy {text!r} for {source}; use one of {STRATEGIES}.{hint}")
@@ -242,28 +252,7 @@ def strategy_from_json(document: Mapping[str, Any] | str, source: str = "the act
     )
 
 
-def _operators(names: tuple[str, ...]) -> frozenset[OpOverload]:
-    """The operators named ``namespace.op.overload`` (``aten.mm.default``)."""
-    ops = set()
-    for name in names:
-        namespace, _, rest = str(name).partition(".")
-        packet_name, _, overload = rest.partition(".")
-        op = getattr(
-            getattr(getattr(torch.ops, namespace, None), packet_name, None), overload or "default", None
-        )
-        if not isinstance(op, OpOverload):
-            raise ValueError(
-                f"Selective strategy: {name!r} is not an operator overload; name one as "
-                "namespace.operator.overload, e.g. 'aten.mm.default'."
-            )
-        ops.add(op)
-    if not ops:
-        raise ValueError("Selective strategy: name at least one operator to save, or use Full().")
-    return frozenset(ops)
-
-
 def _selective(strategy: Selective, offload: OffloadOptions | None, engine: OffloadEngine | None) -> Wrap:
-    save = strategy.save if isinstance(strategy.save, str) else _operators(strategy.save)
     if offload is None:
-        return SelectiveCheckpoint(save)
-    return SelectiveCheckpoint(save, offload=offload, engine=engine)
+        return SelectiveCheckpoint(strategy.save)
+    return SelectiveCheckpoint(strategy.save, offload=offload, engine=engine)

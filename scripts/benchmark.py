@@ -3,11 +3,15 @@
 Run it as ``make bench`` (``python scripts/benchmark.py``). It has three parts, each a set of records;
 ``--only`` runs some of them (``--only overhead,state_dict`` takes seconds):
 
-- ``steps``: AC variants of the reference GPT. Every variant is a copy of one model (same weights,
-  same batch) run in this one process. A step is the forward, the loss and the backward (what
-  activation checkpointing changes). The activation memory is what the forward and the loss hold for
-  backward, measured deterministically by :class:`fsdp_ac.ActivationMemoryMeter` on a separate step,
-  whose gradients are also compared bitwise with those of ``no_ac``.
+- ``steps``: AC variants of the reference GPT, then of a Llama-style decoder (``transformers``'
+  ``LlamaForCausalLM``, records ``llama/<name>``; ``--model`` picks one, or a user's model given as
+  ``package.module:factory``), including the memory planner's plans for 25%, 50% and 75% of no AC's
+  activation bytes (``fsdp_ac_plan_<percent>``, planned from one profile of the model in the run).
+  Every variant is a copy of one model (same weights, same batch) run in this one process. A step
+  is the forward, the loss and the backward (what activation checkpointing changes). The activation
+  memory is what the forward and the loss hold for backward, measured deterministically by
+  :class:`fsdp_ac.ActivationMemoryMeter` on a separate step, whose gradients are also compared
+  bitwise with those of ``no_ac``.
 - ``overhead``: the cost of a wrapper per call: forward and backward of a 2-layer MLP of width 64 on a
   batch of 8, unwrapped, in torch's ``checkpoint_wrapper`` and in fsdp_ac's. The module is small so
   that the wrapper's own work, not the arithmetic, decides the ratio.
@@ -21,13 +25,18 @@ time other processes hold the cores, which is noise to this comparison; ``--cloc
 wall time instead.
 
 ``--json PATH`` writes ``{"steps": [...], "costs": [...]}``: step records ``{"name", "time_ratio",
-"memory_ratio", "step_ms", "activation_bytes"}`` (ratios to ``no_ac``) and cost records ``{"name",
-"blocks", "plain_us", "torch_us", "fsdp_ac_us", "ratio", "target"}`` (ratio: fsdp_ac to torch).
-``--check`` exits with status 1 when a target is missed: ``fsdp_ac_full`` holds no more memory than
-``torch_full`` at a time ratio at most 3% above it (faster is met), ``fsdp_ac_selective`` holds at
-most 0.60 of ``no_ac``'s memory at a time ratio of at most 1.06, a call through fsdp_ac's wrapper
-takes at most 1.10 times as long as through torch's, and ``state_dict()`` and ``load_state_dict()``
-of the 96-block model at most 1.25 times as long.
+"memory_ratio", "step_ms", "activation_bytes", "budget_ratio"}`` (ratios to ``no_ac``; the planner's
+also ``"predicted_memory_ratio"``) and cost records ``{"name", "blocks", "plain_us", "torch_us",
+"fsdp_ac_us", "ratio", "target"}`` (ratio: fsdp_ac to torch). ``--png PATH`` draws every variant's
+time against its memory (needs matplotlib). ``--check`` exits with status 1 when a target is missed
+(every time target is an upper bound: faster is met): ``fsdp_ac_full`` holds no more memory than
+``torch_full`` at a time ratio at most 3% above it, ``fsdp_ac_selective`` holds at most 0.60 of
+``no_ac``'s memory at a time ratio of at most 1.06; the plans for 25%, 50% and 75% hold at most that
+at time ratios of at most 1.20, 1.08 and 1.035, ``llama/fsdp_ac_plan_50`` at most 0.50 at 1.10;
+each plan's time is at most 2% above the fastest fixed variant of its model whose ``budget_ratio``
+fits the plan's budget, and its predicted memory ratio is within 5% of the measured one; a call
+through fsdp_ac's wrapper takes at most 1.10 times as long as through torch's, and ``state_dict()``
+and ``load_state_dict()`` of the 96-block model at most 1.25 times as long.
 """
 
 from __future__ import annotations
@@ -44,7 +53,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 
@@ -55,42 +63,69 @@ from fsdp_ac import (
     apply_activation_checkpointing,
     checkpoint_wrapper,
 )
-from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
+from fsdp_ac.__main__ import BUILTINS, workload_from_args
+from fsdp_ac.planner import BudgetError, MemoryPlan, budget_needed, plan
+from fsdp_ac.profiler import Profile, Workload, block_bytes, profile
 
 MIB = 2**20
-BLOCKS = ModulePolicy({TransformerBlock})
 
 
-def _torch_full(model: nn.Module, block: type[nn.Module] = TransformerBlock) -> None:
-    """Wraps every ``block`` of ``model`` in torch's own (non-reentrant) ``checkpoint_wrapper``."""
+def _torch_full(model: nn.Module, blocks: ModulePolicy) -> None:
+    """Wraps every block of ``model`` in torch's own (non-reentrant) ``checkpoint_wrapper``."""
+    modules = dict(model.named_modules())
+    selected = {id(modules[name]) for name in blocks.names(model)}
     torch_wrappers.apply_activation_checkpointing(
         model,
         checkpoint_wrapper_fn=partial(
             torch_wrappers.checkpoint_wrapper, checkpoint_impl=torch_wrappers.CheckpointImpl.NO_REENTRANT
         ),
-        check_fn=lambda m: isinstance(m, block),
+        check_fn=lambda m: id(m) in selected,
     )
 
 
-VARIANTS: dict[str, Callable[[nn.Module], None]] = {
-    "no_ac": lambda model: None,
-    "torch_full": _torch_full,
-    "fsdp_ac_full": lambda model: apply_activation_checkpointing(model, auto_wrap_policy=BLOCKS),
-    "fsdp_ac_every_2": lambda model: apply_activation_checkpointing(model, auto_wrap_policy=BLOCKS.every(2)),
-    "torchtitan_op_sac": lambda model: apply_activation_checkpointing(
-        model, SelectiveCheckpoint("torchtitan"), auto_wrap_policy=BLOCKS
-    ),
-    "fsdp_ac_selective": lambda model: apply_activation_checkpointing(
-        model, SelectiveCheckpoint("default"), auto_wrap_policy=BLOCKS
-    ),
-    "fsdp_ac_matmul_sac": lambda model: apply_activation_checkpointing(
-        model, SelectiveCheckpoint("matmul"), auto_wrap_policy=BLOCKS
-    ),
-}
-"""How each variant checkpoints the model; ``no_ac`` is the reference for the ratios."""
+def _selective(preset: str) -> Callable[[nn.Module, ModulePolicy], None]:
+    return lambda model, blocks: apply_activation_checkpointing(
+        model, SelectiveCheckpoint(preset), auto_wrap_policy=blocks
+    )
 
-DEFAULT_VARIANTS = [name for name in VARIANTS if name != "fsdp_ac_matmul_sac"]
+
+VARIANTS: dict[str, Callable[[nn.Module, ModulePolicy], None]] = {
+    "no_ac": lambda model, blocks: None,
+    "torch_full": _torch_full,
+    "fsdp_ac_full": lambda model, blocks: apply_activation_checkpointing(model, auto_wrap_policy=blocks),
+    "fsdp_ac_every_2": lambda model, blocks: apply_activation_checkpointing(
+        model, auto_wrap_policy=blocks.every(2)
+    ),
+    "torchtitan_op_sac": _selective("torchtitan"),
+    "fsdp_ac_selective": _selective("default"),
+    "fsdp_ac_matmul_sac": _selective("matmul"),
+}
+"""How each fixed variant checkpoints the model's blocks; ``no_ac`` is the reference for the ratios."""
+
+PLANS: dict[str, float] = {"fsdp_ac_plan_25": 0.25, "fsdp_ac_plan_50": 0.50, "fsdp_ac_plan_75": 0.75}
+"""The planner's variants: the budget as a fraction of no AC's activation bytes."""
+
+ALL_VARIANTS = [*VARIANTS, *PLANS]
+
+DEFAULT_VARIANTS = [name for name in ALL_VARIANTS if name != "fsdp_ac_matmul_sac"]
 """What a plain run measures; ``--variants all`` adds the save-every-matmul preset for comparison."""
+
+LLAMA_VARIANTS = ["no_ac", "fsdp_ac_full", "torchtitan_op_sac", "fsdp_ac_selective", "fsdp_ac_plan_50"]
+"""What the second reference model (``llama/<name>`` records) runs."""
+
+LLAMA_SIZES = {"layers": 4, "d_model": 512, "heads": 8, "seq": 256, "batch": 4, "vocab": 512}
+"""The Llama-style reference model: 4 decoder layers, hidden 512, 8 heads, sequence 256, batch 4."""
+
+PROFILE_REPEATS = 3
+"""Profiled steps whose median times the planner uses."""
+
+PLAN_TARGETS: dict[str, tuple[float, float]] = {
+    "fsdp_ac_plan_25": (0.25, 1.20),
+    "fsdp_ac_plan_50": (0.50, 1.08),
+    "fsdp_ac_plan_75": (0.75, 1.035),
+    "llama/fsdp_ac_plan_50": (0.50, 1.10),
+}
+"""Per plan record: the most memory (ratio to no AC) and time (ratio) it may take."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +142,19 @@ class Record:
     """Median step time in milliseconds (of the clock chosen with --clock)."""
     activation_bytes: int
     """Bytes the forward and the loss hold for backward."""
+    budget_ratio: float
+    """The least budget the variant fits, as the planner counts a budget (bytes held at the end of
+    forward, or at a block's recompute the bytes held before it plus its no-AC bytes, when more),
+    divided by no_ac's activation bytes: what "fits a budget" means for every variant alike."""
+    predicted_memory_ratio: float | None = None
+    """For the planner's variants: the memory ratio the plan predicted (written only for them)."""
+
+    def to_json(self) -> dict[str, object]:
+        """The record as ``--json`` writes it: ``predicted_memory_ratio`` only where there is one."""
+        record = asdict(self)
+        if self.predicted_memory_ratio is None:
+            del record["predicted_memory_ratio"]
+        return record
 
 
 PARTS = ("steps", "overhead", "state_dict")
@@ -176,6 +224,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--model",
+        default="reference",
+        help="'reference' (the GPT, then the Llama-style model as llama/<name> when transformers is "
+        "installed), 'gpt', 'llama', or package.module:factory with --block and --shape",
+    )
+    parser.add_argument(
+        "--block", help="with --model package.module:factory: block class names, comma-separated"
+    )
+    parser.add_argument("--shape", help="with --model package.module:factory: input shape, e.g. 4,256")
+    parser.add_argument(
+        "--dtype", help="with --model package.module:factory: input dtype (default: tokens if it embeds)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu; cuda times wall time)")
+    parser.add_argument(
+        "--png", metavar="PATH", help="draw the memory/time plot of every variant (needs matplotlib)"
+    )
     parser.add_argument("--layers", type=int, default=8, help="transformer blocks (default: 8)")
     parser.add_argument("--d-model", type=int, default=512, help="residual width (default: 512)")
     parser.add_argument("--heads", type=int, default=8, help="attention heads (default: 8)")
@@ -191,7 +256,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
-        help=f"'all', or a comma-separated subset of {', '.join(VARIANTS)} (no_ac always runs)",
+        help=f"'all', or a comma-separated subset of {', '.join(ALL_VARIANTS)} (no_ac always runs)",
     )
     parser.add_argument(
         "--only",
@@ -208,22 +273,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
     args = parser.parse_args(argv)
     if args.variants == "all":
-        args.variants = ",".join(VARIANTS)
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+        args.variants = ",".join(ALL_VARIANTS)
+    unknown = [v for v in args.variants.split(",") if v not in ALL_VARIANTS]
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        parser.error(f"unknown variants {unknown}; choose from {ALL_VARIANTS}")
+    if args.model not in ("reference", *BUILTINS) and ":" not in args.model:
+        parser.error(f"--model: use 'reference', one of {BUILTINS}, or package.module:factory")
+    if args.device.startswith("cuda"):
+        args.clock = "wall"  # kernels run asynchronously; the step synchronises and wall time counts them
     unknown = [part for part in args.only.split(",") if part not in PARTS]
     if unknown:
         parser.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
     if args.repeats < 1 or args.cost_repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats, --cost-repeats and --threads must be >= 1 and --warmup >= 0")
     return args
-
-
-def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of ``model`` on ``tokens`` of shape (batch, seq + 1)."""
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
 def clocked(fn: Callable[[], object], calls: int = 1) -> tuple[float, float]:
@@ -235,9 +298,15 @@ def clocked(fn: Callable[[], object], calls: int = 1) -> tuple[float, float]:
     return cpu * 1e3 / calls, wall * 1e3 / calls
 
 
-def timed_step(model: nn.Module, tokens: torch.Tensor) -> tuple[float, float]:
+def timed_step(workload: Workload, model: nn.Module) -> tuple[float, float]:
     """Runs one forward, loss and backward; returns its (CPU, wall) time in milliseconds."""
-    times = clocked(lambda: lm_loss(model, tokens).backward())
+
+    def step() -> None:
+        workload.loss(model, workload.batch).backward()
+        if workload.batch.is_cuda:
+            torch.cuda.synchronize()
+
+    times = clocked(step)
     model.zero_grad(set_to_none=True)
     return times
 
@@ -275,10 +344,10 @@ def interleaved(
     return cpu, wall
 
 
-def metered_step(model: nn.Module, tokens: torch.Tensor) -> tuple[int, list[torch.Tensor | None]]:
+def metered_step(workload: Workload, model: nn.Module) -> tuple[int, list[torch.Tensor | None]]:
     """Runs one step measuring the activation bytes; returns them and the gradients in order."""
     with ActivationMemoryMeter(model) as meter:
-        loss = lm_loss(model, tokens)
+        loss = workload.loss(model, workload.batch)
     loss.backward()
     # By position: torch's own wrappers change parameter names, never their order.
     grads = [p.grad for p in model.parameters()]
@@ -286,54 +355,107 @@ def metered_step(model: nn.Module, tokens: torch.Tensor) -> tuple[int, list[torc
     return meter.held_bytes, grads
 
 
-def run(args: argparse.Namespace) -> tuple[list[Record], dict[str, float], dict[str, bool]]:
-    """Builds the variants, measures them interleaved; returns records, wall ms and gradient checks."""
-    config = GPTConfig(
-        vocab_size=args.vocab,
-        max_seq_len=args.seq,
-        d_model=args.d_model,
-        n_heads=args.heads,
-        n_layers=args.layers,
-    )
-    torch.manual_seed(0)
-    reference = GPT(config)
-    tokens = torch.randint(
-        0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1)
-    )
-    names = ["no_ac", *(v for v in args.variants.split(",") if v != "no_ac")]
+def reference_workloads(args: argparse.Namespace) -> list[tuple[str, Workload, list[str]]]:
+    """The models ``--model`` names: (record prefix, workload, variants) for each."""
+    gpt_sizes = {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "seq": args.seq}
+    gpt_sizes |= {"batch": args.batch, "vocab": args.vocab}
+    chosen = args.variants.split(",")
+    runs = []
+    if args.model in ("reference", "gpt"):
+        runs.append(("", "gpt", gpt_sizes, chosen))
+    if args.model in ("reference", "llama"):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            if args.model == "llama":
+                raise
+            print("transformers is not installed: the Llama-style model (llama/<name> records) is skipped.")
+        else:
+            runs.append(("llama/", "llama", LLAMA_SIZES, [v for v in LLAMA_VARIANTS if v in chosen]))
+    workloads = []
+    for prefix, model, sizes, variants in runs:
+        options = argparse.Namespace(
+            model=model, device=args.device, block=None, shape=None, dtype=None, **sizes
+        )
+        workloads.append((prefix, workload_from_args(options), variants))
+    if ":" in args.model:
+        options = argparse.Namespace(**{**vars(args), "layers": None})
+        workloads.append(("", workload_from_args(options), chosen))
+    return workloads
+
+
+def run(
+    args: argparse.Namespace, workload: Workload, variants: Sequence[str], prefix: str = ""
+) -> tuple[list[Record], dict[str, float], dict[str, bool], list[tuple[str, bool]]]:
+    """Builds the variants, measures them interleaved.
+
+    The planner's variants are planned from one profile of the model (:mod:`fsdp_ac.profiler`); a
+    budget no plan fits skips its variant and counts as a missed target.
+
+    Returns:
+        The records, each variant's median wall time, whether its gradients equal no AC's, and the
+        planner's variants that could not be planned as missed targets.
+    """
+    blocks = ModulePolicy(workload.blocks)
+    names = ["no_ac", *(v for v in variants if v != "no_ac")]
+    plans: dict[str, MemoryPlan] = {}
+    unplanned: list[tuple[str, bool]] = []
+    measured: Profile | None = None
+    for name in [n for n in names if n in PLANS]:
+        if measured is None:
+            measured = profile(workload, repeats=PROFILE_REPEATS, strategies=())
+        try:
+            plans[name] = plan(measured, PLANS[name])
+        except BudgetError as error:
+            unplanned.append((f"{prefix}{name}: {error}", False))
+            names.remove(name)
     models: dict[str, nn.Module] = {}
     for name in names:
-        models[name] = copy.deepcopy(reference)
-        VARIANTS[name](models[name])
+        models[name] = copy.deepcopy(workload.model)
+        if name in plans:
+            plans[name].to_activation_plan().apply(models[name])
+        else:
+            VARIANTS[name](models[name], blocks)
 
     def timed(name: str) -> tuple[float, float]:
-        return timed_step(models[name], tokens)
+        return timed_step(workload, models[name])
 
     interleaved(names, args.warmup, timed)
     held: dict[str, int] = {}
     grads_equal: dict[str, bool] = {}
     expected: list[torch.Tensor | None] = []
     for name in names:
-        held[name], grads = metered_step(models[name], tokens)
+        held[name], grads = metered_step(workload, models[name])
         expected = expected or grads
-        grads_equal[name] = len(grads) == len(expected) and all(
+        grads_equal[prefix + name] = len(grads) == len(expected) and all(
             g is not None and e is not None and torch.equal(g, e)
             for g, e in zip(grads, expected, strict=False)
         )
+    split = {name: block_bytes(workload, models[name]) for name in names}
+    no_ac = split["no_ac"].held
+    needed = {
+        name: budget_needed(
+            b.held, [max(h, n) for h, n in zip(b.held, no_ac, strict=True)], b.before, b.outside
+        )
+        for name, b in split.items()
+    }
     cpu, wall = interleaved(names, args.repeats, timed)
     chosen = cpu if args.clock == "cpu" else wall
     step = {name: statistics.median(chosen[name]) for name in names}
     records = [
         Record(
-            name=name,
+            name=prefix + name,
             time_ratio=step[name] / step["no_ac"],
             memory_ratio=held[name] / held["no_ac"],
             step_ms=step[name],
             activation_bytes=held[name],
+            budget_ratio=needed[name] / held["no_ac"],
+            predicted_memory_ratio=plans[name].predicted_memory_ratio if name in plans else None,
         )
         for name in names
     ]
-    return records, {name: statistics.median(wall[name]) for name in names}, grads_equal
+    wall_ms = {prefix + name: statistics.median(wall[name]) for name in names}
+    return records, wall_ms, grads_equal, unplanned
 
 
 def cost_record(
@@ -392,7 +514,7 @@ def state_dict_records(args: argparse.Namespace) -> list[CostRecord]:
         torch.manual_seed(0)
         plain = stacked_model(blocks)
         torch_wrapped, fsdp_ac_wrapped = copy.deepcopy(plain), copy.deepcopy(plain)
-        _torch_full(torch_wrapped, StackedBlock)
+        _torch_full(torch_wrapped, ModulePolicy({StackedBlock}))
         apply_activation_checkpointing(fsdp_ac_wrapped, auto_wrap_policy=ModulePolicy({StackedBlock}))
         models = {"plain": plain, "torch": torch_wrapped, "fsdp_ac": fsdp_ac_wrapped}
         # Clean keys, which every variant loads: what a plain model or fsdp_ac writes.
@@ -406,7 +528,10 @@ def state_dict_records(args: argparse.Namespace) -> list[CostRecord]:
 
 
 def check_targets(records: list[Record]) -> list[tuple[str, bool]]:
-    """The targets of the benchmark, each with whether it is met (those whose variants ran)."""
+    """The targets of the benchmark, each with whether it is met (those whose variants ran).
+
+    Faster than a time target is met: every time target is an upper bound.
+    """
     by_name = {r.name: r for r in records}
     results = []
     if {"torch_full", "fsdp_ac_full"} <= by_name.keys():
@@ -430,7 +555,101 @@ def check_targets(records: list[Record]) -> list[tuple[str, bool]]:
             (f"fsdp_ac_selective memory {ours.memory_ratio:.3f} <= 0.60", ours.memory_ratio <= 0.60)
         )
         results.append((f"fsdp_ac_selective time {ours.time_ratio:.3f} <= 1.06", ours.time_ratio <= 1.06))
+    for name, (memory, time_ratio) in PLAN_TARGETS.items():
+        if name in by_name:
+            r = by_name[name]
+            results.append((f"{name} memory {r.memory_ratio:.3f} <= {memory:.2f}", r.memory_ratio <= memory))
+            results.append((f"{name} time {r.time_ratio:.3f} <= {time_ratio}", r.time_ratio <= time_ratio))
+    for r in records:
+        if r.predicted_memory_ratio is None:
+            continue
+        error = abs(r.predicted_memory_ratio - r.memory_ratio) / r.memory_ratio
+        results.append(
+            (
+                f"{r.name} predicted memory {r.predicted_memory_ratio:.3f} within 5% of measured "
+                f"{r.memory_ratio:.3f} ({error:.1%})",
+                error <= 0.05,
+            )
+        )
+        prefix, _, variant = r.name.rpartition("/")
+        fraction = PLANS[variant]
+        fixed = [
+            f
+            for f in records
+            if f.predicted_memory_ratio is None
+            and f.name.rpartition("/")[0] == prefix
+            and f.budget_ratio <= fraction
+        ]
+        if fixed:
+            fastest = min(fixed, key=lambda f: f.time_ratio)
+            results.append(
+                (
+                    f"{r.name} time {r.time_ratio:.3f} at most 2% above the fastest fixed variant that "
+                    f"fits {fraction:.2f}, {fastest.name} {fastest.time_ratio:.3f}",
+                    r.time_ratio <= fastest.time_ratio * 1.02,
+                )
+            )
     return results
+
+
+def draw_pareto(records: list[Record], path: str) -> None:
+    """Draws every variant's memory ratio against its time ratio, one panel per model, to ``path``.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install fsdp_ac[plot]``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("--png needs matplotlib: pip install 'fsdp_ac[plot]' (or matplotlib).") from error
+    models: dict[str, list[Record]] = {}
+    for r in records:
+        prefix, _, _ = r.name.rpartition("/")
+        models.setdefault(prefix or "reference GPT", []).append(r)
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for axis, (model, rows) in zip(axes[0], models.items(), strict=True):
+        for r in rows:
+            planned = r.predicted_memory_ratio is not None
+            color = "tab:red" if planned else "tab:blue"
+            # From the bytes held at the end of forward to the budget the variant needs (recompute).
+            axis.plot([r.memory_ratio, r.budget_ratio], [r.time_ratio] * 2, color=color, alpha=0.4, lw=1)
+            axis.scatter(r.budget_ratio, r.time_ratio, marker="|", s=60, color=color, alpha=0.6)
+            axis.scatter(
+                r.memory_ratio,
+                r.time_ratio,
+                marker="*" if planned else "o",
+                s=90 if planned else 40,
+                color=color,
+            )
+            axis.annotate(
+                r.name.rpartition("/")[2],
+                (r.memory_ratio, r.time_ratio),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        frontier = []
+        for r in sorted(rows, key=lambda r: (r.memory_ratio, r.time_ratio)):
+            if not frontier or r.time_ratio < frontier[-1].time_ratio:
+                frontier.append(r)
+        axis.step(
+            [r.memory_ratio for r in frontier],
+            [r.time_ratio for r in frontier],
+            where="post",
+            color="grey",
+            linewidth=0.8,
+        )
+        axis.set(
+            title=f"{model}: held at the end of forward (dot) to budget needed (bar)",
+            xlabel="activation memory / no AC",
+            ylabel="step time / no AC",
+        )
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def cost_label(cost: CostRecord) -> str:
@@ -448,22 +667,31 @@ def check_cost_targets(costs: list[CostRecord]) -> list[tuple[str, bool]]:
 
 
 def print_steps(
-    args: argparse.Namespace, records: list[Record], wall_ms: dict[str, float], grads_equal: dict[str, bool]
+    args: argparse.Namespace,
+    workload: Workload,
+    records: list[Record],
+    wall_ms: dict[str, float],
+    grads_equal: dict[str, bool],
 ) -> None:
-    """Prints the table of the steps part."""
+    """Prints the table of the steps part for one model."""
     print(
-        f"Reference GPT: {args.layers} pre-LN blocks, d_model {args.d_model}, {args.heads} heads, "
-        f"seq {args.seq}, batch {args.batch}, vocab {args.vocab}, fp32, causal SDPA, 4x GELU MLP.\n"
+        f"{workload.description}; fp32.\n"
         f"{args.threads} thread(s); {args.warmup} warm-up and {args.repeats} timed rounds, variants "
         f"interleaved; step = forward + loss + backward; time = median {args.clock.upper()} time."
     )
-    header = f"{'variant':<20} {'time_ratio':>10} {'memory_ratio':>12} {'step_ms':>9} {'wall_ms':>9} "
-    print(header + f"{'activation_MiB':>14}  grads")
+    header = f"{'variant':<24} {'time_ratio':>10} {'memory_ratio':>12} {'predicted':>9} {'budget':>6} "
+    print(header + f"{'step_ms':>9} {'wall_ms':>9} {'activation_MiB':>14}  grads")
     for r in records:
-        grads = "reference" if r.name == "no_ac" else ("bitwise equal" if grads_equal[r.name] else "DIFFER")
+        grads = (
+            "reference"
+            if r.name.endswith("no_ac")
+            else ("bitwise equal" if grads_equal[r.name] else "DIFFER")
+        )
+        predicted = "" if r.predicted_memory_ratio is None else f"{r.predicted_memory_ratio:.3f}"
         print(
-            f"{r.name:<20} {r.time_ratio:>10.3f} {r.memory_ratio:>12.3f} {r.step_ms:>9.1f} "
-            f"{wall_ms[r.name]:>9.1f} {r.activation_bytes / MIB:>14.2f}  {grads}"
+            f"{r.name:<24} {r.time_ratio:>10.3f} {r.memory_ratio:>12.3f} {predicted:>9} "
+            f"{r.budget_ratio:>6.3f} {r.step_ms:>9.1f} {wall_ms[r.name]:>9.1f} "
+            f"{r.activation_bytes / MIB:>14.2f}  {grads}"
         )
 
 
@@ -519,9 +747,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets: list[tuple[str, bool]] = []
     grads_equal: dict[str, bool] = {}
     if "steps" in parts:
-        records, wall_ms, grads_equal = run(args)
-        print_steps(args, records, wall_ms, grads_equal)
+        for prefix, workload, variants in reference_workloads(args):
+            model_records, wall_ms, model_grads, unplanned = run(args, workload, variants, prefix)
+            targets += unplanned
+            print_steps(args, workload, model_records, wall_ms, model_grads)
+            records += model_records
+            grads_equal |= model_grads
         targets += check_targets(records)
+        if args.png:
+            draw_pareto(records, args.png)
     if "overhead" in parts:
         costs += overhead_records(args)
     if "state_dict" in parts:
@@ -535,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(
-                {"steps": [asdict(r) for r in records], "costs": [asdict(c) for c in costs]}, file, indent=2
+                {"steps": [r.to_json() for r in records], "costs": [asdict(c) for c in costs]}, file, indent=2
             )
             file.write("\n")
     failed = not all(grads_equal.values()) or (args.check and not all(met for _, met in targets))

@@ -43,6 +43,7 @@ SAVED_PER_BLOCK = {
 
 CUSTOM_POLICIES: dict[str, Any] = {
     "op_list": [torch.ops.aten.addmm.default],
+    "op_calls": ["aten.addmm.default#2"],  # the MLP's first matmul only, as the planner writes it
     "policy_fn": lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE,
 }
 
@@ -230,6 +231,40 @@ def test_bad_arguments_raise_with_the_fix() -> None:
         SelectiveCheckpoint(context_fn=lambda: None)
 
 
+def test_named_calls_save_exactly_those_outputs(gpt: GPT, tokens: torch.Tensor) -> None:
+    full = copy.deepcopy(gpt)
+    apply_activation_checkpointing(full, auto_wrap_policy={TransformerBlock})
+    full_bytes, expected_grads = step(full, tokens)
+    # The third addmm of a block (the MLP's first matmul, 4 x d_model wide) and nothing else: not
+    # even the attention output, which every preset saves.
+    wrapped = copy.deepcopy(gpt)
+    wrapper_fn = selective(wrapped, ["aten.addmm.default#2"])
+    assert wrapper_fn.text == "aten.addmm.default#2"
+    for _ in range(2):
+        held, grads = step(wrapped, tokens)
+        assert held - full_bytes == SMALL_GPT.n_layers * 4 * UNIT
+        for got, want in zip(grads, expected_grads, strict=True):
+            assert torch.equal(got, want)
+    # The saved matmul is not recomputed: QKV (3) and the projection (1) are; the last never is.
+    extra = recomputed_matmul_flops(wrapped, tokens) - recomputed_matmul_flops(gpt, tokens)
+    assert extra == SMALL_GPT.n_layers * 4 * 2 * BATCH * SEQ * SMALL_GPT.d_model**2
+
+
+def test_operator_names_read_back_from_text() -> None:
+    text = SelectiveCheckpoint.from_text("aten.addmm.default#2, aten.bmm.default,aten.addmm.default#0").text
+    assert text == "aten.bmm.default,aten.addmm.default#0,aten.addmm.default#2"
+    assert SelectiveCheckpoint.from_text(text).text == text
+    assert SelectiveCheckpoint.from_text("torchtitan").text == "torchtitan"
+    assert SelectiveCheckpoint(lambda ctx, op, *a, **k: CheckpointPolicy.PREFER_RECOMPUTE).text is None
+    for bad in ("aten.nope.default#0", "aten.mm.default#x", "mm#0.x"):
+        with pytest.raises(ValueError, match=r"namespace\.operator\.overload"):
+            SelectiveCheckpoint.from_text(bad)
+    plan = ActivationPlan({"layers.0": "selective:aten.addmm.default#2", "layers.1": "selective:matmul"})
+    assert ActivationPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(ValueError, match=r"namespace\.operator\.overload"):
+        ActivationPlan({"layers.0": "selective:aten.nope.default#0"})
+
+
 def test_checkpoint_arguments_reach_the_wrapper() -> None:
     block = SelectiveCheckpoint("matmul", preserve_rng_state=False, allow_rng_divergence=True)(
         nn.Linear(2, 2)
@@ -268,8 +303,8 @@ def test_hugging_face_llama(tokens: torch.Tensor) -> None:
 
 # torch.compile: every form in one graph per backend, since compiling is the slow part on CPU.
 
-COMPILE_GPT = GPTConfig(vocab_size=32, max_seq_len=8, d_model=16, n_heads=2, n_layers=6)
-"""Six blocks, one per selective form, so that one compilation covers every form."""
+COMPILE_GPT = GPTConfig(vocab_size=32, max_seq_len=8, d_model=16, n_heads=2, n_layers=7)
+"""Seven blocks, one per selective form, so that one compilation covers every form."""
 
 COMPILED_RECOMPUTE = {
     # As in eager, with one rule of the compiled backward: a block's last matmul feeds only its
@@ -279,8 +314,9 @@ COMPILED_RECOMPUTE = {
     "layers.2": [],  # "matmul"
     "layers.3": ["attn.proj", "attn.qkv", "mlp.fc"],  # "attention"
     "layers.4": [],  # [aten.addmm.default]
+    "layers.5": ["attn.proj", "attn.qkv"],  # ["aten.addmm.default#2"]: saves mlp.fc only
     # Recomputes everything; its output feeds ln_f outside any region, so it is recomputed too.
-    "layers.5": ["attn.proj", "attn.qkv", "mlp.fc", "mlp.proj"],
+    "layers.6": ["attn.proj", "attn.qkv", "mlp.fc", "mlp.proj"],
 }
 """Linear layers whose forward matmul is replayed in the compiled backward, by block."""
 

@@ -27,6 +27,7 @@ TYPED = [
     Selective(),
     Selective("torchtitan"),
     Selective(("aten.mm.default", "aten.addmm.default")),
+    Selective(("aten.addmm.default#0", "aten.mm.default#2")),
     Offload(),
     Offload(Full()),
     Offload(Full(), pin_memory=False, min_offload_bytes=0, copy_cpu_tensors=True),
@@ -50,8 +51,10 @@ def test_json_and_plans_keep_every_option(strategy: object) -> None:
 
 
 def test_invalid_options_are_refused_naming_them() -> None:
-    with pytest.raises(ValueError, match=r"'aten.nope' is not an operator overload"):
+    with pytest.raises(ValueError, match=r"Cannot read 'aten.nope' as an operator to save"):
         Selective(("aten.nope",))
+    with pytest.raises(ValueError, match=r"for module 'layers.0': Cannot read 'aten.mm.nope#1'"):
+        parse_strategy("selective:aten.mm.nope#1", "module 'layers.0'")
     with pytest.raises(ValueError, match="Unknown selective checkpointing preset 'fast'"):
         Selective("fast")
     with pytest.raises(ValueError, match="min_offload_bytes must be >= 0"):
@@ -78,3 +81,11 @@ def test_options_reach_the_wrapper_at_construction() -> None:
     assert first.offload == OffloadOptions(pin_memory=False, min_offload_bytes=0)
     assert second.checkpoint_impl == CheckpointImpl.REENTRANT and second.offload is None
     assert (third.min_offload_bytes, third.pin_memory) == (7, True)
+
+
+def test_the_planners_per_call_spelling_parses_into_a_selective_strategy_and_back() -> None:
+    strategy = parse_strategy("selective:aten.addmm.default#0,aten.mm.default", "the planner")
+    assert strategy == Selective(("aten.addmm.default#0", "aten.mm.default"))
+    assert parse_strategy(str(strategy), "str") == strategy
+    plan = ActivationPlan({"layers.0": str(strategy)})
+    assert plan.strategies["layers.0"] == strategy

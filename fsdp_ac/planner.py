@@ -1,0 +1,331 @@
+"""Chooses per block what to save so that the activations fit a memory budget at the least recompute.
+
+From a :class:`~fsdp_ac.profiler.Profile`, every block gets its own memory/time curve: no
+checkpointing, full checkpointing, and selective checkpointing of each subset of its matmul and
+attention calls (the op profile says what each call's outputs hold and what recomputing it costs).
+Points that another point beats on bytes held, bytes at its recompute and time are dropped.
+
+The planner then picks one point per block, minimising the predicted recompute time under the budget,
+exactly: a multiple-choice knapsack solved by dynamic programming over the bytes held by the blocks
+before (states that another state beats on both bytes and time are dropped, which loses no optimum).
+
+What the budget covers, in bytes of activations (storages created by the forward, excluding
+parameters, as :class:`~fsdp_ac.ActivationMemoryMeter` counts them):
+
+- the bytes held at the end of forward and loss: those created outside the blocks, plus each block's
+  held bytes for its choice; and
+- for each checkpointed block, the bytes alive while backward recomputes it: what was created before
+  the block (outside bytes and earlier blocks' held bytes; later blocks have been freed by then), plus
+  everything the block holds without checkpointing (the recompute rebuilds it), plus any saved
+  output that backward does not read.
+
+The second term is the recompute's transient; the total is at most "held bytes plus the largest
+transient", and is what the peak actually is when the blocks' backward runs one after another.
+Gradients, optimizer state and parameters are not activations and are not counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fsdp_ac.plan import ActivationPlan
+from fsdp_ac.profiler import BlockProfile, Profile, text_table
+
+__all__ = [
+    "BlockChoice",
+    "BudgetError",
+    "MemoryPlan",
+    "block_options",
+    "budget_needed",
+    "plan",
+    "smallest_budget",
+    "solve",
+]
+
+MAX_ENUMERATED_CALLS = 12
+"""Blocks with more matmul and attention calls than this get a greedy curve instead of every subset."""
+
+
+class BudgetError(ValueError):
+    """The budget is below what any plan needs; :attr:`smallest` is the least budget that fits."""
+
+    def __init__(self, message: str, smallest: int) -> None:
+        super().__init__(message)
+        self.smallest = smallest
+
+
+@dataclass(frozen=True)
+class BlockChoice:
+    """One point on a block's memory/time curve."""
+
+    saved: tuple[str, ...] | None
+    """None: no checkpointing; ``()``: full checkpointing; otherwise the calls whose outputs are saved
+    (``"aten.addmm.default#0"``) under selective checkpointing."""
+    held_bytes: int
+    """Bytes the block holds at the end of forward."""
+    recompute_bytes: int
+    """Bytes alive for the block while backward recomputes it (its no-AC bytes and saved outputs that
+    backward does not read); its held bytes when it is not checkpointed."""
+    extra_ms: float
+    """Predicted recompute time."""
+
+    @property
+    def strategy(self) -> str:
+        """The :class:`~fsdp_ac.ActivationPlan` strategy string."""
+        if self.saved is None:
+            return "none"
+        if not self.saved:
+            return "full"
+        return "selective:" + ",".join(self.saved)
+
+
+def block_options(block: BlockProfile, max_calls: int = MAX_ENUMERATED_CALLS) -> list[BlockChoice]:
+    """The block's curve: no checkpointing, full, and selective subsets, dominated points dropped.
+
+    Args:
+        block: The block's profile.
+        max_calls: Up to this many saveable calls, every subset is tried; beyond it, the calls are
+            added one at a time, most recompute time per byte first.
+
+    Returns:
+        The non-dominated points, fewest bytes held first.
+    """
+    ops = block.ops
+    if len(ops) <= max_calls:
+        subsets: list[tuple[int, ...]] = [
+            combo for size in range(len(ops) + 1) for combo in itertools.combinations(range(len(ops)), size)
+        ]
+    else:
+        ranked = sorted(range(len(ops)), key=lambda i: -ops[i].recompute_ms / max(ops[i].bytes, 1))
+        subsets = [tuple(sorted(ranked[:size])) for size in range(len(ops) + 1)]
+    points = [BlockChoice(None, block.none_bytes, block.none_bytes, 0.0)]
+    for subset in subsets:
+        saved_bytes = sum(ops[i].bytes for i in subset)
+        unread = sum(ops[i].bytes for i in subset if not ops[i].read_by_backward)
+        points.append(
+            BlockChoice(
+                saved=tuple(ops[i].name for i in subset),
+                held_bytes=block.kept_bytes + saved_bytes,
+                recompute_bytes=block.none_bytes + unread,
+                extra_ms=block.other_ms + sum(op.recompute_ms for i, op in enumerate(ops) if i not in subset),
+            )
+        )
+    return _frontier(points)
+
+
+def _frontier(points: list[BlockChoice]) -> list[BlockChoice]:
+    """Drops every point another beats or equals on bytes held, bytes at recompute and time."""
+    ordered = sorted(points, key=lambda p: (p.held_bytes, p.extra_ms, p.recompute_bytes))
+    kept: list[BlockChoice] = []
+    for point in ordered:
+        if not any(
+            k.held_bytes <= point.held_bytes
+            and k.recompute_bytes <= point.recompute_bytes
+            and k.extra_ms <= point.extra_ms
+            for k in kept
+        ):
+            kept.append(point)
+    return kept
+
+
+def budget_needed(held: Sequence[int], recompute: Sequence[int], before: Sequence[int], outside: int) -> int:
+    """The bytes a budget must cover (see the module docstring), from per-block figures.
+
+    Args:
+        held: Per block in forward order, the bytes it holds at the end of forward.
+        recompute: Per block, the bytes alive for it while backward recomputes it (for a block that is
+            not checkpointed, its held bytes).
+        before: Per block, the bytes created outside the blocks before it.
+        outside: All bytes created outside the blocks.
+
+    Example:
+        A fixed strategy measured block by block (:func:`fsdp_ac.profiler.block_bytes`) needs
+        ``budget_needed(held, [max(h, n) for h, n in zip(held, no_ac_held)], before, outside)``.
+    """
+    peak, prefix = 0, 0
+    for i, (kept, rebuilt) in enumerate(zip(held, recompute, strict=True)):
+        peak = max(peak, before[i] + prefix + rebuilt)
+        prefix += kept
+    return max(peak, outside + prefix)
+
+
+def _peak(
+    options: Sequence[Sequence[BlockChoice]], before: Sequence[int], outside: int, picks: Sequence[int]
+) -> int:
+    """The bytes the budget must cover for one choice per block."""
+    chosen = [options[i][pick] for i, pick in enumerate(picks)]
+    return budget_needed([c.held_bytes for c in chosen], [c.recompute_bytes for c in chosen], before, outside)
+
+
+def solve(
+    options: Sequence[Sequence[BlockChoice]], before: Sequence[int], outside: int, budget: int
+) -> list[int] | None:
+    """Picks one option per block minimising the summed ``extra_ms`` within ``budget``; exact.
+
+    Dynamic programming over the blocks in forward order, the state being the bytes the blocks so far
+    hold: a block's options are allowed when the bytes at its recompute fit, and at the end when all
+    held bytes fit. Of two states, one with no more bytes and no more time makes the other useless
+    (every later constraint only gets harder with more bytes), so only the frontier is kept.
+
+    Args:
+        options: Per block, its options.
+        before: Per block, the bytes created outside the blocks before it.
+        outside: All bytes created outside the blocks.
+        budget: The bytes allowed.
+
+    Returns:
+        The index of the chosen option per block, or None when nothing fits.
+    """
+    states: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+    for i, block in enumerate(options):
+        grown: list[tuple[int, float, tuple[int, ...]]] = []
+        for held, ms, picks in states:
+            for index, choice in enumerate(block):
+                if before[i] + held + choice.recompute_bytes <= budget:
+                    grown.append((held + choice.held_bytes, ms + choice.extra_ms, (*picks, index)))
+        grown.sort(key=lambda s: (s[0], s[1]))
+        states = []
+        for state in grown:
+            if not states or state[1] < states[-1][1]:
+                states.append(state)
+    fitting = [s for s in states if outside + s[0] <= budget]
+    if not fitting:
+        return None
+    return list(min(fitting, key=lambda s: (s[1], s[0]))[2])
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The planner's result: a choice per block and what it predicts."""
+
+    budget_bytes: int
+    """The budget planned for."""
+    choices: dict[str, BlockChoice]
+    """Per block name, in forward order."""
+    predicted_bytes: int
+    """Bytes held at the end of forward and loss."""
+    predicted_peak_bytes: int
+    """Bytes the budget covers (held, or at a recompute when more)."""
+    predicted_extra_ms: float
+    """Predicted recompute time per step."""
+    no_ac_bytes: int
+    """Bytes held without checkpointing."""
+    step_ms: float
+    """Measured step time without checkpointing."""
+
+    @property
+    def predicted_memory_ratio(self) -> float:
+        """Predicted held bytes as a fraction of no AC's."""
+        return self.predicted_bytes / self.no_ac_bytes
+
+    @property
+    def predicted_time_ratio(self) -> float:
+        """Predicted step time as a multiple of no AC's."""
+        return (self.step_ms + self.predicted_extra_ms) / self.step_ms
+
+    def to_activation_plan(self) -> ActivationPlan:
+        """The plan to apply: each block's strategy (``none``, ``full`` or ``selective:<calls>``)."""
+        return ActivationPlan({name: choice.strategy for name, choice in self.choices.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan and its predictions as a JSON-ready dictionary.
+
+        Its ``activation_plan`` is what :meth:`fsdp_ac.ActivationPlan.from_json` reads.
+        """
+        return {
+            "budget_bytes": self.budget_bytes,
+            "predicted_bytes": self.predicted_bytes,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "predicted_memory_ratio": self.predicted_memory_ratio,
+            "predicted_time_ratio": self.predicted_time_ratio,
+            "predicted_extra_ms": self.predicted_extra_ms,
+            "no_ac_bytes": self.no_ac_bytes,
+            "step_ms": self.step_ms,
+            "blocks": {
+                name: {"strategy": c.strategy, "held_bytes": c.held_bytes, "extra_ms": c.extra_ms}
+                for name, c in self.choices.items()
+            },
+            "activation_plan": json.loads(self.to_activation_plan().to_json()),
+        }
+
+    def table(self) -> str:
+        """The plan as a text table, one block per row, with the predictions below."""
+        rows = [
+            [name, f"{c.held_bytes / 2**20:.2f}", f"{c.extra_ms:.1f}", c.strategy]
+            for name, c in self.choices.items()
+        ]
+        predictions = (
+            f"budget {self.budget_bytes / 2**20:.2f} MiB: held {self.predicted_bytes / 2**20:.2f} MiB "
+            f"(memory ratio {self.predicted_memory_ratio:.3f}), at a recompute "
+            f"{self.predicted_peak_bytes / 2**20:.2f} MiB; "
+            f"predicted time ratio {self.predicted_time_ratio:.3f}"
+        )
+        return text_table(["block", "held_MiB", "recompute_ms", "strategy"], rows) + "\n" + predictions
+
+
+def _budget_bytes(profile: Profile, budget: int | float) -> int:
+    if isinstance(budget, float):
+        if not 0 < budget:
+            raise ValueError(f"A budget fraction must be positive, got {budget}.")
+        return int(budget * profile.no_ac_bytes)
+    if budget <= 0:
+        raise ValueError(f"A budget in bytes must be positive, got {budget}.")
+    return budget
+
+
+def smallest_budget(profile: Profile) -> int:
+    """The least budget any plan fits: full checkpointing of every block.
+
+    Full checkpointing holds the fewest bytes in each block, and no option needs fewer bytes at its
+    recompute than the block's no-AC bytes, which full needs; so no plan needs less.
+    """
+    options = [
+        [min(block_options(b), key=lambda c: (c.held_bytes, c.recompute_bytes))] for b in profile.blocks
+    ]
+    return _peak(options, profile.outside_before, profile.outside_bytes, [0] * len(options))
+
+
+def plan(profile: Profile, budget: int | float) -> MemoryPlan:
+    """Chooses per block what to save so that the activations fit ``budget`` at the least recompute.
+
+    Args:
+        profile: From :func:`fsdp_ac.profiler.profile`.
+        budget: Bytes (an int), or a fraction of no AC's activation bytes (a float, e.g. ``0.5``).
+
+    Returns:
+        The :class:`MemoryPlan`; apply it with ``result.to_activation_plan().apply(model)``.
+
+    Raises:
+        BudgetError: No plan fits; the message and ``.smallest`` give the least budget that does.
+        ValueError: ``budget`` is not positive.
+
+    Example:
+        >>> result = plan(profile(workload), 0.5)
+        >>> print(result.table())
+        >>> result.to_activation_plan().apply(workload.model)
+    """
+    budget_bytes = _budget_bytes(profile, budget)
+    options = [block_options(b) for b in profile.blocks]
+    picks = solve(options, profile.outside_before, profile.outside_bytes, budget_bytes)
+    if picks is None:
+        smallest = smallest_budget(profile)
+        raise BudgetError(
+            f"No plan fits {budget_bytes:,} bytes ({budget_bytes / profile.no_ac_bytes:.3f} of no AC's "
+            f"{profile.no_ac_bytes:,}): even full checkpointing of every block needs {smallest:,} bytes "
+            f"({smallest / profile.no_ac_bytes:.3f}). Give a budget of at least that, or a smaller batch.",
+            smallest,
+        )
+    chosen = [options[i][pick] for i, pick in enumerate(picks)]
+    return MemoryPlan(
+        budget_bytes=budget_bytes,
+        choices={b.name: c for b, c in zip(profile.blocks, chosen, strict=True)},
+        predicted_bytes=profile.outside_bytes + sum(c.held_bytes for c in chosen),
+        predicted_peak_bytes=_peak(options, profile.outside_before, profile.outside_bytes, picks),
+        predicted_extra_ms=sum(c.extra_ms for c in chosen),
+        no_ac_bytes=profile.no_ac_bytes,
+        step_ms=profile.step_ms,
+    )

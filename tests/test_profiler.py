@@ -1,0 +1,113 @@
+"""The profiler's bytes add up to the meter's, and its per-call bytes predict what each strategy holds."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fsdp_ac import ActivationMemoryMeter, ActivationPlan
+from fsdp_ac.planner import plan
+from fsdp_ac.profiler import Profile, Workload, builtin_workload, profile, workload_from_spec
+
+TINY = {"batch": 2, "seq": 16, "d_model": 32, "heads": 4, "vocab": 64}
+
+
+def _held(workload: Workload, model: nn.Module) -> int:
+    for _ in range(2):
+        with ActivationMemoryMeter(model) as meter:
+            loss = workload.loss(model, workload.batch)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return meter.held_bytes
+
+
+@pytest.fixture(scope="module")
+def gpt() -> tuple[Workload, Profile]:
+    workload = builtin_workload("gpt", layers=3, **TINY)  # type: ignore[arg-type]
+    progress: list[tuple[int, int]] = []
+    measured = profile(workload, repeats=2, progress=lambda done, total: progress.append((done, total)))
+    assert progress[-1][0] == progress[-1][1] == len(progress)
+    return workload, measured
+
+
+def test_block_bytes_add_up_to_the_meter(gpt: tuple[Workload, Profile]) -> None:
+    workload, measured = gpt
+    assert measured.no_ac_bytes == _held(workload, copy.deepcopy(workload.model))
+    assert measured.no_ac_bytes == measured.outside_bytes + sum(b.none_bytes for b in measured.blocks)
+    assert [b.name for b in measured.blocks] == ["layers.0", "layers.1", "layers.2"]
+    # The embedding output comes before every block; the head's tensors after them.
+    assert 0 < measured.outside_before[0] == measured.outside_before[-1] < measured.outside_bytes
+
+
+def test_call_bytes_predict_what_each_strategy_holds(gpt: tuple[Workload, Profile]) -> None:
+    _, measured = gpt
+    for block in measured.blocks:
+        by_op = {op.name.split("#")[0].split(".")[1]: op for op in block.ops}
+        attention = sum(op.bytes for op in block.ops if "attention" in op.name)
+        assert set(by_op) == {"addmm", "_scaled_dot_product_flash_attention_for_cpu"}
+        assert block.measured_bytes["full"] == block.kept_bytes > 0
+        assert block.measured_bytes["selective:matmul"] == block.kept_bytes + sum(
+            op.bytes for op in block.ops
+        )
+        assert block.measured_bytes["selective:attention"] == block.kept_bytes + attention
+        # QKV (#0) and the MLP's first matmul (#2) are what backward reads; the default saves them.
+        read = [op.name for op in block.ops if op.read_by_backward]
+        assert read == [
+            "aten.addmm.default#0",
+            "aten._scaled_dot_product_flash_attention_for_cpu.default#0",
+            "aten.addmm.default#2",
+        ]
+        assert block.measured_bytes["selective:default"] == block.kept_bytes + sum(
+            op.bytes for op in block.ops if op.read_by_backward
+        )
+
+
+def test_recompute_times_follow_torchs_early_stop(gpt: tuple[Workload, Profile]) -> None:
+    _, measured = gpt
+    for block in measured.blocks:
+        times = {op.name: op.recompute_ms for op in block.ops}
+        # The MLP's output projection (#3) runs after the last tensor backward saves: never replayed.
+        assert times.pop("aten.addmm.default#3") == 0.0
+        assert all(t > 0 for t in times.values())
+        assert block.other_ms > 0 and block.forward_ms > 0
+
+
+def test_a_saved_call_holds_its_bytes(gpt: tuple[Workload, Profile]) -> None:
+    workload, measured = gpt
+    block = measured.blocks[1]
+    op = block.ops[2]
+    model = copy.deepcopy(workload.model)
+    ActivationPlan({block.name: f"selective:{op.name}"}).apply(model)
+    none_others = measured.no_ac_bytes - block.none_bytes
+    assert _held(workload, model) == none_others + block.kept_bytes + op.bytes
+
+
+def test_llama_plan_holds_the_predicted_bytes() -> None:
+    pytest.importorskip("transformers")
+    workload = builtin_workload("llama", layers=2, **TINY)  # type: ignore[arg-type]
+    measured = profile(workload, repeats=1)
+    # q, k, v, attention, o, gate, up, down: eight saveable calls per layer.
+    assert len(measured.blocks[0].ops) == 8
+    result = plan(measured, 0.6)
+    model = copy.deepcopy(workload.model)
+    result.to_activation_plan().apply(model)
+    held = _held(workload, model)
+    assert held == pytest.approx(result.predicted_bytes, rel=0.05)
+    assert held <= result.budget_bytes < measured.no_ac_bytes
+
+
+def _float_model() -> nn.Module:
+    return nn.Sequential(*(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)) for _ in range(3)))
+
+
+def test_a_user_model_by_import_path() -> None:
+    workload = workload_from_spec(f"{__name__}:_float_model", (8, 16), blocks={"Sequential"}.copy())
+    assert workload.batch.dtype == torch.float32 and workload.batch.shape == (8, 16)
+    measured = profile(workload, repeats=1)
+    assert [b.name for b in measured.blocks] == ["0", "1", "2"]
+    assert measured.blocks[0].none_bytes > measured.blocks[0].kept_bytes == 8 * 16 * 4
+    with pytest.raises(ValueError, match=r"package\.module:factory"):
+        workload_from_spec("no_colon", (1,), blocks="Sequential")
