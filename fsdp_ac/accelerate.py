@@ -37,14 +37,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import os
+import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from fsdp_ac._compat import (
@@ -61,7 +64,10 @@ from fsdp_ac._compat import (
 )
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES
 from fsdp_ac.plan import ActivationPlan
+from fsdp_ac.planner import BudgetError
+from fsdp_ac.planner import plan as plan_for_budget
 from fsdp_ac.policies import ModulePolicy
+from fsdp_ac.profiler import Workload, profile
 from fsdp_ac.strategies import STRATEGIES, Full, NoCheckpoint, Offload, Strategy, parse_strategy
 
 __all__ = [
@@ -91,10 +97,13 @@ class ActivationCheckpointingSettings:
     """Whether blocks are checkpointed: Accelerate's ``activation_checkpointing``, or any of fsdp_ac's
     ``policy``, ``strategy`` or ``plan`` given; ``policy: none`` turns it off."""
     policy: str = "all"
-    """Which blocks: ``all``, ``every:N``, ``first:K``, ``last:K`` or ``budget:F`` (checkpoint the
-    first ``ceil((1 - F) * blocks)`` blocks, so that about ``F`` of the activations stay)."""
+    """Which blocks: ``all``, ``every:N``, ``first:K``, ``last:K`` or ``budget:F``: the memory planner
+    (:mod:`fsdp_ac.planner`) measures the model on a sample batch and chooses per block ``none``,
+    ``full`` or a selective set of operators, so that the activations fit ``F`` of the bytes they take
+    without checkpointing, at the least recompute time."""
     strategy: Strategy = dataclasses.field(default_factory=Full)
-    """What each chosen block gets (:mod:`fsdp_ac.strategies`), with the offload options below."""
+    """What each chosen block gets (:mod:`fsdp_ac.strategies`), with the offload options below; under
+    ``budget:F`` the planner chooses instead."""
     plan: Path | None = None
     """An :class:`~fsdp_ac.ActivationPlan` JSON file applied instead of ``policy`` and ``strategy``."""
     blocks: tuple[str, ...] | None = None
@@ -105,6 +114,10 @@ class ActivationCheckpointingSettings:
     """Saved tensors smaller than this stay on their device."""
     pin_memory: bool = True
     """Offload into page-locked memory (where CUDA is available)."""
+    sample_shape: tuple[int, ...] | None = None
+    """For ``budget:F``: the shape of a batch of random inputs to plan on (token ids below the
+    vocabulary size when the model has an embedding), instead of the first batch of the DataLoader
+    given to :func:`prepare`."""
     fsdp_version: int | None = None
     """Accelerate's ``fsdp_version`` when it was configured for FSDP, else None."""
     fsdp_active: bool = False
@@ -119,9 +132,10 @@ def read_settings(accelerator: Any) -> ActivationCheckpointingSettings:
 
     Raises:
         ValueError: A setting has an invalid value, the config file holds an unknown ``fsdp_ac_*`` key,
-            ``plan`` is combined with ``policy``, ``strategy`` or ``offload``, or ``offload`` is asked
-            for without activation checkpointing or with a strategy it does not combine with. Each
-            message names the setting.
+            ``plan`` is combined with ``policy``, ``strategy`` or ``offload``, ``offload`` is asked
+            for without activation checkpointing or with a strategy it does not combine with,
+            ``budget:F`` is combined with ``strategy`` or ``offload``, or ``sample_shape`` is given
+            without ``budget:F``. Each message names the setting.
 
     Example:
         >>> settings = fsdp_ac.accelerate.read_settings(accelerator)
@@ -132,23 +146,28 @@ def read_settings(accelerator: Any) -> ActivationCheckpointingSettings:
     return _merge_settings(plugin, active, _fsdp_ac_settings())
 
 
-def activation_plan(accelerator: Any, model: nn.Module) -> ActivationPlan:
+def activation_plan(accelerator: Any, model: nn.Module, sample: Any = None) -> ActivationPlan:
     """Returns the plan :func:`prepare` applies to ``model``: which blocks get which strategy.
 
     Call it before ``prepare`` to print or save the plan (``plan.table(model)``). Empty when
-    activation checkpointing is off.
+    activation checkpointing is off. Under ``budget:F`` it profiles ``model`` and runs the planner,
+    as :func:`prepare` does (in a distributed run, on every rank together).
 
     Args:
         accelerator: The ``accelerate.Accelerator`` of the run.
         model: The model as it will be passed to ``prepare`` (not yet prepared).
+        sample: For ``budget:F`` without ``sample_shape``: the training ``DataLoader`` (its first
+            batch is planned on, see :func:`prepare`) or one batch as it yields them.
 
     Raises:
         ValueError: See :func:`read_settings`; also when the blocks cannot be determined: FSDP with
             ``NO_WRAP`` (or ``SIZE_BASED_WRAP`` with ``min_num_params`` 0) and no ``blocks`` setting, a
-            transformer policy without classes, or block classes that match no module of ``model``.
+            transformer policy without classes, or block classes that match no module of ``model``;
+            and under ``budget:F`` when there is no sample, or the model cannot be run on it.
+        BudgetError: ``budget:F`` is below what any plan needs; the message gives the least ``F``.
     """
     plugin, active = _fsdp_plugin(accelerator)
-    return _plan(model, _merge_settings(plugin, active, _fsdp_ac_settings()), plugin)
+    return _plan(model, _merge_settings(plugin, active, _fsdp_ac_settings()), plugin, sample)
 
 
 def prepare(accelerator: Any, *args: Any, device_placement: list[bool] | None = None) -> Any:
@@ -158,6 +177,16 @@ def prepare(accelerator: Any, *args: Any, device_placement: list[bool] | None = 
     after it), so a model is never checkpointed twice. Each model is first prepared by Accelerate
     exactly as configured (FSDP1, FSDP2, DDP, one process); then the blocks chosen by
     :func:`activation_plan` are wrapped in place, inside the FSDP units Accelerate made.
+
+    Under ``budget:F``, before Accelerate prepares, the main process (rank 0) profiles four training
+    steps of each model (a warm-up and three measured, where the model is at the call: usually the CPU)
+    on a sample batch: random inputs of the ``sample_shape`` setting, else the first batch of the first
+    ``DataLoader`` among ``args``. That batch is read from a fresh iterator, with the random number
+    generators it draws from (torch's global one, the loader's and its sampler's, Python's) restored
+    afterwards, so the training data order is unchanged; the cost is loading one batch (and, with
+    ``num_workers`` > 0, starting the workers once more). The profile's own steps leave the model's
+    parameters, buffers and gradients and the random state as they were. Rank 0 plans and sends the
+    plan to every rank, which all apply the same one (each rank's timings would differ).
 
     Args:
         accelerator: The ``accelerate.Accelerator`` of the run.
@@ -172,6 +201,7 @@ def prepare(accelerator: Any, *args: Any, device_placement: list[bool] | None = 
             processes that Accelerate runs as unrelated single-process jobs (no GPU and no
             ``cpu=True``), which would train one model per process without a word, and when
             checkpointing is asked for under DeepSpeed, Megatron-LM or XLA.
+        BudgetError: ``budget:F`` is below what any plan needs; the message gives the least ``F``.
 
     Example:
         >>> import fsdp_ac.accelerate
@@ -191,7 +221,10 @@ def prepare(accelerator: Any, *args: Any, device_placement: list[bool] | None = 
             UserWarning,
             stacklevel=2,
         )
-    plans = {i: _plan(arg, settings, plugin) for i, arg in enumerate(args) if isinstance(arg, nn.Module)}
+    loader = next((arg for arg in args if isinstance(arg, torch.utils.data.DataLoader)), None)
+    plans = {
+        i: _plan(arg, settings, plugin, loader) for i, arg in enumerate(args) if isinstance(arg, nn.Module)
+    }
     with _accelerate_checkpointing_off(plugin if active else None):
         prepared = accelerator.prepare(*args, device_placement=device_placement)
     # One object for one argument; a tuple, or a list under FSDP2, for several.
@@ -316,6 +349,21 @@ def _merge_settings(
     # Accelerate's offload flag goes with its checkpointing flag, which fsdp_ac's policy none overrides.
     offload = bool(value["offload"]) if "offload" in value else accelerate_offload and enabled
     strategy = cast(Strategy, value.get("strategy", Full()))
+    if policy.startswith("budget:"):
+        chooser = source.get("strategy") or (
+            source.get("offload", "fsdp_activation_checkpointing_offload") if offload else None
+        )
+        if chooser is not None:
+            raise ValueError(
+                f"{source.get('policy', 'policy')}={policy} lets the memory planner choose each block's "
+                f"strategy (none, full or selective), so {chooser} has nothing to set; remove it, or use "
+                "a policy that picks blocks (all, every:N, first:K, last:K)."
+            )
+    elif "sample_shape" in value:
+        raise ValueError(
+            f"{source['sample_shape']} gives the batch shape the memory planner of policy budget:F "
+            f"plans on, but the policy is {policy}; remove it, or set the policy to budget:F."
+        )
     if offload and not enabled:
         raise ValueError(
             f"{source['offload']} asks to offload the inputs of checkpointed blocks, but activation "
@@ -331,11 +379,6 @@ def _merge_settings(
                 f"{str(strategy)!r} ({source.get('strategy', 'strategy')}); use strategy full+offload, or "
                 "turn the offload off."
             )
-    if policy.startswith("budget:") and not isinstance(_checkpointing(strategy), Full):
-        raise ValueError(
-            f"{source.get('policy', 'policy')}={policy} counts fully checkpointed blocks; it does not "
-            f"combine with strategy {str(strategy)!r}. Use policy first:K, or strategy full."
-        )
     offload_min_bytes = cast(int, value.get("offload_min_bytes", DEFAULT_MIN_OFFLOAD_BYTES))
     pin_memory = cast(bool, value.get("pin_memory", True))
     return ActivationCheckpointingSettings(
@@ -347,14 +390,10 @@ def _merge_settings(
         offload=offload,
         offload_min_bytes=offload_min_bytes,
         pin_memory=pin_memory,
+        sample_shape=cast("tuple[int, ...] | None", value.get("sample_shape")),
         fsdp_version=plugin_fsdp_version(plugin) if plugin is not None else None,
         fsdp_active=active,
     )
-
-
-def _checkpointing(strategy: Strategy) -> Strategy | None:
-    """The checkpointing part of ``strategy``: itself, or what an offload wraps."""
-    return strategy.inner if isinstance(strategy, Offload) else strategy
 
 
 def _with_offload_options(strategy: Strategy, pin_memory: bool, min_offload_bytes: int) -> Strategy:
@@ -432,6 +471,17 @@ def _parse_ac_strategy(raw: object, source: str) -> Strategy:
     return strategy
 
 
+def _parse_shape(raw: object, source: str) -> tuple[int, ...]:
+    """Parses a tensor shape: positive integers separated by commas or ``x``, or a list of them."""
+    items = raw if isinstance(raw, (list, tuple)) else str(raw).lower().replace("x", ",").split(",")
+    texts = [str(item).strip() for item in items]
+    if not texts or not all(text.isdigit() and int(text) >= 1 for text in texts) or isinstance(raw, bool):
+        raise ValueError(
+            f"{source} must be a shape of positive integers, e.g. 4,1024 (batch, sequence), got {raw!r}."
+        )
+    return tuple(int(text) for text in texts)
+
+
 def _parse_existing_file(raw: object, source: str) -> Path:
     """Parses the path of a file that must exist."""
     path = Path(str(raw)).expanduser()
@@ -448,6 +498,7 @@ _SETTING_PARSERS: dict[str, Callable[[object, str], object]] = {
     "offload": _parse_bool,
     "offload_min_bytes": _parse_byte_count,
     "pin_memory": _parse_bool,
+    "sample_shape": _parse_shape,
 }
 """The settings of the Accelerate integration: ``FSDP_AC_<NAME>`` in the environment,
 ``fsdp_ac_<name>`` in a config file, each read by its parser."""
@@ -456,7 +507,9 @@ _SETTING_PARSERS: dict[str, Callable[[object, str], object]] = {
 # --- which blocks --------------------------------------------------------------------------------
 
 
-def _plan(model: nn.Module, settings: ActivationCheckpointingSettings, plugin: Any) -> ActivationPlan:
+def _plan(
+    model: nn.Module, settings: ActivationCheckpointingSettings, plugin: Any, sample: Any = None
+) -> ActivationPlan:
     if not settings.enabled:
         return ActivationPlan({})
     if settings.plan is not None:
@@ -480,10 +533,7 @@ def _plan(model: nn.Module, settings: ActivationCheckpointingSettings, plugin: A
     elif kind == "last":
         blocks = blocks.last(int(arg))
     elif kind == "budget":
-        count = math.ceil((1 - float(arg)) * len(blocks.names(model)))
-        if count == 0:
-            return ActivationPlan({})
-        blocks = blocks.first(count)
+        return _budget_plan(model, blocks, float(arg), settings.sample_shape, sample)
     return ActivationPlan.from_policy(model, blocks, settings.strategy)
 
 
@@ -529,6 +579,216 @@ def _blocks(model: nn.Module, settings: ActivationCheckpointingSettings, plugin:
             )
         return ModulePolicy(classes)
     return ModulePolicy(policy)
+
+
+# --- budget:F: the memory planner on a sample batch -------------------------------------------------
+
+
+def _budget_plan(
+    model: nn.Module, blocks: ModulePolicy, fraction: float, shape: tuple[int, ...] | None, sample: Any
+) -> ActivationPlan:
+    """The planner's plan for ``model`` within ``fraction`` of its no-AC activation bytes.
+
+    Rank 0 (the only process when not distributed) profiles and plans; the plan, or the error, is
+    broadcast, so every rank applies the same plan (timings differ between ranks, and so would plans)
+    or raises the same error instead of waiting for the others.
+    """
+    if shape is None and sample is None:
+        raise ValueError(
+            "Policy budget:F plans on a sample batch, but fsdp_ac.accelerate.prepare was given no "
+            "DataLoader to take one from (Trainer and enable() prepare the model alone). Set "
+            "FSDP_AC_SAMPLE_SHAPE (or fsdp_ac_sample_shape in the config file) to the shape of a "
+            "training batch, e.g. 4,1024 for 4 sequences of 1024 tokens, or pass the training "
+            "DataLoader to the same prepare call."
+        )
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    outcome: tuple[str, str, int] | None = None
+    failure: BaseException | None = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            outcome = ("plan", _measured_plan(model, blocks, fraction, shape, sample).to_json(), 0)
+        except BudgetError as error:
+            outcome, failure = ("budget", str(error), error.smallest), error
+        except Exception as error:  # any failure: the other ranks must not wait for a plan forever
+            outcome, failure = ("error", f"{type(error).__name__}: {error}", 0), error
+    if distributed:
+        box: list[Any] = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if failure is not None:
+        raise failure
+    assert outcome is not None
+    kind, text, smallest = outcome
+    if kind == "budget":
+        raise BudgetError(text, smallest)
+    if kind == "error":
+        raise RuntimeError(f"Rank 0 could not plan policy budget:{fraction:g}: {text}")
+    return ActivationPlan.from_json(text)
+
+
+def _measured_plan(
+    model: nn.Module, blocks: ModulePolicy, fraction: float, shape: tuple[int, ...] | None, sample: Any
+) -> ActivationPlan:
+    """Profiles one training step of ``model`` on the sample batch and plans for ``fraction``."""
+    if shape is not None:
+        batch = _random_batch(model, shape)
+    elif isinstance(sample, torch.utils.data.DataLoader):
+        batch = _first_batch(sample)
+    else:
+        batch = sample
+    workload = _sample_workload(model, blocks, batch)
+    with _state_kept(model):
+        measured = profile(workload, strategies=())
+    try:
+        result = plan_for_budget(measured, fraction)
+    except BudgetError as error:
+        least = math.ceil(1000 * error.smallest / measured.no_ac_bytes) / 1000
+        raise BudgetError(
+            f"Policy budget:{fraction:g} is below what any plan needs on a batch of {workload.description}: "
+            f"{error} Set FSDP_AC_POLICY (or fsdp_ac_policy) to budget:{least:g} or more.",
+            error.smallest,
+        ) from None
+    logger.info(
+        "fsdp_ac memory plan for budget:%g on %s:\n%s", fraction, workload.description, result.table()
+    )
+    return result.to_activation_plan()
+
+
+def _first_batch(loader: torch.utils.data.DataLoader[Any]) -> Any:
+    """The first batch ``loader`` yields, read from a fresh iterator without changing what it yields next.
+
+    A fresh iterator draws its seeds (the shuffling order, the workers' seeds) from torch's global
+    generator, or from the loader's or its sampler's own; all of them, and Python's, are restored.
+    """
+    owners = (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None))
+    generators = {
+        id(g): g for g in (getattr(o, "generator", None) for o in owners) if isinstance(g, torch.Generator)
+    }
+    states = [(generator, generator.get_state()) for generator in generators.values()]
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            iterator = iter(loader)
+            batch = next(iterator, None)
+            del iterator
+        finally:
+            random.setstate(python_state)
+            for generator, state in states:
+                generator.set_state(state)
+    if batch is None:
+        raise ValueError(
+            "Policy budget:F plans on the first batch of the DataLoader given to prepare, but it yields "
+            "none. Set FSDP_AC_SAMPLE_SHAPE (or fsdp_ac_sample_shape) to the shape of a training batch."
+        )
+    return batch
+
+
+def _random_batch(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """Random inputs of ``shape`` for ``model``, seeded, drawn without touching the global generator.
+
+    Token ids below the vocabulary size of the model's first embedding; without one, normal floats of
+    the parameters' dtype.
+    """
+    generator = torch.Generator().manual_seed(0)
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is not None:
+        return torch.randint(0, embedding.num_embeddings, shape, generator=generator)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.randn(shape, generator=generator, dtype=dtype)
+
+
+def _sample_workload(model: nn.Module, blocks: ModulePolicy, batch: Any) -> Workload:
+    """The training step the planner measures: ``model`` on ``batch``, on the model's device.
+
+    A batch is a tensor (the input), a mapping (keyword arguments; ``input_ids`` or its first tensor is
+    the input) or a sequence whose first item is the input (the rest, targets, are left out).
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if isinstance(batch, torch.Tensor):
+        key, inputs, others = None, batch, {}
+    elif isinstance(batch, Mapping) and any(isinstance(v, torch.Tensor) for v in batch.values()):
+        key = (
+            "input_ids"
+            if "input_ids" in batch
+            else next(k for k, v in batch.items() if isinstance(v, torch.Tensor))
+        )
+        inputs, others = batch[key], {k: v for k, v in batch.items() if k != key}
+    elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        key, inputs, others = None, batch[0], {}
+    else:
+        raise ValueError(
+            f"Policy budget:F plans on a sample batch, but the DataLoader's first batch is a "
+            f"{type(batch).__name__}, not a tensor, a mapping of tensors or a sequence starting with one. "
+            "Set FSDP_AC_SAMPLE_SHAPE (or fsdp_ac_sample_shape) to the shape of a training batch."
+        )
+    accepted = inspect.signature(model.forward).parameters
+    extra = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in others.items()}
+    if "use_cache" in accepted and "use_cache" not in extra:
+        extra["use_cache"] = False  # as checkpointed Hugging Face models train (fsdp_ac/apply.py)
+    labels = "labels" in accepted and "labels" not in extra and not inputs.is_floating_point()
+    where = f"shape {tuple(inputs.shape)}" + (f" ({key})" if key else "")
+    return Workload(model, blocks, inputs.to(device), _SampleLoss(key, extra, labels), where)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SampleLoss:
+    """``loss(model, inputs)`` for the profile: the model's own loss, else the sum of its output.
+
+    A Hugging Face causal LM gets ``labels=input_ids`` (its loss is then next-token cross-entropy).
+    Other models' losses need targets the planner does not know; the sum of the output runs the same
+    backward through the blocks, which is what the plan is about.
+    """
+
+    key: str | None
+    """The keyword of the input, None to pass it first."""
+    others: Mapping[str, Any]
+    """More keyword arguments: the rest of the batch."""
+    labels: bool
+    """Whether to pass ``labels=inputs``."""
+
+    def __call__(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        kwargs = {**self.others, **({"labels": inputs} if self.labels else {})}
+        output = model(**{self.key: inputs}, **kwargs) if self.key else model(inputs, **kwargs)
+        loss = getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            return loss
+        first = getattr(output, "logits", output)
+        if isinstance(first, Mapping):
+            first = next((v for v in first.values() if isinstance(v, torch.Tensor)), None)
+        elif isinstance(first, (list, tuple)):
+            first = next((v for v in first if isinstance(v, torch.Tensor)), None)
+        if not isinstance(first, torch.Tensor):
+            raise ValueError(
+                f"Policy budget:F runs {type(model).__name__} on a sample batch, but its output "
+                f"({type(output).__name__}) holds no tensor to call backward on."
+            )
+        return first.float().sum()
+
+
+@contextlib.contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Restores what profiling changes in ``model`` and the process.
+
+    Buffers (BatchNorm statistics), gradients and the random state (dropout) are put back, so that
+    training starts as it would have without the profile.
+    """
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    grads = [(param, param.grad) for param in model.parameters()]
+    devices = sorted(
+        {b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"}
+        | {p.device.index or 0 for p, _ in grads if p.device.type == "cuda"}
+    )
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+            for param, grad in grads:
+                param.grad = grad
 
 
 # --- applying ------------------------------------------------------------------------------------

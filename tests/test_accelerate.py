@@ -8,6 +8,7 @@ with a wrapper that checkpointed nothing.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import warnings
@@ -23,7 +24,8 @@ from models import SMALL_GPT, ForwardOpsInBackward, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-from fsdp_ac import ActivationPlan, clean_name
+from fsdp_ac import ActivationPlan, clean_name, planner
+from fsdp_ac.profiler import Profile, Workload, block_bytes, profile
 from fsdp_ac.reference_model import GPT, GPTConfig
 from fsdp_ac.strategies import Full, Offload, Selective
 
@@ -180,8 +182,23 @@ def test_settings_that_do_not_fit_together_are_errors(
         read(no_fsdp_accelerator())
     monkeypatch.delenv("FSDP_AC_OFFLOAD")
     monkeypatch.setenv("FSDP_AC_POLICY", "budget:0.5")
-    with pytest.raises(ValueError, match=r"FSDP_AC_POLICY=budget:0.5 counts fully checkpointed blocks"):
+    with pytest.raises(ValueError, match=r"budget:0.5 lets the memory planner choose.* so FSDP_AC_STRATEGY"):
         read(no_fsdp_accelerator())
+    monkeypatch.delenv("FSDP_AC_STRATEGY")
+    with pytest.raises(ValueError, match=r"so fsdp_activation_checkpointing_offload has nothing to set"):
+        read(fsdp_accelerator(plugin(activation_checkpointing_offload=True)))
+    monkeypatch.setenv("FSDP_AC_SAMPLE_SHAPE", "4x256")
+    assert read(no_fsdp_accelerator()).sample_shape == (4, 256)
+    monkeypatch.setenv("FSDP_AC_POLICY", "every:2")
+    with pytest.raises(
+        ValueError, match=r"FSDP_AC_SAMPLE_SHAPE gives the batch shape .* the policy is every:2"
+    ):
+        read(no_fsdp_accelerator())
+    for bad in ("4,0", "four", ","):
+        monkeypatch.setenv("FSDP_AC_SAMPLE_SHAPE", bad)
+        with pytest.raises(ValueError, match=r"FSDP_AC_SAMPLE_SHAPE must be a shape of positive integers"):
+            read(no_fsdp_accelerator())
+    monkeypatch.delenv("FSDP_AC_SAMPLE_SHAPE")
     plan = tmp_path / "plan.json"
     ActivationPlan({"layers.0": "full"}).save(plan)
     monkeypatch.setenv("FSDP_AC_PLAN", str(plan))
@@ -264,9 +281,6 @@ def test_policies_pick_a_subset_of_the_blocks(monkeypatch: pytest.MonkeyPatch) -
         "every:2": ["layers.0", "layers.2"],
         "first:1": ["layers.0"],
         "last:2": ["layers.2", "layers.3"],
-        "budget:0.5": ["layers.0", "layers.1"],  # checkpoint ceil((1 - 0.5) * 4) blocks
-        "budget:0.3": ["layers.0", "layers.1", "layers.2"],
-        "budget:1": [],
     }
     for policy, blocks in expected.items():
         monkeypatch.setenv("FSDP_AC_POLICY", policy)
@@ -458,3 +472,112 @@ def test_hugging_face_models_train_without_their_cache(monkeypatch: pytest.Monke
     assert all(grad is not None for grad in expected.values())
     for name, grad in actual.items():
         torch.testing.assert_close(grad, expected[name], rtol=0, atol=0, msg=name)
+
+
+# --- budget:F: the memory planner --------------------------------------------------------------------
+
+
+class RecordedProfiles:
+    """``fsdp_ac.accelerate.profile`` that keeps each workload it measured and the profile it gave."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[Workload, Profile]] = []
+
+    def __call__(self, workload: Workload, **kwargs: Any) -> Profile:
+        measured = profile(workload, **kwargs)
+        self.runs.append((workload, measured))
+        return measured
+
+
+def token_loader(shuffle: bool = True) -> torch.utils.data.DataLoader[Any]:
+    """Hugging Face style batches: 4 dicts of input ids and an attention mask, 4 sequences each."""
+    tokens = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(3))
+    rows = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in tokens]
+    return torch.utils.data.DataLoader(rows, batch_size=4, shuffle=shuffle)
+
+
+def test_budget_plans_on_the_loaders_first_batch_and_holds_what_the_planner_predicts(
+    real_accelerator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded = RecordedProfiles()
+    monkeypatch.setattr(fsdp_ac_accelerate, "profile", recorded)
+    monkeypatch.setenv("FSDP_AC_POLICY", "budget:0.5")
+    model, _ = fsdp_ac_accelerate.prepare(real_accelerator, tiny_llama(4), token_loader(shuffle=False))
+    [(workload, measured)] = recorded.runs
+    first = next(iter(token_loader(shuffle=False)))
+    assert torch.equal(workload.batch, first["input_ids"])  # the loader's first batch, as is
+    expected = planner.plan(measured, 0.5)
+    applied = {clean_name(name) for name in regions(model)}
+    checkpointed = {n for n, c in expected.choices.items() if c.strategy != "none"}
+    assert applied == checkpointed and 0 < len(applied) < 4  # neither no AC nor all blocks
+    # The model holds what the planner predicted, within the budget (the same batch and loss).
+    held = block_bytes(workload, model)
+    measured_bytes = held.outside + sum(held.held)
+    assert measured_bytes <= expected.budget_bytes == int(0.5 * measured.no_ac_bytes)
+    assert abs(measured_bytes - expected.predicted_bytes) <= 0.01 * expected.predicted_bytes
+    plain = Workload(tiny_llama(4), workload.blocks, workload.batch, workload.loss)
+    no_ac = block_bytes(plain)
+    assert no_ac.outside + sum(no_ac.held) == measured.no_ac_bytes
+    loss = workload.loss(model, workload.batch)
+    assert recomputed_in_backward(loss, torch.ops.aten.silu.default) == len(applied)
+
+
+def test_budget_with_a_sample_shape_plans_on_random_tokens_without_a_loader(
+    real_accelerator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded = RecordedProfiles()
+    monkeypatch.setattr(fsdp_ac_accelerate, "profile", recorded)
+    monkeypatch.setenv("FSDP_AC_POLICY", "budget:0.6")
+    with pytest.raises(ValueError, match=r"was given no DataLoader.* Set FSDP_AC_SAMPLE_SHAPE"):
+        fsdp_ac_accelerate.prepare(real_accelerator, gpt())
+    monkeypatch.setenv("FSDP_AC_SAMPLE_SHAPE", "2,12")
+    model = fsdp_ac_accelerate.prepare(real_accelerator, gpt())
+    [(workload, measured)] = recorded.runs
+    batch = workload.batch
+    assert (batch.shape, batch.dtype) == ((2, 12), torch.int64)
+    assert 0 <= int(batch.min()) and int(batch.max()) < DROPOUT_GPT.vocab_size  # token ids, not floats
+    expected = planner.plan(measured, 0.6).to_activation_plan()
+    checkpointed = [name for name, strategy in expected.strategies.items() if str(strategy) != "none"]
+    assert regions(model) == checkpointed and checkpointed
+    assert gradients(model)[1] == len(checkpointed)  # the GPT's loss is the sum of its logits: it ran
+
+
+def test_an_impossible_budget_names_the_least_that_fits(
+    real_accelerator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FSDP_AC_POLICY", "budget:0.05")
+    monkeypatch.setenv("FSDP_AC_SAMPLE_SHAPE", "2,12")
+    with pytest.raises(
+        planner.BudgetError, match=r"budget:0.05 is below .* to budget:(0\.\d+) or more"
+    ) as caught:
+        fsdp_ac_accelerate.activation_plan(real_accelerator, gpt())
+    least = caught.value.args[0].rsplit("budget:", 1)[1].split(" ")[0]
+    monkeypatch.setenv("FSDP_AC_POLICY", f"budget:{least}")
+    plan = fsdp_ac_accelerate.activation_plan(real_accelerator, gpt())
+    # The least budget (rounded up to 0.001) fits, with every block checkpointed.
+    assert list(plan) == BLOCKS and "none" not in {str(strategy) for strategy in plan.strategies.values()}
+    assert caught.value.smallest > 0
+
+
+def test_budget_leaves_the_data_order_the_model_and_the_random_state_as_they_were(
+    real_accelerator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def run(prepare: Any) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(7)
+        model, loader = prepare(tiny_llama(4), token_loader(shuffle=True))
+        order = [batch["input_ids"] for batch in loader]
+        return (
+            order,
+            torch.get_rng_state(),
+            {clean_name(n): p.detach().clone() for n, p in model.state_dict().items()},
+        )
+
+    order, rng, state = run(real_accelerator.prepare)
+    monkeypatch.setenv("FSDP_AC_POLICY", "budget:0.5")
+    planned_order, planned_rng, planned_state = run(
+        functools.partial(fsdp_ac_accelerate.prepare, real_accelerator)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(planned_order, order, strict=True))
+    assert torch.equal(planned_rng, rng)
+    assert planned_state.keys() == state.keys()
+    assert all(torch.equal(planned_state[k], v) for k, v in state.items())

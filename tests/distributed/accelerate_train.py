@@ -126,6 +126,18 @@ def structure(model: nn.Module) -> dict[str, dict[str, int]]:
     return {key: dict(counter) for key, counter in found.items()}
 
 
+def applied(model: nn.Module) -> dict[str, str]:
+    """What each checkpoint wrapper does, by clean module name: ``full``, or the selective choice (the
+    calls whose outputs it saves), so that runs can be compared for the same plan."""
+    found = {}
+    for name, module in inner(model).named_modules():
+        if isinstance(module, CheckpointWrapper):
+            context_fn = getattr(module.checkpoint_fn, "keywords", {}).get("context_fn")
+            block_kind = context_fn.args[0] if isinstance(context_fn, functools.partial) else None
+            found[clean(name)] = repr(block_kind.owner) if block_kind is not None else "full"
+    return found
+
+
 def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model, FSDP1) and not model._use_orig_params:
         return flat_full_grads(model)
@@ -204,6 +216,7 @@ def train(accelerator: Accelerator, kind: str, mode: str) -> tuple[nn.Module, di
             plugin.activation_checkpointing = configured
     record: dict[str, Any] = {
         "structure": structure(model),
+        "applied": applied(model),
         "names": [name for name, _ in inner(model).named_parameters()],
         "warnings": [str(w.message) for w in caught if "fsdp_ac" in str(w.message)],
         "grads": [],

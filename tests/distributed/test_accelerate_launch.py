@@ -323,3 +323,19 @@ def test_ddp_config_checkpoints_every_second_block(tmp_path: Path) -> None:
     for kind in MODELS:
         ranks = ranks_of(results, "as_configured", kind)
         check_fsdp_ac(ranks, kind, ranks[0]["blocks"][::2], fsdp=False)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_ddp_config_with_a_memory_budget(tmp_path: Path) -> None:
+    """``budget:0.7`` with a sample shape (the script prepares no DataLoader): rank 0 profiles and
+    plans, every rank applies the same plan, and training is bitwise that without checkpointing."""
+    settings = {"FSDP_AC_POLICY": "budget:0.7", "FSDP_AC_SAMPLE_SHAPE": "2,12"}
+    results = launch("ddp.yaml", tmp_path, settings=settings)
+    check_ranks_agree(results)
+    for kind in MODELS:
+        ranks = ranks_of(results, "as_configured", kind)
+        plans = [per_kind["fsdp_ac"]["applied"] for per_kind in ranks]
+        assert all(plan == plans[0] for plan in plans), (kind, plans)
+        # 0.7 of no AC's bytes: some block is checkpointed, and (two blocks) not every one fully.
+        assert plans[0] and list(plans[0].values()) != ["full", "full"], (kind, plans[0])
+        check_fsdp_ac(ranks, kind, list(plans[0]), fsdp=False)
