@@ -132,3 +132,17 @@ def recomputed_in_backward(loss: torch.Tensor, *ops: torch._ops.OpOverload) -> i
     with ForwardOpsInBackward(*ops) as counter:
         loss.backward()
     return counter.count
+
+
+def held_bytes_after_steps(workload: Any, model: nn.Module) -> int:
+    """Bytes ``model`` holds for backward at the end of forward on ``workload``'s batch, measured by
+    :class:`fsdp_ac.ActivationMemoryMeter` in the second of two steps (the first lets a selective
+    preset learn; plans need none, but both are measured alike)."""
+    from fsdp_ac import ActivationMemoryMeter
+
+    for _ in range(2):
+        with ActivationMemoryMeter(model) as meter:
+            loss = workload.loss(model, workload.batch)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return meter.held_bytes

@@ -8,9 +8,9 @@ import random
 
 import pytest
 import torch
-from torch import nn
+from models import held_bytes_after_steps
 
-from fsdp_ac import ActivationMemoryMeter, ActivationPlan
+from fsdp_ac import ActivationPlan
 from fsdp_ac.planner import BlockChoice, BudgetError, _peak, block_options, plan, smallest_budget, solve
 from fsdp_ac.profiler import BlockProfile, OpProfile, Profile, Workload, builtin_workload, profile
 
@@ -127,15 +127,6 @@ def test_larger_budgets_buy_less_recompute() -> None:
 TINY_GPT = {"batch": 2, "seq": 32, "layers": 4, "d_model": 64, "heads": 4, "vocab": 64}
 
 
-def _measure(workload: Workload, model: nn.Module) -> int:
-    for _ in range(2):  # the first step lets a selective preset learn; plans need none, but alike
-        with ActivationMemoryMeter(model) as meter:
-            loss = workload.loss(model, workload.batch)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-    return meter.held_bytes
-
-
 @pytest.fixture(scope="module")
 def gpt_profile() -> tuple[Workload, Profile]:
     workload = builtin_workload("gpt", **TINY_GPT)  # type: ignore[arg-type]
@@ -150,7 +141,7 @@ def test_applied_plan_holds_the_predicted_bytes_within_budget(
     result = plan(measured, fraction)
     model = copy.deepcopy(workload.model)
     result.to_activation_plan().apply(model)
-    held = _measure(workload, model)
+    held = held_bytes_after_steps(workload, model)
     assert held == pytest.approx(result.predicted_bytes, rel=0.05)
     assert held <= result.budget_bytes
     assert result.predicted_peak_bytes <= result.budget_bytes

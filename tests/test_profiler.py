@@ -6,22 +6,14 @@ import copy
 
 import pytest
 import torch
+from models import held_bytes_after_steps
 from torch import nn
 
-from fsdp_ac import ActivationMemoryMeter, ActivationPlan
+from fsdp_ac import ActivationPlan
 from fsdp_ac.planner import plan
 from fsdp_ac.profiler import Profile, Workload, builtin_workload, profile, workload_from_spec
 
 TINY = {"batch": 2, "seq": 16, "d_model": 32, "heads": 4, "vocab": 64}
-
-
-def _held(workload: Workload, model: nn.Module) -> int:
-    for _ in range(2):
-        with ActivationMemoryMeter(model) as meter:
-            loss = workload.loss(model, workload.batch)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-    return meter.held_bytes
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def gpt() -> tuple[Workload, Profile]:
 
 def test_block_bytes_add_up_to_the_meter(gpt: tuple[Workload, Profile]) -> None:
     workload, measured = gpt
-    assert measured.no_ac_bytes == _held(workload, copy.deepcopy(workload.model))
+    assert measured.no_ac_bytes == held_bytes_after_steps(workload, copy.deepcopy(workload.model))
     assert measured.no_ac_bytes == measured.outside_bytes + sum(b.none_bytes for b in measured.blocks)
     assert [b.name for b in measured.blocks] == ["layers.0", "layers.1", "layers.2"]
     # The embedding output comes before every block; the head's tensors after them.
@@ -82,7 +74,7 @@ def test_a_saved_call_holds_its_bytes(gpt: tuple[Workload, Profile]) -> None:
     model = copy.deepcopy(workload.model)
     ActivationPlan({block.name: f"selective:{op.name}"}).apply(model)
     none_others = measured.no_ac_bytes - block.none_bytes
-    assert _held(workload, model) == none_others + block.kept_bytes + op.bytes
+    assert held_bytes_after_steps(workload, model) == none_others + block.kept_bytes + op.bytes
 
 
 def test_llama_plan_holds_the_predicted_bytes() -> None:
@@ -94,7 +86,7 @@ def test_llama_plan_holds_the_predicted_bytes() -> None:
     result = plan(measured, 0.6)
     model = copy.deepcopy(workload.model)
     result.to_activation_plan().apply(model)
-    held = _held(workload, model)
+    held = held_bytes_after_steps(workload, model)
     assert held == pytest.approx(result.predicted_bytes, rel=0.05)
     assert held <= result.budget_bytes < measured.no_ac_bytes
 
