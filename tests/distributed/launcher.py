@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from fsdp_ac.environment import collective_timeout, select_backend, suite_nproc
 
-__all__ = ["RankContext", "grid", "run_on_ranks", "torchrun_arguments"]
+__all__ = ["RankContext", "exit_with_parent", "grid", "kill_launch", "run_on_ranks", "torchrun_arguments"]
 
 COLLECTIVE_TIMEOUT_S = "60"
 """``FSDP_AC_TIMEOUT_S`` for ranks unless set: well under a test's timeout, so a hang fails fast."""
@@ -164,6 +164,20 @@ def run_on_ranks(
             )
         per_rank = [torch.load(run_dir / f"rank{rank}.pt", weights_only=False) for rank in range(nproc)]
     return [[per_rank[rank][index] for rank in range(nproc)] for index in range(len(cases))]
+
+
+def kill_launch(agent: subprocess.Popen[bytes], run_dir: Path, nproc: int) -> None:
+    """Kills a torchrun started in a session of its own and the ranks that wrote ``run_dir/rank<r>.pid``.
+
+    For tests that start torchrun themselves (``test_elastic.py``): a rank counts when its command line
+    names ``run_dir``, so a pid reused by another process is never signalled.
+    """
+    _kill(agent, run_dir, nproc)
+
+
+def exit_with_parent() -> None:
+    """Ends this process, from a watcher thread, once its parent (torchrun) is gone."""
+    _exit_with_parent()
 
 
 # --- the launching (pytest) side ---------------------------------------------------------------------
