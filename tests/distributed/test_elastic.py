@@ -6,164 +6,25 @@ seed and data. On 2 gloo ranks FSDP2, FSDP1 and DDP, with or without activation 
 kind, end bitwise equal (a sum of two gradients is exact in either order, and halving is exact), so one
 reference serves every test; a resumed run must match it bitwise, whatever the plan it resumed with.
 
-Every agent runs with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: by default the restarted ranks meet
-through the agent's store of the first attempt, whose gloo addresses are stale, and about half the
-restarts fail in ``connectFullMesh`` (docs/testing.md, "Elastic restarts").
+The launching side, and why every agent runs with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, is in
+``elastic_launch.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from elastic_launch import Launch, mismatches, torchrun
 from elastic_train import Fault, complete_checkpoints
-from launcher import kill_launch
+from filelock import FileLock
 
 pytestmark = pytest.mark.distributed
 
-SCRIPT = Path(__file__).with_name("elastic_train.py")
-NPROC = 2
 STEPS = 5
-LAUNCH_TIMEOUT_S = 150.0
-COLLECTIVE_TIMEOUT_S = "30"
-"""``FSDP_AC_TIMEOUT_S`` of the ranks: a peer lost mid-collective fails them well within the launch."""
-TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@dataclass
-class Launch:
-    """What a finished launch left: exit codes of the agents, their output and the script's events."""
-
-    returncodes: list[int]
-    output: str
-    events: list[dict[str, Any]]
-    final: dict[str, torch.Tensor] | None = field(repr=False)
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [event for event in self.events if event["event"] == kind]
-
-    def report(self) -> str:
-        events = "\n".join(json.dumps(event) for event in self.events)
-        return f"agents exited {self.returncodes}; events:\n{events}\nlast output:\n{self.output[-6000:]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return int(sock.getsockname()[1])
-
-
-def torchrun(
-    run_dir: Path,
-    *script_args: str,
-    max_restarts: int = 1,
-    nodes: int = 1,
-    started_nodes: int | None = None,
-    rdzv_conf: str = "",
-    env: dict[str, str] | None = None,
-    timeout_s: float = LAUNCH_TIMEOUT_S,
-) -> Launch:
-    """Runs ``elastic_train.py`` under ``started_nodes`` torchrun agents of ``nodes`` expected; waits.
-
-    One node: one agent with ``NPROC`` ranks (``--standalone``). Several: one agent per node with one
-    rank each, meeting through a c10d rendezvous on a free local port, as on separate machines.
-    Whatever happens, every agent and rank is gone on return, and the test fails if one is not.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    common = [f"--max-restarts={max_restarts}", "--monitor-interval=0.5"]
-    if nodes == 1:
-        common += ["--standalone", f"--nproc_per_node={NPROC}"]
-    else:
-        common += [
-            f"--nnodes={nodes}",
-            "--nproc_per_node=1",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=localhost:{free_port()}",
-            f"--rdzv-id={run_dir.name}",
-        ]
-    if rdzv_conf:
-        common.append(f"--rdzv-conf={rdzv_conf}")
-    launch_env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in TORCHRUN_ENV and not key.startswith("TORCHELASTIC_")
-    }
-    launch_env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path),
-        FSDP_AC_TIMEOUT_S=COLLECTIVE_TIMEOUT_S,
-        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
-    )
-    launch_env.update(env or {})
-    command = [sys.executable, "-m", "torch.distributed.run", *common, str(SCRIPT), "--run-dir", str(run_dir)]
-    logs = [run_dir / f"agent{index}.log" for index in range(started_nodes or nodes)]
-    agents = []
-    for log in logs:
-        with open(log, "wb") as out:
-            agents.append(
-                subprocess.Popen(
-                    [*command, *script_args],
-                    env=launch_env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # so kill_launch reaches this agent and nothing else
-                )
-            )
-    deadline = time.monotonic() + timeout_s
-    try:
-        for agent in agents:
-            agent.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for agent in agents:
-            kill_launch(agent, run_dir, NPROC)
-    output = "\n".join(
-        f"--- agent {index} ---\n{log.read_text(errors='replace')}" for index, log in enumerate(logs)
-    )
-    events_file = run_dir / "events.jsonl"
-    events = (
-        [json.loads(line) for line in events_file.read_text().splitlines()] if events_file.exists() else []
-    )
-    final = torch.load(run_dir / "final.pt") if (run_dir / "final.pt").exists() else None
-    launch = Launch([agent.returncode for agent in agents], output, events, final)
-    leftovers = processes_naming(run_dir)
-    assert not leftovers, f"processes left behind: {leftovers}\n{launch.report()}"
-    return launch
-
-
-def processes_naming(run_dir: Path) -> list[str]:
-    """Command lines of running processes that name ``run_dir`` (an agent or a rank of this launch)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(run_dir) in cmdline:
-            found.append(f"{proc.name}: {cmdline[:200]}")
-    return found
-
-
-def mismatches(actual: dict[str, torch.Tensor] | None, expected: dict[str, torch.Tensor]) -> list[str]:
-    if actual is None:
-        return ["no final parameters"]
-    if sorted(actual) != sorted(expected):
-        return [f"names differ: {sorted(set(actual) ^ set(expected))}"]
-    return [
-        f"{name} differs by {(value - expected[name]).abs().max().item():g}"
-        for name, value in actual.items()
-        if not torch.equal(value, expected[name])
-    ]
 
 
 def assert_finished_like(launch: Launch, reference: dict[str, torch.Tensor]) -> None:
@@ -174,11 +35,23 @@ def assert_finished_like(launch: Launch, reference: dict[str, torch.Tensor]) -> 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """Final parameters of one uninterrupted run (FSDP2, no AC) on one agent with 2 ranks."""
-    launch = torchrun(tmp_path_factory.mktemp("reference"), "--steps", str(STEPS), "--ac", "none")
-    assert launch.returncodes == [0] and launch.final is not None, launch.report()
-    assert not launch.of("resume"), launch.report()
-    return launch.final
+    """Final parameters of one uninterrupted run (FSDP2, no AC) on one agent with 2 ranks.
+
+    Run once per session: pytest-xdist's workers share the parent of their base temporary directories
+    (``pytest-N/popen-gwK``), and a file lock (filelock comes with torch) lets the first one run it and
+    the others read it. Without xdist the parent is shared by every session, so the base itself serves.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent
+    with FileLock(shared / "elastic_reference.lock"):
+        saved = shared / "elastic_reference.pt"
+        if not saved.exists():
+            launch = torchrun(shared / "elastic_reference", "--steps", str(STEPS), "--ac", "none")
+            assert launch.returncodes == [0] and launch.final is not None, launch.report()
+            assert not launch.of("resume"), launch.report()
+            torch.save(launch.final, saved)
+        return torch.load(saved)
 
 
 @pytest.mark.timeout(300)
