@@ -225,6 +225,8 @@ def save(state: dict[str, Any], run_dir: Path, step: int, rank: int, die_inside:
     if rank == 0:
         partial_dir.rename(final)
         _fsync_dir(final.parent)
+        # A fault during this leaves an older checkpoint partly deleted; it is never loaded, as a
+        # newer complete one exists, and the next save deletes the rest.
         for old in complete_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(checkpoint_dir(run_dir, old))
 
