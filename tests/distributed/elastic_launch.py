@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from launcher import kill_launch
+from launcher import _exit_description, kill_launch  # the harness's wording of exit codes
 
 __all__ = ["SCRIPT", "Launch", "mismatches", "torchrun"]
 
@@ -54,10 +55,49 @@ class Launch:
         """The events named ``kind`` (``start``, ``resume``, ``discard``, ``fault``, ``step``, ``done``)."""
         return [event for event in self.events if event["event"] == kind]
 
+    def diagnosis(self) -> str:
+        """What went wrong, in words: injected faults, failed ranks and their causes, known traps.
+
+        Reads the event log and torchrun's output: each "failed (exitcode: ...)" line of an agent (a
+        restart followed), the "Root Cause" of a launch that failed (rank, exit code or signal, the
+        error's last line), a rendezvous that timed out, and gloo's stale-address failure.
+        """
+        lines = [
+            f"injected {f['kind']} on rank {f['rank']} at step {f['step']} of attempt {f['attempt']}"
+            for f in self.of("fault")
+        ]
+        for exitcode, local_rank in re.findall(
+            r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)", self.output
+        ):
+            lines.append(f"torchrun saw local rank {local_rank} fail: {_exit_description(int(exitcode))}")
+        for block in re.findall(r"Root Cause \(first observed failure\):(.*?)\n=+", self.output, re.DOTALL):
+            rank = re.search(r"rank\s+: (\d+)", block)
+            exitcode = re.search(r"exitcode\s+: (-?\d+)", block)
+            errors = re.findall(r"^\s*((?:\w+\.)*\w*(?:Error|Exception|Signal)\b.*)$", block, re.MULTILINE)
+            lines.append(
+                f"the job failed: rank {rank[1] if rank else '?'} "
+                f"{_exit_description(int(exitcode[1])) if exitcode else ''}"
+                f"{': ' + errors[-1].strip() if errors else ''}"
+            )
+        if "RendezvousTimeoutError" in self.output:
+            lines.append(
+                "the rendezvous timed out: not every node joined within join_timeout; check that every "
+                "agent started, with the same --rdzv-endpoint, --rdzv-id and --nnodes"
+            )
+        if "connectFullMesh" in self.output:
+            lines.append(
+                "gloo could not connect the restarted ranks (stale peer addresses in torchrun's shared "
+                "store): set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every agent (docs/testing.md)"
+            )
+        return "\n".join(lines) or "no fault, failed rank or known cause found in the events and output"
+
     def report(self) -> str:
-        """Exit codes, events (without the steps) and the end of the output, for a failure message."""
+        """The diagnosis, exit codes, events (without the steps) and the end of the output."""
         events = "\n".join(json.dumps(event) for event in self.events if event["event"] != "step")
-        return f"agents exited {self.returncodes}; events:\n{events}\nlast output:\n{self.output[-6000:]}"
+        return (
+            f"{self.diagnosis()}\nagents exited {self.returncodes}; events:\n{events}\n"
+            f"last output:\n{self.output[-6000:]}"
+        )
 
 
 def _free_port() -> int:
