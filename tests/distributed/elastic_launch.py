@@ -15,7 +15,6 @@ gloo keys (the previous attempt's addresses) are still there, and restarts then 
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -26,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from launcher import _exit_description, kill_launch  # the harness's wording of exit codes
+from launcher import _exit_description, kill_launch, launch_environment  # the harness's wording of exit codes
 
 __all__ = ["SCRIPT", "Launch", "mismatches", "torchrun"]
 
 SCRIPT = Path(__file__).with_name("elastic_train.py")
 COLLECTIVE_TIMEOUT_S = "30"
 """``FSDP_AC_TIMEOUT_S`` of the ranks unless given: a peer lost mid-collective fails them quickly."""
-_TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -147,17 +145,8 @@ def torchrun(
         ]
     if rdzv_conf:
         options.append(f"--rdzv-conf={rdzv_conf}")
-    launch_env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in _TORCHRUN_ENV and not key.startswith("TORCHELASTIC_")
-    }
-    launch_env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path),
-        FSDP_AC_TIMEOUT_S=COLLECTIVE_TIMEOUT_S,
-        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
-    )
+    launch_env = launch_environment()
+    launch_env.update(FSDP_AC_TIMEOUT_S=COLLECTIVE_TIMEOUT_S, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     launch_env.update(env or {})
     command = [
         sys.executable,

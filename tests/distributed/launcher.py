@@ -55,7 +55,15 @@ import torch.distributed as dist
 
 from fsdp_ac.environment import collective_timeout, select_backend, suite_nproc
 
-__all__ = ["RankContext", "exit_with_parent", "grid", "kill_launch", "run_on_ranks", "torchrun_arguments"]
+__all__ = [
+    "RankContext",
+    "exit_with_parent",
+    "grid",
+    "kill_launch",
+    "launch_environment",
+    "run_on_ranks",
+    "torchrun_arguments",
+]
 
 COLLECTIVE_TIMEOUT_S = "60"
 """``FSDP_AC_TIMEOUT_S`` for ranks unless set: well under a test's timeout, so a hang fails fast."""
@@ -183,7 +191,9 @@ def exit_with_parent() -> None:
 # --- the launching (pytest) side ---------------------------------------------------------------------
 
 
-def _start_torchrun(run_dir: Path, nproc: int) -> subprocess.Popen[bytes]:
+def launch_environment() -> dict[str, str]:
+    """This process's environment for a torchrun it starts: without torchrun's own variables (pytest
+    may itself run under torchrun), one thread per rank, and this process's import path."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -194,6 +204,11 @@ def _start_torchrun(run_dir: Path, nproc: int) -> subprocess.Popen[bytes]:
         # The ranks must import fn's module by the name it was pickled under.
         PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path),
     )
+    return env
+
+
+def _start_torchrun(run_dir: Path, nproc: int) -> subprocess.Popen[bytes]:
+    env = launch_environment()
     env.setdefault("FSDP_AC_TIMEOUT_S", COLLECTIVE_TIMEOUT_S)
     code = f"from {__name__} import _torchrun_main; _torchrun_main({str(run_dir)!r}, {nproc})"
     with open(run_dir / "torchrun.log", "wb") as log:
