@@ -17,7 +17,9 @@ bitwise equal to the reference.
 At the end it prints, and writes as JSON with ``--json``: the minutes, rounds, optimizer steps done
 (redone ones included), restarts by kind (an ``unplanned`` restart is one no injected fault explains,
 e.g. the stale-store trap), steps lost (trained, then redone after a fault) and the rounds whose
-final check failed, each with its agent's report. It exits with status 1 when any round failed.
+final check failed, each with its diagnosis and report. It exits with status 1 when any round failed.
+No round starts that would likely end past ``--minutes``; on SIGTERM or Ctrl-C it kills the launch in
+flight and prints the summary so far.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import collections
 import json
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -123,6 +126,9 @@ def _env(args: argparse.Namespace) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # `timeout` and schedulers stop with SIGTERM: end like Ctrl-C, so that the launch in flight is
+    # killed (agents and ranks run in sessions of their own) and the summary is still printed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     rng = random.Random(args.seed)
     started = time.monotonic()
     common = ["--steps", str(args.steps), "--size", args.size]
@@ -136,9 +142,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"The fault-free reference run failed:\n{reference.report()}", file=sys.stderr)
             return 1
         print(f"reference: {args.steps} steps in {reference.seconds:.0f} s", flush=True)
-        index = 0
-        while time.monotonic() - started < args.minutes * 60:
-            launch = run_round(index, args, rng, root, common)
+        index, longest = 0, reference.seconds
+        # No round starts that would likely end past the deadline: the soak keeps to its minutes.
+        while time.monotonic() - started + longest < args.minutes * 60:
+            try:
+                launch = run_round(index, args, rng, root, common)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: run_round killed its launch; report so far
+                summary["interrupted"] = True
+                break
+            longest = max(longest, launch.seconds)
             faults = launch.of("fault")
             restarts.update(fault["kind"] for fault in faults)
             # A restart no injected fault explains: the agent restarted more often than faults were made.
@@ -161,9 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps_per_round=args.steps,
         restarts=dict(restarts),
         rounds_failed=len(failures),
-        final_check="bitwise equal to the fault-free run"
-        if not failures
-        else f"{len(failures)} rounds differ",
+        final_check=(
+            f"{len(failures)} rounds differ or failed"
+            if failures
+            else "bitwise equal to the fault-free run"
+            if index
+            else "no round ran"
+        ),
     )
     for failure in failures:
         print(failure, file=sys.stderr)

@@ -28,7 +28,8 @@ fault happens once, whatever the agents' restart counts):
 - ``hang``: sleeps before the step, so its peers' next collective times out (``FSDP_AC_TIMEOUT_S``).
 
 Rank 0 appends one JSON line per event to ``RUN/events.jsonl`` (``start``, ``resume``, ``discard``,
-``fault``, ``done``) and writes the full final parameters to ``RUN/final.pt``. A failed rank's
+``step``, ``done``; the failing rank its ``fault``) and writes the full final parameters to
+``RUN/final.pt``. ``RUN`` must be on a filesystem every node shares, as DCP's file storage needs. A failed rank's
 traceback reaches torchrun's report through :func:`~torch.distributed.elastic.multiprocessing.errors.record`.
 """
 
@@ -261,7 +262,7 @@ def resume_step(run_dir: Path, rank: int, log: Callable[..., None]) -> int | Non
 
 
 def inject(fault: Fault, log: Callable[..., None]) -> None:
-    """Makes this rank fail as ``fault`` says (``savekill`` happens in :func:`save`)."""
+    """Logs ``fault`` and makes this rank fail as it says; a ``savekill`` then happens in :func:`save`."""
     log("fault", kind=fault.kind, rank=fault.rank, step=fault.step)
     if fault.kind == "exit":
         os._exit(FAULT_EXIT_CODE)
@@ -333,20 +334,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if rank == 0:
             log("resume" if last is not None else "start", step=start, parallel=parallel, ac=ac)
         for step in range(start, args.steps):
-            if fault is not None and fault.step == step and fault.kind == "hang":
-                inject(fault, log)
+            now = fault if fault is not None and fault.step == step else None
+            if now is not None and now.kind == "hang":
+                inject(now, log)
             loss = train_step(model, optimizer, batch(args.size, args.seed, step, rank, world_size))
-            if fault is not None and fault.step == step and fault.kind in ("exit", "sigkill"):
-                inject(fault, log)
-            dying = fault is not None and fault.step == step and fault.kind == "savekill"
-            if dying:
-                log("fault", kind="savekill", rank=rank, step=step)
+            if now is not None and now.kind != "hang":
+                inject(now, log)
             state = {
                 "model": get_model_state_dict(model),
                 "optim": get_optimizer_state_dict(model, optimizer),
                 "data": {"next_step": step + 1},
             }
-            save(state, run_dir, step, rank, die_inside=dying)
+            save(state, run_dir, step, rank, die_inside=now is not None and now.kind == "savekill")
             if rank == 0:
                 log("step", step=step, loss=loss)
         # Not cpu_offload=True: with FSDP1 on a CPU-only run it segfaults in torch 2.13 (FSDP1's
