@@ -28,6 +28,7 @@ import argparse
 import collections
 import json
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -66,6 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="keep torchrun's default store shared across restarts (shows the stale-address trap)",
     )
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument(
+        "--keep-failed",
+        type=Path,
+        default=Path("build/soak_failures"),
+        help="where the logs and events of failed rounds are kept (default: build/soak_failures)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.faults < args.steps:
         parser.error(f"--faults must be at least 1 and below --steps ({args.steps}), got {args.faults}.")
@@ -161,8 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems = mismatches(launch.final, reference.final)
             if launch.returncodes != [0] or problems:
                 failures.append(f"round {index}: {problems[:3]}\n{launch.report()}")
+                summary.setdefault("failures", []).append(f"round {index}: {launch.diagnosis()}")
+                # The round's directory goes with the temporary one: keep what explains the failure.
+                shutil.copytree(
+                    root / f"round{index}",
+                    args.keep_failed / f"round{index}",
+                    ignore=shutil.ignore_patterns("checkpoints", "*.pt"),
+                    dirs_exist_ok=True,
+                )
+            verdict = "ok" if launch.returncodes == [0] and not problems else f"FAILED: {launch.diagnosis()}"
             print(
-                f"round {index}: {'ok' if not problems else 'FAILED'} in {launch.seconds:.0f} s, "
+                f"round {index}: {verdict} in {launch.seconds:.0f} s, "
                 f"{len(launch.of('resume'))} restarts, {done} steps trained",
                 flush=True,
             )
