@@ -29,8 +29,9 @@ fault happens once, whatever the agents' restart counts):
 
 Rank 0 appends one JSON line per event to ``RUN/events.jsonl`` (``start``, ``resume``, ``discard``,
 ``step``, ``done``; the failing rank its ``fault``) and writes the full final parameters to
-``RUN/final.pt``. ``RUN`` must be on a filesystem every node shares, as DCP's file storage needs. A failed rank's
-traceback reaches torchrun's report through :func:`~torch.distributed.elastic.multiprocessing.errors.record`.
+``RUN/final.pt``. ``RUN`` must be on a filesystem every node shares, as DCP's file storage needs.
+A failed rank's traceback reaches torchrun's report through
+:func:`~torch.distributed.elastic.multiprocessing.errors.record`.
 """
 
 from __future__ import annotations
@@ -354,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if rank == 0:
             torch.save(final, run_dir / "final.pt")
             log("done", steps=args.steps)
+        # Tear down together: a rank that closes its gloo pairs while a peer still uses them can
+        # make that peer abort (seen once in the soak: SIGABRT after the final parameters were saved).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
