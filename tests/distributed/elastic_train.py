@@ -30,14 +30,16 @@ fault happens once, whatever the agents' restart counts):
 Rank 0 appends one JSON line per event to ``RUN/events.jsonl`` (``start``, ``resume``, ``discard``,
 ``step``, ``done``; the failing rank its ``fault``) and writes the full final parameters to
 ``RUN/final.pt``. ``RUN`` must be on a filesystem every node shares, as DCP's file storage needs.
-A failed rank's traceback reaches torchrun's report through
-:func:`~torch.distributed.elastic.multiprocessing.errors.record`.
+A failed rank's traceback reaches torchrun's report through torch's
+:func:`~torch.distributed.elastic.multiprocessing.errors.record`, its error file published by a
+rename (:func:`record_atomically`).
 """
 
 from __future__ import annotations
 
 import argparse
 import faulthandler
+import functools
 import json
 import os
 import re
@@ -304,7 +306,33 @@ class EventLog:
         print(f"[rank {self.rank}, attempt {self.attempt}] {line}", flush=True)
 
 
-@record
+def record_atomically(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's ``record`` (a failed rank's traceback into torchrun's report), published by a rename.
+
+    ``record`` writes the error file in place. When one rank fails, torchrun stops the others and
+    reads their error files; one stopped (or read) half-way through writing leaves a truncated file,
+    on which torch 2.13's agent raises ("Failed to parse reply file", a ``JSONDecodeError``) and dies
+    instead of restarting the group (seen once in 30 minutes of soak). A rename makes the file
+    appear whole or not at all.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        final = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if final is None:  # not under torchrun
+            return fn(*args, **kwargs)
+        writing = f"{final}.writing"
+        os.environ["TORCHELASTIC_ERROR_FILE"] = writing
+        try:
+            return record(fn)(*args, **kwargs)
+        finally:
+            if os.path.exists(writing):
+                os.replace(writing, final)
+
+    return wrapper
+
+
+@record_atomically
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
