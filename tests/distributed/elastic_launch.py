@@ -82,6 +82,11 @@ class Launch:
                 "the rendezvous timed out: not every node joined within join_timeout; check that every "
                 "agent started, with the same --rdzv-endpoint, --rdzv-id and --nnodes"
             )
+        if "Failed to parse reply file" in self.output:
+            lines.append(
+                "torchrun's agent died reading a truncated error file of a rank it was stopping, so it "
+                "did not restart the group: write error files by a rename (elastic_train.record_atomically)"
+            )
         if "connectFullMesh" in self.output:
             lines.append(
                 "gloo could not connect the restarted ranks (stale peer addresses in torchrun's shared "
