@@ -4,7 +4,7 @@ NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: install demo test test-unit test-distributed test-torch test-torch-range bench gpu-check lint docs-testing \
-	docs-testing-results mutants
+	docs-testing-results mutants soak
 
 # Uses the torch already installed; installs the CPU wheel torch==2.13.0 only when there is none,
 # so that the range in setup.cfg never pulls a multi-GB CUDA build.
@@ -52,6 +52,13 @@ bench: install
 # pass (docs/testing.md, "Mutation smoke test"). Not part of `make test`: about 4 minutes on 2 cores.
 mutants: install
 	$(PYTHON) scripts/mutants.py
+
+# Trains the demo model under torchrun for MINUTES with random faults (kills, a torn save, a hang) and
+# restarts, and checks the result against a fault-free run (docs/testing.md, "Elastic restarts"). Not
+# part of `make test` or CI.
+MINUTES ?= 30
+soak: install
+	$(PYTHON) scripts/soak.py --minutes $(MINUTES)
 
 # On one CUDA GPU, within 8 minutes: every gpu-marked test (one rank per GPU), the demo on one rank
 # with NCCL, and the offload benchmark (docs/offload.md), whose records go to build/.

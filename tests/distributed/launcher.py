@@ -54,7 +54,15 @@ import torch
 import torch.distributed as dist
 from suite_settings import collective_timeout, select_backend, suite_nproc
 
-__all__ = ["RankContext", "grid", "run_on_ranks", "torchrun_arguments"]
+__all__ = [
+    "RankContext",
+    "exit_with_parent",
+    "grid",
+    "kill_launch",
+    "launch_environment",
+    "run_on_ranks",
+    "torchrun_arguments",
+]
 
 COLLECTIVE_TIMEOUT_S = "60"
 """``FSDP_AC_TIMEOUT_S`` for ranks unless set: well under a test's timeout, so a hang fails fast."""
@@ -165,10 +173,26 @@ def run_on_ranks(
     return [[per_rank[rank][index] for rank in range(nproc)] for index in range(len(cases))]
 
 
+def kill_launch(agent: subprocess.Popen[bytes], run_dir: Path, nproc: int) -> None:
+    """Kills a torchrun started in a session of its own and the ranks that wrote ``run_dir/rank<r>.pid``.
+
+    For tests that start torchrun themselves (``test_elastic.py``): a rank counts when its command line
+    names ``run_dir``, so a pid reused by another process is never signalled.
+    """
+    _kill(agent, run_dir, nproc)
+
+
+def exit_with_parent() -> None:
+    """Ends this process, from a watcher thread, once its parent (torchrun) is gone."""
+    _exit_with_parent()
+
+
 # --- the launching (pytest) side ---------------------------------------------------------------------
 
 
-def _start_torchrun(run_dir: Path, nproc: int) -> subprocess.Popen[bytes]:
+def launch_environment() -> dict[str, str]:
+    """This process's environment for a torchrun it starts: without torchrun's own variables (pytest
+    may itself run under torchrun), one thread per rank, and this process's import path."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -179,6 +203,11 @@ def _start_torchrun(run_dir: Path, nproc: int) -> subprocess.Popen[bytes]:
         # The ranks must import fn's module by the name it was pickled under.
         PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path),
     )
+    return env
+
+
+def _start_torchrun(run_dir: Path, nproc: int) -> subprocess.Popen[bytes]:
+    env = launch_environment()
     env.setdefault("FSDP_AC_TIMEOUT_S", COLLECTIVE_TIMEOUT_S)
     code = f"from {__name__} import _torchrun_main; _torchrun_main({str(run_dir)!r}, {nproc})"
     with open(run_dir / "torchrun.log", "wb") as log:
@@ -258,7 +287,7 @@ def _rank_output(run_dir: Path, rank: int) -> str:
     return f"it wrote no log; torchrun's last output:\n{_log_tail(run_dir / 'torchrun.log')}"
 
 
-def _exit_description(exitcode: int) -> str:
+def exit_description(exitcode: int) -> str:
     if exitcode < 0:
         with contextlib.suppress(ValueError):
             return f"was killed by signal {signal.Signals(-exitcode).name}"
@@ -292,7 +321,7 @@ def _rank_report(
             f"{_rank_output(run_dir, rank)}"
         )
     return (0, 0.0), (
-        f"rank {rank} {_exit_description(exitcode)} in {where} without a Python error; "
+        f"rank {rank} {exit_description(exitcode)} in {where} without a Python error; "
         f"{_rank_output(run_dir, rank)}"
     )
 
