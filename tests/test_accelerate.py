@@ -23,6 +23,7 @@ from hf_models import tiny_llama
 from models import SMALL_GPT, ForwardOpsInBackward, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from upstream import shows, shows_error
 
 from fsdp_ac import ActivationPlan, clean_name, planner
 from fsdp_ac.profiler import Profile, Workload, block_bytes, profile
@@ -354,8 +355,12 @@ def test_accelerates_fsdp2_checkpointing_crashes_with_no_wrap() -> None:
     from accelerate.utils.fsdp_utils import fsdp2_apply_ac
 
     accelerator = fsdp_accelerator(plugin(auto_wrap_policy="no_wrap"))
-    with pytest.raises(TypeError, match=r"'NoneType' object is not callable"):
+    with shows_error(
+        "accelerate", "fsdp2_apply_ac crashes with no_wrap", TypeError, "'NoneType' object is not"
+    ):
         fsdp2_apply_ac(accelerator, gpt())
+    with pytest.raises(ValueError, match=r"NO_WRAP.*Set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP"):
+        fsdp_ac_accelerate.prepare(accelerator, gpt())  # fsdp_ac: an error naming the fix
 
 
 def test_accelerates_fsdp2_checkpointing_changes_dropout_gradients_and_fsdp_acs_does_not() -> None:
@@ -366,9 +371,10 @@ def test_accelerates_fsdp2_checkpointing_changes_dropout_gradients_and_fsdp_acs_
     accelerator = fsdp_accelerator(plugin(auto_wrap_policy="transformer_based_wrap"))
     # Accelerate's wrappers use preserve_rng_state=False: the replay draws other dropout masks.
     their_grads, recomputed = gradients(fsdp2_apply_ac(accelerator, gpt()))
-    assert recomputed == len(BLOCKS)  # both checkpoint every block
+    shows("accelerate", "fsdp2_apply_ac checkpoints every block", recomputed == len(BLOCKS))
     theirs = {clean_name(n): g for n, g in their_grads.items()}
-    assert max((theirs[n] - g).abs().max().item() for n, g in expected.items()) > 1e-3
+    differ = max((theirs[n] - g).abs().max().item() for n, g in expected.items()) > 1e-3
+    shows("accelerate", "fsdp2_apply_ac's preserve_rng_state=False changes dropout gradients", differ)
     model = fsdp_ac_accelerate.prepare(accelerator, gpt())
     assert regions(model) == BLOCKS
     got, recomputed = gradients(model)
