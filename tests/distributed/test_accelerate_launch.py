@@ -319,7 +319,7 @@ def test_fsdp1_config_with_selective_checkpointing(tmp_path: Path) -> None:
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 def test_fsdp1_flat_parameters_config_with_offload(tmp_path: Path) -> None:
     """Accelerate's FSDP1 default (use_orig_params off) with offloaded checkpoint inputs
-    (fsdp_ac_offload: Accelerate 1.15 allows its own offload flag with FSDP2 only): each block's FSDP1
+    (fsdp_ac_offload: Accelerate 1.15 and 1.16 allow its own offload flag with FSDP2 only): each block's FSDP1
     flat unit holds one checkpoint wrapper that offloads; training, saving and loading match the run
     without checkpointing."""
     results = launch("fsdp1_offload.yaml", tmp_path)
