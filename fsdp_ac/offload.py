@@ -737,9 +737,9 @@ class OffloadEngine:
         """The tensor ``handle`` stands for, on its device: for backward (the unpack hook)."""
         copy = handle.copy
         with self._lock:
+            self._prefetch(copy.block)
             if copy.source is not None:  # in the stash
                 return copy.source.as_strided(*handle.view)
-            self._prefetch(copy.block)
             if copy.reload is None:
                 copy.reload = self._reload(copy)
             target, event = copy.reload
