@@ -179,11 +179,7 @@ def decide(tensor: torch.Tensor, options: OffloadOptions, owned: frozenset[int])
 
 
 def pins(source: torch.device, pin_memory: bool) -> bool:
-    """Whether the host copy of a tensor on ``source`` is page-locked.
-
-    Page-locked memory lets the copy back to a CUDA device run asynchronously; it is scarce, so it is
-    used only when asked for and only for tensors that came from a CUDA device (never for a CPU
-    tensor copied with ``copy_cpu_tensors``).
+    """Whether a host copy of a tensor on ``source`` is page-locked: when asked, from CUDA only.
 
     Example:
         >>> pins(torch.device("cuda", 0), pin_memory=True), pins(torch.device("cpu"), pin_memory=True)
@@ -214,6 +210,7 @@ class FlattenedCopy:
     stride: tuple[int, ...]
 
 
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Offloaded:
     """An :class:`OffloadEngine`'s handle on one saved tensor it copied to host memory.
 
@@ -221,18 +218,12 @@ class Offloaded:
     engine takes the copy's host buffer back.
     """
 
-    __slots__ = ("__weakref__", "copy", "engine", "host_view", "view")
-
-    def __init__(self, engine: OffloadEngine, copy: _Copy, view: _View, host_view: _View) -> None:
-        self.engine = engine
-        self.copy = copy
-        self.view = view
-        """The original's size, stride and storage offset."""
-        self.host_view = host_view
-        """Its size, stride and offset in the flat copy."""
-
-
-_View = tuple[torch.Size, tuple[int, ...], int]
+    engine: OffloadEngine
+    copy: _Copy
+    view: tuple[torch.Size, tuple[int, ...], int]
+    """The original's size, stride and storage offset."""
+    host_view: tuple[torch.Size, tuple[int, ...], int]
+    """Its size, stride and offset in the flat copy."""
 
 
 Packed = torch.Tensor | HostCopy | FlattenedCopy | Offloaded
@@ -322,11 +313,10 @@ class Operation:
     """One operation an engine's :class:`Transfers` ran, in the order the engine issued them."""
 
     kind: str
-    """``"to_host"`` (a copy into a host buffer), ``"to_device"`` (a reload), ``"wait"`` (the
-    compute stream waits for a reload before backward reads it) or ``"release"`` (the compute stream
-    waits for a copy before the engine lets go of the device memory it reads or writes)."""
+    """``"to_host"``, ``"to_device"`` (a reload), ``"wait"`` (the compute stream waits for a reload
+    before backward reads it) or ``"release"`` (it waits for a copy before its memory is let go)."""
     block: int
-    """The block's position in the forward pass that saved the tensor (0 is the first block)."""
+    """The block's position in forward (0 is the first block of a step)."""
     position: int
     """The copy's position among its block's copies."""
 
@@ -423,13 +413,10 @@ def host_bytes(nbytes: int, pinned: bool) -> int:
 
 @dataclass(eq=False)
 class _Buffer:
-    tensor: torch.Tensor
-    """Flat ``uint8``, :func:`host_bytes` long."""
+    tensor: torch.Tensor  # flat uint8, host_bytes long
     pinned: bool
-    ready: Event | None = None
-    """The last copy that used it."""
-    step: int = 0
-    """The last step that took it."""
+    ready: Event | None = None  # the last copy that used it
+    step: int = 0  # the last step that took it
 
 
 class HostPool:
@@ -495,8 +482,7 @@ class _Block:
 
     index: int
     copies: list[_Copy] = field(default_factory=list)
-    storages: dict[int, _Copy] = field(default_factory=dict)
-    """The span copies of this block by the address of the storage they read."""
+    storages: dict[int, _Copy] = field(default_factory=dict)  # span copies by storage address
     closed: bool = False
     reloading: bool = False
 
@@ -510,13 +496,10 @@ class _Copy:
     transfers: Transfers
     device: torch.device
     buffer: _Buffer
-    host: torch.Tensor
-    """Flat, in the tensor's dtype."""
+    host: torch.Tensor  # flat, in the tensor's dtype
     copied: Event
-    source: torch.Tensor | None
-    """The original, until the compute stream has waited for ``copied``: backward may read it."""
-    span: tuple[int, int] | None
-    """The storage elements copied, or None for a compacted tensor."""
+    source: torch.Tensor | None  # the original, until the compute stream has waited for `copied`
+    span: tuple[int, int] | None  # the storage elements copied; None: compacted
     storage: StorageWeakRef | None
     version: int
     users: int = 0
@@ -530,15 +513,9 @@ class OffloadEngine:
     """Offloads saved activations asynchronously: side-stream copies, a host pool, prefetch.
 
     Share one engine between the offload wrappers of a model (``offload_wrapper(block,
-    engine=engine)``); each wrapper call is a block. In forward, each saved tensor that
-    :func:`decide` says to copy is copied on a side stream into a pooled host buffer; an expanded
-    view is copied at the size of the storage it reads, and views of one storage share one copy.
-    Originals are let go in stream order: when a block ends, the compute stream waits for the copies
-    of the block before it, whose originals are then dropped, so at most one block's originals (the
-    stash) outlive their block. In backward, the first tensor a block reads starts the reloads of
-    that block and of the ``prefetch_blocks`` blocks that ran before it, last saved first; the
-    compute stream waits for a tensor's reload just before backward reads it, and a tensor still in
-    the stash is read in place. Under CUDA graph capture it raises (docs/offload.md).
+    engine=engine)``); each wrapper call is a block. Copies run on a side stream into pooled host
+    buffers; originals are let go in stream order, a block after their own (a one-block stash); in
+    backward, reads prefetch ``prefetch_blocks`` blocks ahead, last saved first (docs/offload.md).
 
     Args:
         max_host_bytes: The most host memory the engine's pool holds, as the pinned allocator
@@ -597,8 +574,7 @@ class OffloadEngine:
 
         Raises:
             TypeError: See :func:`decide`.
-            RuntimeError: A copy would pass ``max_host_bytes`` and ``on_cap="raise"``, or CUDA
-                graph capture is under way.
+            RuntimeError: Past ``max_host_bytes`` with ``on_cap="raise"``, or under graph capture.
         """
         owned = owned_storages(module)
         with self._lock:
@@ -640,18 +616,34 @@ class OffloadEngine:
         transfers = self._transfers(tensor.device)
         if transfers is None:
             return copy_to_host(tensor, options)  # another accelerator: the synchronous copy
-        offset, numel = int(tensor.storage_offset()), tensor.numel()
+        offset, numel, itemsize = int(tensor.storage_offset()), tensor.numel(), tensor.element_size()
         end = offset + 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
         end = end if numel else offset
         # A tensor with gaps is compacted; any other (dense, expanded, overlapping) is copied as the
         # span of storage it reads, which no view of that span then copies again.
         span = None if end - offset > numel else (offset, end)
+        address = tensor.untyped_storage().data_ptr()
         with self._lock:
-            copy = block.storages.get(tensor.untyped_storage().data_ptr()) if span else None
+            copy = block.storages.get(address) if span else None
             if copy is None or not _holds(copy, tensor, offset, end):
-                copy = self._copy(block, tensor, span, transfers, pins(tensor.device, options.pin_memory))
-                if copy is None:
+                length = numel if span is None else end - offset
+                buffer = self.pool.acquire(
+                    length * itemsize, pins(tensor.device, options.pin_memory), transfers
+                )
+                if buffer is None:
                     return self._keep_for_cap(tensor)
+                host = buffer.tensor[: length * itemsize].view(tensor.dtype)
+                label = Operation("to_host", block.index, len(block.copies))
+                source = tensor if span is None else tensor.as_strided((length,), (1,), offset)
+                copied = transfers.copy(source, host.view(source.size()), buffer.ready, label)
+                storage = StorageWeakRef(tensor.untyped_storage()) if span else None
+                copy = _Copy(
+                    block, label.position, transfers, tensor.device, buffer, host, copied, tensor, span,
+                    storage, tensor._version, last=copied,
+                )  # fmt: skip
+                block.copies.append(copy)
+                if span is not None:
+                    block.storages[address] = copy
             copy.users += 1
         if copy.span is None:
             host_view = (tensor.size(), torch.empty(tensor.size(), device="meta").stride(), 0)
@@ -660,34 +652,6 @@ class OffloadEngine:
         handle = Offloaded(self, copy, (tensor.size(), tensor.stride(), offset), host_view)
         weakref.finalize(handle, self._release, copy).atexit = False
         return handle
-
-    def _copy(
-        self,
-        block: _Block,
-        tensor: torch.Tensor,
-        span: tuple[int, int] | None,
-        transfers: Transfers,
-        pinned: bool,
-    ) -> _Copy | None:
-        numel = tensor.numel() if span is None else span[1] - span[0]
-        buffer = self.pool.acquire(numel * tensor.element_size(), pinned, transfers)
-        if buffer is None:
-            return None
-        host = buffer.tensor[: numel * tensor.element_size()].view(tensor.dtype)
-        label = Operation("to_host", block.index, len(block.copies))
-        if span is None:
-            copied = transfers.copy(tensor, host.view(tensor.size()), buffer.ready, label)
-        else:
-            copied = transfers.copy(tensor.as_strided((numel,), (1,), span[0]), host, buffer.ready, label)
-        storage = StorageWeakRef(tensor.untyped_storage()) if span else None
-        copy = _Copy(
-            block, label.position, transfers, tensor.device, buffer, host, copied, tensor, span, storage,
-            tensor._version, last=copied,
-        )  # fmt: skip
-        block.copies.append(copy)
-        if span is not None:
-            block.storages[tensor.untyped_storage().data_ptr()] = copy
-        return copy
 
     def _keep_for_cap(self, tensor: torch.Tensor) -> torch.Tensor:
         nbytes = tensor.numel() * tensor.element_size()

@@ -606,10 +606,10 @@ def test_cuda_activations_leave_the_gpu_and_gradients_are_unchanged() -> None:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         loss = model(x).square().mean()
-        torch.cuda.synchronize()
-        engine._poll()  # the copies are done: the engine lets go of every original now
+        # No synchronisation: the host runs ahead of the GPU, yet the engine already let go of every
+        # original but the last block's two (the stash), in stream order.
         held = torch.cuda.memory_allocated() - base
-        assert held < 2048 * 1024 * 4 * 2  # without offload, 8 activations of 8 MiB stay
+        assert held <= 2048 * 1024 * 4 * 3 + 2**20  # those and the output; without offload, 9 of 8 MiB
         loss.backward()
         torch.cuda.synchronize()
         allocations.append(engine.pool.allocations)
