@@ -471,9 +471,10 @@ class HostPool:
         # Safe while a reload still reads the buffer: the pinned allocator reuses a block only after
         # the copies recorded on it (and pageable copies are synchronous).
         for free in self._free.values():
-            for buffer in [buffer for buffer in free if condition(buffer)]:
-                free.remove(buffer)
-                self.bytes -= buffer.tensor.numel()
+            for buffer in list(free):
+                if condition(buffer):  # checked as buffers go: making room drops only what it needs
+                    free.remove(buffer)
+                    self.bytes -= buffer.tensor.numel()
 
 
 @dataclass(eq=False)
