@@ -68,7 +68,7 @@ gpu-check: export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 gpu-check:
 	$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA GPU')"
 	mkdir -p build
-	FSDP_AC_NPROC=1 timeout 180 $(PYTHON) -m pytest -p no:cacheprovider -m gpu tests
+	FSDP_AC_NPROC=1 timeout 180 $(PYTHON) -m pytest -m gpu tests
 	FSDP_AC_BACKEND=nccl timeout 90 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node 1 scripts/demo.py
 	timeout 180 $(PYTHON) scripts/offload_benchmark.py --json build/offload_benchmark.json --check
 

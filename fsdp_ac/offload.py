@@ -210,7 +210,7 @@ class FlattenedCopy:
     stride: tuple[int, ...]
 
 
-@dataclass(eq=False, slots=True, weakref_slot=True)
+@dataclass(eq=False, repr=False, slots=True, weakref_slot=True)
 class Offloaded:
     """An :class:`OffloadEngine`'s handle on one saved tensor it copied to host memory.
 
@@ -411,7 +411,7 @@ def host_bytes(nbytes: int, pinned: bool) -> int:
     return 1 << max(nbytes - 1, 0).bit_length() if pinned else nbytes
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class _Buffer:
     tensor: torch.Tensor  # flat uint8, host_bytes long
     pinned: bool
@@ -477,7 +477,7 @@ class HostPool:
                     self.bytes -= buffer.tensor.numel()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class _Block:
     """One call of an offload wrapper: its copies, in the order forward made them."""
 
@@ -488,7 +488,7 @@ class _Block:
     reloading: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class _Copy:
     """One host copy: a saved tensor compacted, or a span of a storage that saved views read."""
 
