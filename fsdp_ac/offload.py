@@ -599,8 +599,12 @@ class OffloadEngine:
                     self._blocks.remove(block)
                 self._stash.append(block)
                 while len(self._stash) > 1:
-                    for copy in self._stash.popleft().copies:
+                    held = [copy for copy in self._stash.popleft().copies if copy.source is not None]
+                    # A side stream runs in order: a wait for its last copy covers the copies before.
+                    for copy in {id(copy.transfers): copy for copy in held}.values():
                         self._unstash(copy)
+                    for copy in held:
+                        copy.source = None
 
     def _transfers(self, device: torch.device) -> Transfers | None:
         if device.type == "cpu":

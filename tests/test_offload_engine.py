@@ -544,6 +544,8 @@ def test_a_lagging_device_frees_originals_in_stream_order_and_holds_only_the_sta
     copies = [copy for block in engine._blocks for copy in block.copies]
     assert {copy.block.index for copy in copies if copy.source is not None} == {CONFIG.n_layers - 1}
     assert {copy.block.index for copy in copies} == set(range(CONFIG.n_layers))
+    # One wait per block let go (for its last copy: the side stream runs in order).
+    assert [op.block for op in operations(engine, "release")] == list(range(CONFIG.n_layers - 1))
     loss.backward()
     device.run()
     step(reference, tokens)
