@@ -68,9 +68,8 @@ class OffloadOptions:
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES
     """Saved tensors whose storage is smaller than this stay on their device."""
     copy_cpu_tensors: bool = False
-    """Also copy saved tensors that already live in CPU memory, into separate CPU memory. This frees
-    nothing and costs a copy; it makes a machine without an accelerator (tests, CI) run the offload
-    path for real: the same decisions, the same copies, backward reading the copies."""
+    """Also copy saved tensors already in CPU memory, into separate CPU memory: it frees nothing, but
+    runs the offload path for real where there is no accelerator (tests, CI)."""
 
     def __post_init__(self) -> None:
         if self.min_offload_bytes < 0:
@@ -93,11 +92,7 @@ class Decision(enum.Enum):
 
 
 def _flatten(tensor: torch.Tensor) -> tuple[dict[str, object], Any] | None:
-    """A traceable wrapper subclass's inner attributes by name, with its flatten context.
-
-    The attributes are tensors, or other objects the subclass needs back (DTensor's device mesh).
-    None for any other tensor.
-    """
+    """A wrapper subclass's inner attributes by name (tensors, a device mesh...) and context, or None."""
     if not is_traceable_wrapper_subclass(tensor):
         return None
     names, context = tensor.__tensor_flatten__()
@@ -116,11 +111,7 @@ def _inner_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def owned_storages(module: nn.Module) -> frozenset[int]:
-    """Addresses of the storages of ``module``'s parameters and buffers.
-
-    A tensor subclass has no storage of its own; its inner tensors' storages count instead (FSDP2's
-    sharded DTensor parameters: their local shards).
-    """
+    """The storage addresses of ``module``'s parameters and buffers (of a subclass: its inner tensors')."""
     return frozenset(
         inner.untyped_storage().data_ptr()
         for tensor in (*module.parameters(), *module.buffers())
