@@ -1,21 +1,11 @@
 """Activation offloading: autograd keeps the tensors it saves for backward in host (CPU) memory.
 
-Only tensors that offloading actually frees are moved: parameters, buffers and their views stay where
-they are (the model holds them anyway, so a copy would only add memory), as do tensors already on the
-CPU and tensors smaller than ``min_offload_bytes`` (the copy costs more than it frees). Tensor
-subclasses such as DTensor are offloaded through their inner tensors (``__tensor_flatten__``), so a
-copy has the local shape and is rebuilt around the same spec on the way back.
-
-The pieces are small functions that both ways of copying share: :func:`decide` says what happens to
-one saved tensor, :func:`pins` whether its host copy is page-locked, and :func:`pack_saved_tensor` /
-:func:`unpack_saved_tensor` are the pair of ``saved_tensors_hooks`` that :func:`offload_saved_tensors`
-installs. By default each copy is synchronous (:func:`copy_to_host`); an :class:`OffloadEngine` copies
-on a side stream into a reused host pool and prefetches in backward (docs/offload.md).
-
-On a machine without an accelerator every activation already lives on the CPU, so offloading has
-nothing to move. ``copy_cpu_tensors=True`` copies those too, into separate CPU memory that plays the
-host's part: it frees nothing, but runs every decision and every copy for real, which is how the
-test suite checks offloading on CPU.
+Only tensors whose copy frees memory move (:func:`decide`): not parameters, buffers, their views or
+casts, tensors already on the CPU, or small ones. DTensor and other wrapper subclasses move through
+their inner tensors. Both ways of copying share :func:`pack_saved_tensor` / :func:`unpack_saved_tensor`:
+synchronous copies (:func:`copy_to_host`) by default, or an :class:`OffloadEngine`'s side-stream copies
+into a host pool with prefetch. ``copy_cpu_tensors=True`` copies CPU tensors too, so that tests run
+every decision and copy without an accelerator. See docs/offload.md.
 """
 
 from __future__ import annotations
@@ -34,7 +24,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from fsdp_ac._compat import is_traceable_wrapper_subclass
+from fsdp_ac._compat import StorageWeakRef, is_traceable_wrapper_subclass
 
 __all__ = [
     "DEFAULT_MIN_OFFLOAD_BYTES",
@@ -52,6 +42,7 @@ __all__ = [
     "Transfers",
     "copy_to_host",
     "decide",
+    "host_bytes",
     "offload_saved_tensors",
     "owned_storages",
     "pack_saved_tensor",
@@ -77,9 +68,8 @@ class OffloadOptions:
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES
     """Saved tensors whose storage is smaller than this stay on their device."""
     copy_cpu_tensors: bool = False
-    """Also copy saved tensors that already live in CPU memory, into separate CPU memory. This frees
-    nothing and costs a copy; it makes a machine without an accelerator (tests, CI) run the offload
-    path for real: the same decisions, the same copies, backward reading the copies."""
+    """Also copy saved tensors already in CPU memory, into separate CPU memory: it frees nothing, but
+    runs the offload path for real where there is no accelerator (tests, CI)."""
 
     def __post_init__(self) -> None:
         if self.min_offload_bytes < 0:
@@ -94,6 +84,7 @@ class Decision(enum.Enum):
     COPY = "copied to host memory"
     FLATTEN = "a tensor subclass: each of its inner tensors is decided on its own"
     PARAMETER = "a parameter, a view of one, or another leaf that requires grad: its owner holds it"
+    WEIGHT_CAST = "a cast of a parameter (autocast's bf16 weight): the weight is on the device anyway"
     MODULE_STATE = "shares its storage with a parameter or buffer of the module"
     ON_HOST = "already in CPU memory"
     SMALL = "its storage is smaller than min_offload_bytes"
@@ -101,11 +92,7 @@ class Decision(enum.Enum):
 
 
 def _flatten(tensor: torch.Tensor) -> tuple[dict[str, object], Any] | None:
-    """A traceable wrapper subclass's inner attributes by name, with its flatten context.
-
-    The attributes are tensors, or other objects the subclass needs back (DTensor's device mesh).
-    None for any other tensor.
-    """
+    """A wrapper subclass's inner attributes by name (tensors, a device mesh...) and context, or None."""
     if not is_traceable_wrapper_subclass(tensor):
         return None
     names, context = tensor.__tensor_flatten__()
@@ -124,11 +111,7 @@ def _inner_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def owned_storages(module: nn.Module) -> frozenset[int]:
-    """Addresses of the storages of ``module``'s parameters and buffers.
-
-    A tensor subclass has no storage of its own; its inner tensors' storages count instead (FSDP2's
-    sharded DTensor parameters: their local shards).
-    """
+    """The storage addresses of ``module``'s parameters and buffers (of a subclass: its inner tensors')."""
     return frozenset(
         inner.untyped_storage().data_ptr()
         for tensor in (*module.parameters(), *module.buffers())
@@ -158,6 +141,13 @@ def decide(tensor: torch.Tensor, options: OffloadOptions, owned: frozenset[int])
         # FSDP1's flat-parameter views, FSDP2's sharded and unsharded parameters, an input the
         # caller keeps for its .grad.
         return Decision.PARAMETER
+    cast = base.grad_fn
+    if (
+        cast is not None
+        and cast.name() == "ToCopyBackward0"
+        and hasattr(cast.next_functions[0][0], "variable")
+    ):
+        return Decision.WEIGHT_CAST  # one cast of a leaf that requires grad (its AccumulateGrad)
     if tensor.device.type == "cpu" and not options.copy_cpu_tensors:
         return Decision.ON_HOST
     if is_traceable_wrapper_subclass(tensor):
@@ -180,11 +170,7 @@ def decide(tensor: torch.Tensor, options: OffloadOptions, owned: frozenset[int])
 
 
 def pins(source: torch.device, pin_memory: bool) -> bool:
-    """Whether the host copy of a tensor on ``source`` is page-locked.
-
-    Page-locked memory lets the copy back to a CUDA device run asynchronously; it is scarce, so it is
-    used only when asked for and only for tensors that came from a CUDA device (never for a CPU
-    tensor copied with ``copy_cpu_tensors``).
+    """Whether a host copy of a tensor on ``source`` is page-locked: when asked, from CUDA only.
 
     Example:
         >>> pins(torch.device("cuda", 0), pin_memory=True), pins(torch.device("cpu"), pin_memory=True)
@@ -215,18 +201,20 @@ class FlattenedCopy:
     stride: tuple[int, ...]
 
 
+@dataclass(eq=False, repr=False, slots=True, weakref_slot=True)
 class Offloaded:
-    """An :class:`OffloadEngine`'s handle on one saved tensor it copies to host memory.
+    """An :class:`OffloadEngine`'s handle on one saved tensor it copied to host memory.
 
-    Autograd holds it in place of the tensor; when autograd lets it go (backward has consumed the
-    tensor, or the graph was freed), the engine takes its host buffer back into its pool.
+    Autograd holds it in place of the tensor; once autograd let go of every handle on a copy, the
+    engine takes the copy's host buffer back.
     """
 
-    __slots__ = ("__weakref__", "engine", "entry")
-
-    def __init__(self, engine: OffloadEngine, entry: _Entry) -> None:
-        self.engine = engine
-        self.entry = entry
+    engine: OffloadEngine
+    copy: _Copy
+    view: tuple[torch.Size, tuple[int, ...], int]
+    """The original's size, stride and storage offset."""
+    host_view: tuple[torch.Size, tuple[int, ...], int]
+    """Its size, stride and offset in the flat copy."""
 
 
 Packed = torch.Tensor | HostCopy | FlattenedCopy | Offloaded
@@ -262,6 +250,12 @@ def pack_saved_tensor(
     """
     decision = decide(tensor, options, owned)
     if decision is Decision.COPY:
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "Offloading cannot copy a saved tensor during CUDA graph capture: host copies and "
+                "pinned allocation are not capturable. Keep offload wrappers out of the captured "
+                "region (capture the checkpointed model without offload_wrapper)."
+            )
         return copy_to_host(tensor, options) if copy is None else copy(tensor)
     flat = _flatten(tensor) if decision is Decision.FLATTEN else None
     if flat is None:
@@ -301,49 +295,38 @@ def unpack_saved_tensor(packed: Packed) -> torch.Tensor:
 
 # --- the asynchronous engine -----------------------------------------------------------------------
 
-
-class Event(Protocol):
-    """What the engine needs of a CUDA event: whether the work before it is done, or waiting for it."""
-
-    def query(self) -> bool: ...
-
-    def synchronize(self) -> None: ...
+Event = object
+"""A point on a stream the engine can make another stream wait for (a ``torch.cuda.Event``)."""
 
 
 @dataclass(frozen=True)
 class Operation:
-    """One operation that :class:`SynchronousTransfers` ran, in the order it ran them."""
+    """One operation an engine's :class:`Transfers` ran, in the order the engine issued them."""
 
     kind: str
-    """``"to_host"`` (a saved tensor copied into a host buffer), ``"to_device"`` (a reload
-    started) or ``"wait"`` (the compute stream waits for a reload, just before backward reads it)."""
+    """``"to_host"``, ``"to_device"`` (a reload), ``"wait"`` (the compute stream waits for a reload
+    before backward reads it) or ``"release"`` (it waits for a copy before its memory is let go)."""
     block: int
-    """The block's position in the forward pass that saved the tensor (0 is the first block)."""
+    """The block's position in forward (0 is the first block of a step)."""
     position: int
-    """The tensor's position among the tensors its block copied."""
+    """The copy's position among its block's copies."""
 
 
 class Transfers(Protocol):
-    """The copies an :class:`OffloadEngine` issues between one device and host memory.
+    """The copies an :class:`OffloadEngine` issues between one device and host memory, in stream order.
 
     :class:`CudaTransfers` runs them on a side stream; :class:`SynchronousTransfers` runs them at
-    once on the CPU and records them, for tests without an accelerator.
+    once on the CPU and records them.
     """
 
-    def host_buffer(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-        """A new flat host buffer of ``numel`` elements."""
+    def host_buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        """A new flat ``uint8`` host buffer."""
         ...
 
-    def to_host(
-        self, source: torch.Tensor, host: torch.Tensor, after: Event | None, label: Operation
+    def copy(
+        self, source: torch.Tensor, target: torch.Tensor, after: Event | None, label: Operation
     ) -> Event:
-        """Copies ``source`` into ``host`` once the compute stream's work so far and ``after`` are done."""
-        ...
-
-    def to_device(
-        self, host: torch.Tensor, target: torch.Tensor, after: Event | None, label: Operation
-    ) -> Event:
-        """Copies ``host`` into ``target`` once the compute stream's work so far and ``after`` are done."""
+        """Copies ``source`` into ``target`` after the compute stream's work so far and ``after``."""
         ...
 
     def wait(self, event: Event, label: Operation) -> None:
@@ -354,23 +337,24 @@ class Transfers(Protocol):
 class CudaTransfers:
     """Copies on one side stream of a CUDA device, ordered against the compute stream by events.
 
-    The compute stream is the current stream when a method is called (autograd runs backward on
-    the streams forward used). Nothing calls ``record_stream``: the engine keeps each source alive
-    until its copy's event is done, and allocates reload targets on the compute stream, so the
-    caching allocator never hands out memory a copy still reads or writes.
+    The compute stream is the current stream when a method is called. Memory a copy reads or writes
+    is let go only after the compute stream waited for the copy (docs/offload.md, "The engine").
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
 
-    def host_buffer(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-        """A flat host buffer, page-locked when ``pinned``."""
-        return torch.empty(numel, dtype=dtype, pin_memory=pinned)
+    def host_buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        """A flat buffer, page-locked when ``pinned``."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
 
-    def _copy(self, source: torch.Tensor, target: torch.Tensor, after: Event | None) -> Event:
-        # The side stream first waits for the compute stream: the source is written there, and a
-        # reload target's memory may still be read there by work queued before it was freed.
+    def copy(
+        self, source: torch.Tensor, target: torch.Tensor, after: Event | None, label: Operation
+    ) -> Event:
+        """Copies on the side stream, once it has waited for the compute stream and ``after``."""
+        # Waiting for the compute stream: the source is written there, and a reload target's memory
+        # may still be read there by work queued before it was freed.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         if after is not None:
             self.stream.wait_event(after)  # type: ignore[arg-type]
@@ -378,85 +362,61 @@ class CudaTransfers:
             target.copy_(source, non_blocking=True)
         return self.stream.record_event()
 
-    def to_host(
-        self, source: torch.Tensor, host: torch.Tensor, after: Event | None, label: Operation
-    ) -> Event:
-        """Copies ``source`` into the host buffer ``host`` on the side stream."""
-        return self._copy(source, host, after)
-
-    def to_device(
-        self, host: torch.Tensor, target: torch.Tensor, after: Event | None, label: Operation
-    ) -> Event:
-        """Copies ``host`` into ``target`` (allocated on the compute stream) on the side stream."""
-        return self._copy(host, target, after)
-
     def wait(self, event: Event, label: Operation) -> None:
         """Makes the current stream wait for ``event``."""
         torch.cuda.current_stream(self.device).wait_event(event)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class _Done:
-    """The event of a copy that already ran."""
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        pass
-
-
 class SynchronousTransfers:
-    """The CPU test mode's stand-in for :class:`CudaTransfers`: copies at once, and records them.
+    """The CPU test mode's stand-in for :class:`CudaTransfers`: copies at once.
 
-    ``operations`` lists every copy and every wait in the order the engine issued them, so tests
-    can check what a CUDA run would have queued on its streams.
+    ``operations`` records every copy and wait in the order the engine issued them.
     """
 
     def __init__(self) -> None:
         self.operations: list[Operation] = []
 
-    def host_buffer(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    def host_buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:
         """A flat buffer in (pageable) CPU memory."""
-        return torch.empty(numel, dtype=dtype)
+        return torch.empty(nbytes, dtype=torch.uint8)
 
-    def _copy(self, source: torch.Tensor, target: torch.Tensor, label: Operation) -> Event:
+    def copy(
+        self, source: torch.Tensor, target: torch.Tensor, after: Event | None, label: Operation
+    ) -> Event:
+        """Copies now; the event is the label."""
         target.copy_(source)
         self.operations.append(label)
-        return _Done()
-
-    def to_host(
-        self, source: torch.Tensor, host: torch.Tensor, after: Event | None, label: Operation
-    ) -> Event:
-        """Copies now."""
-        return self._copy(source, host, label)
-
-    def to_device(
-        self, host: torch.Tensor, target: torch.Tensor, after: Event | None, label: Operation
-    ) -> Event:
-        """Copies now."""
-        return self._copy(host, target, label)
+        return label
 
     def wait(self, event: Event, label: Operation) -> None:
         """Records the wait."""
         self.operations.append(label)
 
 
-@dataclass
-class _Buffer:
-    """A flat host buffer of the pool, and the event of the last copy that used it."""
+def host_bytes(nbytes: int, pinned: bool) -> int:
+    """The host memory a buffer of ``nbytes`` takes.
 
-    tensor: torch.Tensor
+    torch's pinned (CUDA caching host) allocator rounds each allocation up to a power of two;
+    pageable memory is taken as asked.
+    """
+    return 1 << max(nbytes - 1, 0).bit_length() if pinned else nbytes
+
+
+@dataclass(eq=False, repr=False)
+class _Buffer:
+    tensor: torch.Tensor  # flat uint8, host_bytes long
     pinned: bool
-    ready: Event | None = None
+    ready: Event | None = None  # the last copy that used it
+    step: int = 0  # the last step that took it
 
 
 class HostPool:
-    """Host buffers reused across steps, keyed by element count, dtype and pinning.
+    """Host buffers reused across steps, keyed by their size (:func:`host_bytes`) and pinning.
 
-    Once warm, a training step allocates nothing: every buffer a step takes comes back when
-    backward has consumed its tensor. ``max_bytes`` caps the host memory the pool holds, in use or
-    free; a free buffer of another size is given up to make room under it.
+    Once warm, a step of fixed shapes allocates nothing. A step starts when a block starts with no
+    other block alive; then the free buffers that the step before did not take are freed, so shapes
+    that change from step to step cannot grow the pool. ``max_bytes`` caps what the pool holds, in
+    use or free, as the allocator counts it; free buffers are given up to make room under it.
     """
 
     def __init__(self, max_bytes: int | None) -> None:
@@ -467,69 +427,75 @@ class HostPool:
         """Host memory that holds saved tensors now."""
         self.allocations = 0
         """How many buffers the pool ever allocated."""
-        self._free: dict[tuple[int, torch.dtype, bool], list[_Buffer]] = {}
+        self.step = 0
+        self._free: dict[tuple[int, bool], list[_Buffer]] = {}
 
-    def acquire(self, numel: int, dtype: torch.dtype, pinned: bool, transfers: Transfers) -> _Buffer | None:
-        """A buffer of ``numel`` elements: a free one, else a new one; None past ``max_bytes``."""
-        nbytes = numel * dtype.itemsize
-        free = self._free.get((numel, dtype, pinned))
+    def acquire(self, nbytes: int, pinned: bool, transfers: Transfers) -> _Buffer | None:
+        """A buffer that holds ``nbytes``: a free one, else a new one; None past ``max_bytes``."""
+        size = host_bytes(nbytes, pinned)
+        free = self._free.get((size, pinned))
         if free:
             buffer = free.pop()
         else:
-            if not self._make_room(nbytes):
+            self._drop(lambda buffer: self.max_bytes is not None and self.bytes + size > self.max_bytes)
+            if self.max_bytes is not None and self.bytes + size > self.max_bytes:
                 return None
-            buffer = _Buffer(transfers.host_buffer(numel, dtype, pinned), pinned)
-            self.bytes += nbytes
+            buffer = _Buffer(transfers.host_buffer(size, pinned), pinned)
+            self.bytes += size
             self.allocations += 1
-        self.in_use_bytes += nbytes
+        buffer.step = self.step
+        self.in_use_bytes += size
         return buffer
 
     def release(self, buffer: _Buffer, ready: Event | None) -> None:
-        """Takes ``buffer`` back; it is reused once ``ready`` (its last copy) is done."""
+        """Takes ``buffer`` back; the next copy into it waits for ``ready`` (its last copy)."""
         buffer.ready = ready
-        tensor = buffer.tensor
-        self.in_use_bytes -= tensor.numel() * tensor.dtype.itemsize
-        self._free.setdefault((tensor.numel(), tensor.dtype, buffer.pinned), []).append(buffer)
+        self.in_use_bytes -= buffer.tensor.numel()
+        self._free.setdefault((buffer.tensor.numel(), buffer.pinned), []).append(buffer)
 
-    def _make_room(self, nbytes: int) -> bool:
-        if self.max_bytes is None:
-            return True
+    def new_step(self) -> None:
+        """Frees the free buffers the step that ends did not take, and starts the next one."""
+        self._drop(lambda buffer: buffer.step < self.step)
+        self.step += 1
+
+    def _drop(self, condition: Callable[[_Buffer], bool]) -> None:
+        # Safe while a reload still reads the buffer: the pinned allocator reuses a block only after
+        # the copies recorded on it (and pageable copies are synchronous).
         for free in self._free.values():
-            while free and self.bytes + nbytes > self.max_bytes:
-                if free[-1].ready is not None and not free[-1].ready.query():
-                    break  # a reload still reads it
-                dropped = free.pop().tensor
-                self.bytes -= dropped.numel() * dropped.dtype.itemsize
-        return self.bytes + nbytes <= self.max_bytes
+            for buffer in list(free):
+                if condition(buffer):  # checked as buffers go: making room drops only what it needs
+                    free.remove(buffer)
+                    self.bytes -= buffer.tensor.numel()
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Block:
-    """One call of an offload wrapper: the tensors it saved, in the order forward saved them."""
+    """One call of an offload wrapper: its copies, in the order forward made them."""
 
     index: int
-    entries: list[_Entry] = field(default_factory=list)
+    copies: list[_Copy] = field(default_factory=list)
+    storages: dict[int, _Copy] = field(default_factory=dict)  # span copies by storage address
     closed: bool = False
     reloading: bool = False
 
 
-@dataclass
-class _Entry:
-    """One saved tensor the engine copied: where it lives now, and the events that order it."""
+@dataclass(eq=False, repr=False)
+class _Copy:
+    """One host copy: a saved tensor compacted, or a span of a storage that saved views read."""
 
     block: _Block
     position: int
     transfers: Transfers
     device: torch.device
-    size: torch.Size
-    stride: tuple[int, ...]
     buffer: _Buffer
-    host: torch.Tensor
-    """The buffer seen with the tensor's shape and strides."""
+    host: torch.Tensor  # flat, in the tensor's dtype
     copied: Event
-    """The copy to the host."""
-    source: torch.Tensor | None
-    """The original, until the engine sees its copy done: backward may read it meanwhile."""
+    source: torch.Tensor | None  # the original, until the compute stream has waited for `copied`
+    span: tuple[int, int] | None  # the storage elements copied; None: compacted
+    storage: StorageWeakRef | None
+    version: int
+    users: int = 0
+    reads: int = 0
     reload: tuple[torch.Tensor, Event] | None = None
     last: Event | None = None
     """The last copy that used the buffer."""
@@ -539,17 +505,14 @@ class OffloadEngine:
     """Offloads saved activations asynchronously: side-stream copies, a host pool, prefetch.
 
     Share one engine between the offload wrappers of a model (``offload_wrapper(block,
-    engine=engine)``); each wrapper call is a block. In forward, each saved tensor that
-    :func:`decide` says to copy is copied on a side stream into a pooled host buffer, and the
-    original is kept until the engine sees the copy's event done (at the next pack, block boundary
-    or unpack), so its memory is never reused early. In backward, the first tensor a block reads
-    starts the reload of that block (if it was not prefetched) and of the ``prefetch_blocks``
-    blocks that ran before it in forward; the compute stream waits for a tensor's reload just before
-    backward reads it. A tensor whose copy is not seen done yet is read in place.
+    engine=engine)``); each wrapper call is a block. Copies run on a side stream into pooled host
+    buffers; originals are let go in stream order, a block after their own (a one-block stash); in
+    backward, reads prefetch ``prefetch_blocks`` blocks ahead, last saved first (docs/offload.md).
 
     Args:
-        max_host_bytes: The most host memory the engine's pool holds; None for no limit. Past it
-            tensors stay on their device (with one warning), or the engine raises.
+        max_host_bytes: The most host memory the engine's pool holds, as the pinned allocator
+            counts it (:func:`host_bytes`); None for no limit. Past it tensors stay on their device
+            (with one warning), or the engine raises.
         on_cap: ``"keep"`` (stay on the device) or ``"raise"`` when a copy would pass the cap.
         prefetch_blocks: How many blocks ahead backward reloads (0: each block when it is read).
 
@@ -580,12 +543,12 @@ class OffloadEngine:
         self.pool = HostPool(max_host_bytes)
         self.kept_for_cap = 0
         """How many tensors stayed on their device because of ``max_host_bytes``."""
-        self.cpu_transfers = SynchronousTransfers()
+        self.cpu_transfers: Transfers = SynchronousTransfers()
         """The CPU test mode's transfers; its ``operations`` record what the engine did on CPU."""
         self._cuda: dict[torch.device, CudaTransfers] = {}
         self._blocks: list[_Block] = []
+        self._stash: deque[_Block] = deque()
         self._next_index = 0
-        self._in_flight: deque[tuple[Event, torch.Tensor, _Entry]] = deque()
         # Backward may run on autograd's device threads, and handles die there.
         self._lock = threading.RLock()
 
@@ -603,20 +566,19 @@ class OffloadEngine:
 
         Raises:
             TypeError: See :func:`decide`.
-            RuntimeError: A copy would pass ``max_host_bytes`` and ``on_cap="raise"``.
+            RuntimeError: Past ``max_host_bytes`` with ``on_cap="raise"``, or under graph capture.
         """
         owned = owned_storages(module)
         with self._lock:
-            self._poll()
+            if not self._blocks:  # a new step
+                self._next_index = 0
+                self.pool.new_step()
             block = _Block(self._next_index)
             self._next_index += 1
             self._blocks.append(block)
 
-        def copy(tensor: torch.Tensor) -> Packed:
-            return self._offload(block, tensor, options)
-
         def pack(tensor: torch.Tensor) -> Packed:
-            return pack_saved_tensor(tensor, options, owned, copy)
+            return pack_saved_tensor(tensor, options, owned, lambda t: self._offload(block, t, options))
 
         try:
             with saved_tensors_hooks(pack, unpack_saved_tensor):
@@ -624,9 +586,16 @@ class OffloadEngine:
         finally:
             with self._lock:
                 block.closed = True
-                self._poll()
-                if not block.entries:
+                if not block.copies:
                     self._blocks.remove(block)
+                self._stash.append(block)
+                while len(self._stash) > 1:
+                    held = [copy for copy in self._stash.popleft().copies if copy.source is not None]
+                    # A side stream runs in order: a wait for its last copy covers the copies before.
+                    for copy in {id(copy.transfers): copy for copy in held}.values():
+                        self._unstash(copy)
+                    for copy in held:
+                        copy.source = None
 
     def _transfers(self, device: torch.device) -> Transfers | None:
         if device.type == "cpu":
@@ -643,27 +612,41 @@ class OffloadEngine:
         transfers = self._transfers(tensor.device)
         if transfers is None:
             return copy_to_host(tensor, options)  # another accelerator: the synchronous copy
+        offset, numel, itemsize = int(tensor.storage_offset()), tensor.numel(), tensor.element_size()
+        end = offset + 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
+        end = end if numel else offset
+        # A tensor with gaps is compacted; any other (dense, expanded, overlapping) is copied as the
+        # span of storage it reads, which no view of that span then copies again.
+        span = None if end - offset > numel else (offset, end)
+        address = tensor.untyped_storage().data_ptr()
         with self._lock:
-            self._poll()
-            buffer = self.pool.acquire(
-                tensor.numel(), tensor.dtype, pins(tensor.device, options.pin_memory), transfers
-            )
-            if buffer is None:
-                return self._keep_for_cap(tensor)
-            # A dense tensor keeps its strides (the copy is one block of memory), another one is
-            # stored contiguously, as torch.empty_like would.
-            stride = torch.empty_like(tensor, device="meta").stride()
-            host = buffer.tensor.as_strided(tensor.size(), stride)
-            label = Operation("to_host", block.index, len(block.entries))
-            copied = transfers.to_host(tensor, host, buffer.ready, label)
-            entry = _Entry(
-                block, label.position, transfers, tensor.device, tensor.size(), stride,
-                buffer, host, copied, source=tensor, last=copied,
-            )  # fmt: skip
-            block.entries.append(entry)
-            self._in_flight.append((copied, tensor, entry))
-        handle = Offloaded(self, entry)
-        weakref.finalize(handle, self._release, entry).atexit = False
+            copy = block.storages.get(address) if span else None
+            if copy is None or not _holds(copy, tensor, offset, end):
+                length = numel if span is None else end - offset
+                buffer = self.pool.acquire(
+                    length * itemsize, pins(tensor.device, options.pin_memory), transfers
+                )
+                if buffer is None:
+                    return self._keep_for_cap(tensor)
+                host = buffer.tensor[: length * itemsize].view(tensor.dtype)
+                label = Operation("to_host", block.index, len(block.copies))
+                source = tensor if span is None else tensor.as_strided((length,), (1,), offset)
+                copied = transfers.copy(source, host.view(source.size()), buffer.ready, label)
+                storage = StorageWeakRef(tensor.untyped_storage()) if span else None
+                copy = _Copy(
+                    block, label.position, transfers, tensor.device, buffer, host, copied, tensor, span,
+                    storage, tensor._version, last=copied,
+                )  # fmt: skip
+                block.copies.append(copy)
+                if span is not None:
+                    block.storages[address] = copy
+            copy.users += 1
+        if copy.span is None:
+            host_view = (tensor.size(), torch.empty(tensor.size(), device="meta").stride(), 0)
+        else:
+            host_view = (tensor.size(), tensor.stride(), offset - copy.span[0])
+        handle = Offloaded(self, copy, (tensor.size(), tensor.stride(), offset), host_view)
+        weakref.finalize(handle, self._release, copy).atexit = False
         return handle
 
     def _keep_for_cap(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -687,64 +670,73 @@ class OffloadEngine:
         self.kept_for_cap += 1
         return tensor
 
-    def _poll(self) -> None:
-        """Lets go of the originals whose copy to the host is done."""
-        while self._in_flight and self._in_flight[0][0].query():
-            _, _, entry = self._in_flight.popleft()
-            entry.source = None
+    def _unstash(self, copy: _Copy) -> None:
+        # The compute stream waits for the copy first: the memory goes back to the allocator only
+        # for work queued after the copy.
+        if copy.source is not None:
+            copy.transfers.wait(copy.copied, Operation("release", copy.block.index, copy.position))
+            copy.source = None
 
-    def _reload(self, entry: _Entry) -> tuple[torch.Tensor, Event]:
-        target = torch.empty_strided(entry.size, entry.stride, dtype=entry.host.dtype, device=entry.device)
-        label = Operation("to_device", entry.block.index, entry.position)
-        event = entry.transfers.to_device(entry.host, target, entry.last, label)
-        entry.last = event
-        return target, event
+    def _reload(self, copy: _Copy) -> tuple[torch.Tensor, Event]:
+        # Allocated on the compute stream, so its free follows compute-stream order.
+        target = torch.empty(copy.host.numel(), dtype=copy.host.dtype, device=copy.device)
+        label = Operation("to_device", copy.block.index, copy.position)
+        copy.last = copy.transfers.copy(copy.host, target, copy.last, label)
+        return target, copy.last
 
-    def _start_reload(self, block: _Block) -> None:
-        if block.reloading:
-            return
-        block.reloading = True
-        for entry in list(block.entries):
-            if entry.source is None and entry.reload is None:
-                entry.reload = self._reload(entry)
+    def _prefetch(self, block: _Block) -> None:
+        at = self._blocks.index(block)
+        for earlier in reversed(self._blocks[max(0, at - self.prefetch_blocks) : at + 1]):
+            if not earlier.reloading:
+                earlier.reloading = True
+                for copy in reversed(earlier.copies):  # backward reads the last saved first
+                    if copy.source is None and copy.reload is None:
+                        copy.reload = self._reload(copy)
 
     def load(self, handle: Offloaded) -> torch.Tensor:
         """The tensor ``handle`` stands for, on its device: for backward (the unpack hook)."""
-        entry = handle.entry
+        copy = handle.copy
         with self._lock:
-            self._poll()
-            block = entry.block
-            self._start_reload(block)
-            if entry.source is not None:
-                source, entry.source = entry.source, None
-                loaded = source
-            else:
-                target, event = entry.reload if entry.reload is not None else self._reload(entry)
-                entry.reload = None
-                entry.transfers.wait(event, Operation("wait", block.index, entry.position))
-                loaded = target
-            if block in self._blocks:
-                at = self._blocks.index(block)
-                for earlier in self._blocks[max(0, at - self.prefetch_blocks) : at]:
-                    self._start_reload(earlier)
-        return loaded
+            self._prefetch(copy.block)
+            if copy.source is not None:  # in the stash
+                return copy.source.as_strided(*handle.view)
+            if copy.reload is None:
+                copy.reload = self._reload(copy)
+            target, event = copy.reload
+            copy.transfers.wait(event, Operation("wait", copy.block.index, copy.position))
+            copy.reads += 1
+            if copy.reads >= copy.users:  # each handle read it: a second backward reloads again
+                copy.reload, copy.reads = None, 0
+        return target.as_strided(*handle.host_view)
 
-    def _release(self, entry: _Entry) -> None:
-        """Takes the buffer of a tensor autograd no longer holds back into the pool."""
+    def _release(self, copy: _Copy) -> None:
+        """Takes back the buffer of a copy that autograd no longer holds a handle of."""
         with self._lock:
-            entry.source = None
-            if entry.reload is not None:
-                # A reload nobody read (the graph was freed mid-backward): its target may be freed
-                # only after the copy into it, whatever stream this thread is on.
-                entry.reload[1].synchronize()
-                entry.reload = None
-            self.pool.release(entry.buffer, entry.last)
-            block = entry.block
-            block.entries.remove(entry)
-            if block.closed and not block.entries and block in self._blocks:
+            copy.users -= 1
+            if copy.users:
+                return
+            self._unstash(copy)
+            if copy.reload is not None:  # a reload nobody read (the graph was freed mid-backward)
+                copy.transfers.wait(copy.reload[1], Operation("release", copy.block.index, copy.position))
+                copy.reload = None
+            self.pool.release(copy.buffer, copy.last)
+            block = copy.block
+            block.copies.remove(copy)
+            if block.closed and not block.copies and block in self._blocks:
                 self._blocks.remove(block)
-                if not self._blocks:
-                    self._next_index = 0  # the next forward is a new step
+
+
+def _holds(copy: _Copy, tensor: torch.Tensor, start: int, end: int) -> bool:
+    """Whether ``copy`` has what ``tensor`` reads: the same live storage, unchanged, and its span."""
+    return (
+        copy.span is not None
+        and copy.storage is not None
+        and not copy.storage.expired()
+        and copy.version == tensor._version
+        and copy.host.dtype == tensor.dtype
+        and copy.span[0] <= start
+        and end <= copy.span[1]
+    )
 
 
 def _engine_with(max_host_bytes: int | None, on_cap: str, prefetch_blocks: int) -> OffloadEngine:

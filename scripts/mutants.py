@@ -80,6 +80,7 @@ REPLAY_TESTS = "tests/test_replay.py::"
 NAMES_TESTS = "tests/test_names.py::"
 WRAPPER_TESTS = "tests/test_wrappers.py::"
 POLICY_TESTS = "tests/test_policies.py::"
+ENGINE_TESTS = "tests/test_offload_engine.py::"
 NO_REENTRANT = "[CheckpointImpl.NO_REENTRANT]"
 REENTRANT = "[CheckpointImpl.REENTRANT]"
 
@@ -267,6 +268,87 @@ MUTANTS = (
         (
             RECOMPUTE_TESTS + "test_a_replay_with_other_shapes_names_the_region",
             RECOMPUTE_TESTS + "test_optional_value_check_catches_a_replay_with_other_values",
+        ),
+    ),
+    Mutant(
+        "o1",
+        "offload engine releases by host polling: originals go once the host sees their copies done",
+        (
+            literal(
+                "offload.py",
+                "while len(self._stash) > 1:",
+                "while len(self._stash) > 1 and all(c.copied.query() for c in self._stash[0].copies):",
+            ),
+        ),
+        (ENGINE_TESTS + "test_a_lagging_device_frees_originals_in_stream_order_and_holds_only_the_stash",),
+    ),
+    Mutant(
+        "o1b",
+        "offload engine lets go of an original without the compute stream waiting for its copy",
+        (Edit("offload.py", r"copy\.transfers\.wait\(copy\.copied, [^\n]*\n", "pass\n"),),
+        (ENGINE_TESTS + "test_a_lagging_device_frees_originals_in_stream_order_and_holds_only_the_stash",),
+    ),
+    Mutant(
+        "o2",
+        "offload engine prefetches a block's copies in forward order",
+        (literal("offload.py", "for copy in reversed(earlier.copies):", "for copy in earlier.copies:"),),
+        (ENGINE_TESTS + "test_reloads_go_in_backward_order_last_saved_first",),
+    ),
+    Mutant(
+        "o2b",
+        "offload engine prefetch skips copies the host does not see done (and marks the block reloading)",
+        (
+            literal(
+                "offload.py",
+                "if copy.source is None and copy.reload is None:",
+                "if copy.source is None and copy.reload is None and copy.copied.query():",
+            ),
+        ),
+        (ENGINE_TESTS + "test_backward_prefetches_one_block_ahead[offload]",),
+    ),
+    Mutant(
+        "o3",
+        "offload copies autocast's casts of the weights",
+        (Edit("offload.py", r"return Decision\.WEIGHT_CAST", "pass"),),
+        (ENGINE_TESTS + "test_autocast_weight_casts_stay_and_only_activations_move",),
+    ),
+    Mutant(
+        "o4",
+        "offload engine copies an expanded view at its full size (every tensor compacted)",
+        (literal("offload.py", "span = None if end - offset > numel else (offset, end)", "span = None"),),
+        (ENGINE_TESTS + "test_an_expanded_view_is_copied_at_its_storage_size_and_rebuilt_as_the_same_view",),
+    ),
+    Mutant(
+        "o4b",
+        "offload engine copies one storage once per save",
+        (Edit("offload.py", r"copy = block\.storages\.get\(.*?\n", "copy = None\n"),),
+        (ENGINE_TESTS + "test_one_storage_saved_twice_is_copied_once",),
+    ),
+    Mutant(
+        "o5",
+        "offload pool counts the bytes asked for, not what the pinned allocator holds",
+        (literal("offload.py", "return 1 << max(nbytes - 1, 0).bit_length() if pinned else", "return"),),
+        (ENGINE_TESTS + "test_the_pool_counts_pinned_buffers_as_the_allocator_rounds_them",),
+    ),
+    Mutant(
+        "o5b",
+        "offload pool keeps the buffers of every size for ever",
+        (literal("offload.py", "self._drop(lambda buffer: buffer.step < self.step)", "pass"),),
+        (ENGINE_TESTS + "test_sequence_lengths_that_change_every_step_do_not_grow_the_pool[no_cap]",),
+    ),
+    Mutant(
+        "o6",
+        "offload copies during CUDA graph capture",
+        (
+            literal(
+                "offload.py",
+                "if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():",
+                "if False:",
+            ),
+        ),
+        (
+            ENGINE_TESTS + "test_offloading_under_cuda_graph_capture_raises_naming_the_fix[synchronous]",
+            ENGINE_TESTS + "test_offloading_under_cuda_graph_capture_raises_naming_the_fix[engine]",
         ),
     ),
 )
