@@ -14,6 +14,7 @@ import torch
 
 from fsdp_ac.planner import BudgetError, plan
 from fsdp_ac.profiler import Profile, Workload, builtin_workload, profile, workload_from_spec
+from fsdp_ac.report import silenced
 from fsdp_ac.settings import parse_budget
 
 BUILTINS = ("gpt", "llama")
@@ -131,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError, AttributeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    measured: Profile = profile(workload, repeats=args.repeats, progress=None if args.quiet else progress_bar)
+    with silenced():  # the profile checkpoints copies of the model to measure them
+        measured: Profile = profile(workload, repeats=args.repeats, progress=None if args.quiet else progress_bar)
     print(measured.table())
     document: dict[str, object] = {"profile": measured.to_json()}
     status = 0

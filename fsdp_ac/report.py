@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-__all__ = ["VERBOSITY_VARIABLE", "notice", "origin", "said_origin", "user_stacklevel", "verbosity"]
+__all__ = ["VERBOSITY_VARIABLE", "notice", "origin", "said_origin", "silenced", "user_stacklevel", "verbosity"]
 
 VERBOSITY_VARIABLE = "FSDP_AC_VERBOSITY"
 _LEVELS = ("info", "warning")
 _PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 _ORIGIN: ContextVar[str | None] = ContextVar("fsdp_ac_origin", default=None)
+_SILENCED: ContextVar[bool] = ContextVar("fsdp_ac_silenced", default=False)
 
 
 def verbosity() -> str:
@@ -42,7 +43,7 @@ def verbosity() -> str:
 
 def notice(line: str) -> None:
     """Writes ``fsdp_ac: <line>`` on rank 0, unless ``FSDP_AC_VERBOSITY=warning``."""
-    if verbosity() != "info" or _rank() != 0:
+    if verbosity() != "info" or _SILENCED.get() or _rank() != 0:
         return
     logger = logging.getLogger("fsdp_ac")
     if logger.hasHandlers() and logger.isEnabledFor(logging.INFO):
@@ -59,6 +60,16 @@ def origin(text: str) -> Iterator[None]:
         yield
     finally:
         _ORIGIN.reset(token)
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Within the block, no account: for models fsdp_ac changes only to measure them (copies)."""
+    token = _SILENCED.set(True)
+    try:
+        yield
+    finally:
+        _SILENCED.reset(token)
 
 
 def said_origin() -> str | None:
