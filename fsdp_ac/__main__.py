@@ -132,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError, AttributeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    progress = None if args.quiet else progress_bar
     with silenced():  # the profile checkpoints copies of the model to measure them
-        measured: Profile = profile(workload, repeats=args.repeats, progress=None if args.quiet else progress_bar)
+        measured: Profile = profile(workload, repeats=args.repeats, progress=progress)
     print(measured.table())
     document: dict[str, object] = {"profile": measured.to_json()}
     status = 0

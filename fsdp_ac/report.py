@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-__all__ = ["VERBOSITY_VARIABLE", "notice", "origin", "said_origin", "silenced", "user_stacklevel", "verbosity"]
+__all__ = [
+    "VERBOSITY_VARIABLE",
+    "notice",
+    "origin",
+    "said_origin",
+    "silenced",
+    "user_stacklevel",
+    "verbosity",
+]
 
 VERBOSITY_VARIABLE = "FSDP_AC_VERBOSITY"
 _LEVELS = ("info", "warning")

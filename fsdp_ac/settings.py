@@ -178,11 +178,11 @@ def _parse_class_names(raw: object, source: str) -> tuple[str, ...]:
     return names
 
 
-def parse_budget(raw: object, source: str = "the budget") -> int | float:
+def parse_budget(raw: object, source: str = "the budget", *, fraction_only: bool = False) -> int | float:
     """Parses a memory budget: a fraction of no AC's activation bytes or bytes (with a unit).
 
     ``0.5`` and ``50%`` are fractions, ``300MiB``, ``2GiB`` and ``123B`` bytes; a bare number is a
-    fraction, so at most 1.
+    fraction, so at most 1. ``fraction_only`` refuses bytes.
 
     Raises:
         ValueError: Neither, a bare number above 1 (the message asks: percent or bytes?), a fraction
@@ -191,25 +191,19 @@ def parse_budget(raw: object, source: str = "the budget") -> int | float:
     text = str(raw).strip().replace(" ", "")
     match = re.fullmatch(r"([0-9]*\.?[0-9]+)(%|[A-Za-z]*)", text)
     unit = match.group(2).upper() if match else ""
-    if match is None or (unit and unit != "%" and unit not in _UNITS):
-        raise ValueError(
-            f"Cannot read {source} {text!r}: give a fraction of no AC's activation bytes (0.5 or 50%) "
-            "or bytes with a unit (300MiB, 2GiB, 123456789B)."
-        )
+    units = () if fraction_only else _UNITS
+    if match is None or unit not in ("", "%", *units):
+        kinds = "" if fraction_only else " or bytes with a unit (300MiB, 2GiB, 123B)"
+        raise ValueError(f"Cannot read {source} {text!r}: give a fraction of no AC's bytes (0.5, 50%){kinds}")
     number = float(match.group(1))
-    if unit in _UNITS:
-        budget: int | float = int(number * _UNITS[unit])
-    else:
-        budget = number / 100 if unit == "%" else number
-        if not unit and budget > 1:
-            raise ValueError(
-                f"{source} {text!r} is ambiguous: a bare number is a fraction of no AC's activation bytes, "
-                f"at most 1. Did you mean {text}% or {text}B?"
-            )
-        if budget > 1:
-            raise ValueError(
-                f"{source} {text!r} is above 100% of no AC's activation bytes; give at most 100%."
-            )
+    budget: int | float = int(number * _UNITS[unit]) if unit in units else number / (100 if unit else 1)
+    if not unit and budget > 1:
+        raise ValueError(
+            f"{source} {text!r} is ambiguous: a bare number is a fraction of no AC's activation bytes, "
+            f"at most 1. Did you mean {text}%{'' if fraction_only else f' or {text}B'}?"
+        )
+    if unit == "%" and budget > 1:
+        raise ValueError(f"{source} {text!r} is above 100% of no AC's activation bytes; give 100% or less.")
     if budget <= 0:
         raise ValueError(f"{source} {text!r} must be positive.")
     return budget
@@ -222,12 +216,7 @@ def _parse_ac_policy(raw: object, source: str) -> str:
         return text
     kind, sep, arg = text.partition(":")
     if sep and kind == "budget":
-        fraction = parse_budget(arg, source)
-        if isinstance(fraction, int):
-            raise ValueError(
-                f"{source}: budget:F takes a fraction of no AC's activation bytes (0.5 or 50%), got {raw!r}."
-            )
-        return f"budget:{fraction:g}"
+        return f"budget:{parse_budget(arg, source, fraction_only=True):g}"
     if sep and kind in _POLICY_KINDS and arg.isdigit() and int(arg) >= 1:
         return f"{kind}:{int(arg)}"
     raise ValueError(

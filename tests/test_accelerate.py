@@ -111,10 +111,13 @@ def test_environment_readers_parse_and_name_the_variable(monkeypatch: pytest.Mon
     ]:
         monkeypatch.setenv("FSDP_AC_POLICY", raw)
         assert read()["policy"] == parsed
-    for bad in ("every:0", "every", "budget:1.5", "half"):
+    for bad in ("every:0", "every", "half"):
         monkeypatch.setenv("FSDP_AC_POLICY", bad)
         with pytest.raises(ValueError, match=r"FSDP_AC_POLICY must be one of all, none, every:N"):
             read()
+    monkeypatch.setenv("FSDP_AC_POLICY", "budget:1.5")
+    with pytest.raises(ValueError, match=r"FSDP_AC_POLICY '1.5' is ambiguous: .* Did you mean 1.5%\?"):
+        read()
     monkeypatch.delenv("FSDP_AC_POLICY")
     monkeypatch.setenv("FSDP_AC_STRATEGY", "selective:torchtitan")
     assert read()["strategy"] == Selective("torchtitan")
@@ -138,7 +141,10 @@ def test_environment_readers_parse_and_name_the_variable(monkeypatch: pytest.Mon
     for name in ("PLAN", "OFFLOAD", "PIN_MEMORY"):
         monkeypatch.delenv(f"FSDP_AC_{name}")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ValueError, match=r"accelerate launch started 4 processes"):
+    with pytest.raises(ValueError, match=r"^torchrun started 4 processes, .* set ACCELERATE_USE_CPU=true"):
+        fsdp_ac_accelerate.prepare(no_fsdp_accelerator(), gpt())
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # as accelerate launch sets it: it is named
+    with pytest.raises(ValueError, match=r"^accelerate launch started 4 processes"):
         fsdp_ac_accelerate.prepare(no_fsdp_accelerator(), gpt())
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert fsdp_ac_accelerate.accelerate_fsdp_requested() is True

@@ -171,7 +171,7 @@ def test_every_entry_point_writes_one_account_line_on_rank_0(
         f"fsdp_ac: 2/2 TransformerBlock checkpointed (full{settings})"
     ]
     os.environ["FSDP_AC_VERBOSITY"] = "loud"
-    with pytest.raises(ValueError, match="FSDP_AC_VERBOSITY must be info .* or warning"):
+    with pytest.raises(ValueError, match=r"FSDP_AC_VERBOSITY must be info .* or warning"):
         apply(GPT(CONFIG), "full", {"TransformerBlock"})
 
 

@@ -57,9 +57,9 @@ def test_the_policy_budget_uses_the_same_parser(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("FSDP_AC_POLICY", "budget:50%")
     assert own_settings()["policy"] == ("budget:0.5", "FSDP_AC_POLICY")
     for bad, said in [
-        ("budget:50", "Did you mean 50% or 50B"),
+        ("budget:50", r"Did you mean 50%\?"),
         ("budget:150%", "above 100%"),
-        ("budget:2GiB", "takes a fraction"),
+        ("budget:2GiB", r"give a fraction of no AC's bytes \(0.5, 50%\)$"),
     ]:
         monkeypatch.setenv("FSDP_AC_POLICY", bad)
         with pytest.raises(ValueError, match=said):
