@@ -18,12 +18,15 @@ directory comes first on ``sys.path``. The settings are those of :mod:`fsdp_ac.a
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import fsdp_ac.accelerate
+from fsdp_ac.report import notice
+from fsdp_ac.settings import launch_config_file, launcher
 
 __all__ = ["main"]
 
@@ -51,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not module and not Path(target).is_file():
         raise SystemExit(f"fsdp_ac.run: no such training script: {target}. Usage: {_USAGE}")
     fsdp_ac.accelerate.enable(default_policy="all")
+    if launcher() == "accelerate launch" and not os.environ.get("FSDP_AC_CONFIG_FILE"):
+        if launch_config_file() is None:  # not Linux, or a launch without any config file
+            notice(
+                "found no config file of accelerate launch; reading FSDP_AC_* variables only (set "
+                "FSDP_AC_CONFIG_FILE to read the fsdp_ac_* keys of one)"
+            )
     sys.argv = [target, *script_args]
     if module:
         runpy.run_module(target, run_name="__main__", alter_sys=True)

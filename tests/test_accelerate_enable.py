@@ -234,3 +234,22 @@ def test_bad_settings_fail_before_the_script_builds_a_model(
         fsdp_ac_accelerate.enable()
     assert not marker.exists()
     assert {n: accelerate.Accelerator.__dict__[n] for n in ACCELERATES_OWN} == ACCELERATES_OWN
+
+
+def test_runner_says_which_sources_it_reads_when_it_finds_no_launch_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # as accelerate launch sets it
+    monkeypatch.setenv("FSDP_AC_POLICY", "none")
+    script = tmp_path / "train.py"
+    script.write_text("")
+    capfd.readouterr()
+    try:
+        fsdp_ac.run.main([str(script)])  # its parent (pytest's) is no accelerate launch: no file found
+    finally:
+        fsdp_ac_accelerate.disable()
+        sys.path.remove(str(tmp_path))
+    assert capfd.readouterr().err == (
+        "fsdp_ac: found no config file of accelerate launch; reading FSDP_AC_* variables only (set "
+        "FSDP_AC_CONFIG_FILE to read the fsdp_ac_* keys of one)\n"
+    )
