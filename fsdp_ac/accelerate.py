@@ -7,7 +7,7 @@ One line in the training script replaces ``accelerator.prepare``::
 It reads Accelerate's settings (``fsdp_activation_checkpointing``,
 ``fsdp_activation_checkpointing_offload``, the auto-wrap policy, ``fsdp_transformer_layer_cls_to_wrap``
 or the model's ``_no_split_modules``, ``fsdp_version``) and fsdp_ac's own (``FSDP_AC_*`` variables or
-``fsdp_ac_*`` keys of the config file, parsed here, see ``docs/environment.md``), turns Accelerate's own
+``fsdp_ac_*`` keys of the config file, parsed in :mod:`fsdp_ac.settings`), turns Accelerate's own
 checkpointing off for the call, lets Accelerate shard or replicate the model exactly as configured, and
 then checkpoints the chosen blocks with fsdp_ac's wrappers, inside the FSDP units Accelerate made.
 
@@ -89,7 +89,8 @@ class ActivationCheckpointingSettings:
     """What :func:`prepare` does, merged from Accelerate's settings and fsdp_ac's.
 
     Each fsdp_ac setting comes from ``FSDP_AC_<NAME>`` if set, else from the key ``fsdp_ac_<name>`` in
-    the ``fsdp_config`` section of the file named by ``FSDP_AC_CONFIG_FILE``, else from Accelerate.
+    the ``fsdp_config`` section of the config file of ``accelerate launch`` (or ``FSDP_AC_CONFIG_FILE``),
+    else from Accelerate.
     """
 
     enabled: bool
