@@ -219,7 +219,8 @@ def _prepare(accelerator: Any, args: Any, device_placement: Any, default_policy:
     _refuse_unrelated_processes(accelerator)
     if settings.enabled:
         _refuse_unsupported(accelerator)
-    if plugin is not None and not active and settings.enabled:
+    models = any(isinstance(arg, nn.Module) for arg in args)
+    if plugin is not None and not active and settings.enabled and models:
         warnings.warn(
             f"Accelerate was configured for FSDP but runs {accelerator.distributed_type} (Accelerate "
             "uses FSDP only on GPUs and other accelerators) and would drop activation checkpointing; "

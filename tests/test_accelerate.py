@@ -435,13 +435,16 @@ def test_prepare_checkpoints_an_fsdp_config_that_accelerate_ran_without_fsdp(
         assert accelerator.distributed_type == DistributedType.NO
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            fsdp_ac_accelerate.prepare(accelerator, torch.utils.data.DataLoader(range(4)))
+            assert caught == []  # a DataLoader alone has no blocks to checkpoint: nothing to say
             model = fsdp_ac_accelerate.prepare(accelerator, gpt())
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     assert regions(model) == BLOCKS
     assert gradients(model)[1] == len(BLOCKS)
-    assert any("configured for FSDP but runs DistributedType.NO" in str(w.message) for w in caught)
+    dropped = [w for w in caught if "configured for FSDP but runs DistributedType.NO" in str(w.message)]
+    assert [w.filename for w in dropped] == [__file__]  # one warning, at the caller's line
 
 
 def test_prepare_refuses_processes_that_would_train_apart(
