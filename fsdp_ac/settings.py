@@ -99,6 +99,8 @@ def launch_config_file() -> Path | None:
             return None
         if any(arg.endswith("accelerate") or "accelerate.commands" in arg for arg in argv[:3]):
             for index, arg in enumerate(argv):
+                if arg.endswith(".py") or arg == "fsdp_ac.run":
+                    break  # the training script's own arguments follow
                 if arg.startswith("--config_file="):
                     return (proc / "cwd").resolve() / arg.split("=", 1)[1]
                 if arg == "--config_file" and index + 1 < len(argv):

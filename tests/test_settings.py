@@ -94,9 +94,10 @@ def test_the_config_file_of_accelerate_launch_is_found_from_its_command_line(tmp
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
         "ACCELERATE_DYNAMO_BACKEND": "NO",
     }
+    script_options = ["--config_file", "the_scripts_own.yaml"]  # read by the script, not the launcher
     for flag in (["--config_file", "cfg/ddp.yaml"], ["--config_file=cfg/ddp.yaml"]):
         result = subprocess.run(
-            [sys.executable, str(launcher_script), "launch", *flag, "train.py"],
+            [sys.executable, str(launcher_script), "launch", *flag, "train.py", *script_options],
             env=env,
             cwd=tmp_path,
             capture_output=True,
