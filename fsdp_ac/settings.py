@@ -12,11 +12,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES
 from fsdp_ac.strategies import STRATEGIES, NoCheckpoint, Strategy, parse_strategy
 
 __all__ = [
-    "DEFAULT_MIN_OFFLOAD_BYTES",
     "SETTING_PARSERS",
     "environment_settings",
     "launch_config_file",
