@@ -30,7 +30,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from fsdp_ac._compat import uses_flat_parameters
 from fsdp_ac.names import Site, activation_wrappers, children_first, unwrap, walk
 from fsdp_ac.policies import ModulePolicy, PolicySpec, check_alignment
-from fsdp_ac.report import notice, said_origin, user_stacklevel
+from fsdp_ac.report import notice, said_origin, user_stacklevel, verbosity
 from fsdp_ac.wrappers import (
     checkpoint_wrapper,
     naming_regions,
@@ -68,6 +68,7 @@ def wrap_in_place(
     chosen = dict(choose(sites))
     cache_off = False
     if chosen:
+        verbosity()  # a bad FSDP_AC_VERBOSITY fails before the model changes
         refuse_hf_gradient_checkpointing(model, type(unwrap(model)).__name__)
         cache_off = _turn_off_hf_cache(model)
     kinds: Counter[str] = Counter()

@@ -171,8 +171,10 @@ def test_every_entry_point_writes_one_account_line_on_rank_0(
         f"fsdp_ac: 2/2 TransformerBlock checkpointed (full{settings})"
     ]
     os.environ["FSDP_AC_VERBOSITY"] = "loud"
+    model = GPT(CONFIG)
     with pytest.raises(ValueError, match=r"FSDP_AC_VERBOSITY must be info .* or warning"):
-        apply(GPT(CONFIG), "full", {"TransformerBlock"})
+        apply(model, "full", {"TransformerBlock"})
+    assert not any(hasattr(m, "region_name") for m in model.modules())  # refused before any change
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
