@@ -3,17 +3,23 @@ PYTHON ?= python
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-unit test-distributed test-torch test-torch-range test-min-deps bench gpu-check lint docs-testing \
+.PHONY: install install-demo demo test test-unit test-distributed test-torch test-torch-range test-min-deps bench gpu-check lint docs-testing \
 	docs-testing-results mutants soak
 
 # Uses the torch already installed; installs the CPU wheel torch==2.13.0 only when there is none,
 # so that the range in setup.cfg never pulls a multi-GB CUDA build.
+INSTALL_TORCH = $(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 install:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(INSTALL_TORCH)
 	$(PYTHON) -m pip install -q -e ".[test,dev]"
 
+# What the demo needs and no more: torch and fsdp_ac (no test or dev extras).
+install-demo:
+	$(INSTALL_TORCH)
+	$(PYTHON) -m pip install -q -e .
+
 # The main job: a small GPT trained under torchrun with FSDP2, without and with fsdp_ac.
-demo: install
+demo: install-demo
 	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) scripts/demo.py
 
 # The whole suite: single-process tests and the multi-rank tests (2 ranks, gloo on CPU).

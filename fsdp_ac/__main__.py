@@ -1,23 +1,12 @@
 """Command line: ``python -m fsdp_ac profile|plan MODEL ...``: measure a model, plan its activations.
 
-``MODEL`` is a built-in (``gpt``: the reference GPT; ``llama``: a Llama-style decoder from
-``transformers``) or ``package.module:factory`` with ``--block`` and ``--shape``. ``profile`` prints
-a per-block table (bytes held with each strategy, forward and recompute times); ``plan --budget B``
-prints the plan that fits ``B`` at the least predicted recompute and can save it for
-:meth:`fsdp_ac.ActivationPlan.load`. ``--json PATH`` writes the profile (and the plan) as JSON.
-
-Examples::
-
-    python -m fsdp_ac profile gpt --layers 8
-    python -m fsdp_ac plan gpt --budget 0.5 --save-plan plan.json
-    python -m fsdp_ac plan mypkg.models:build --block DecoderLayer --shape 4,1024 --budget 6GiB
+``--help`` says how (plain text, :data:`_DESCRIPTION`); ``docs/planning.md`` explains the plan.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 
@@ -25,32 +14,33 @@ import torch
 
 from fsdp_ac.planner import BudgetError, plan
 from fsdp_ac.profiler import Profile, Workload, builtin_workload, profile, workload_from_spec
+from fsdp_ac.report import silenced
+from fsdp_ac.settings import parse_budget
 
 BUILTINS = ("gpt", "llama")
 """The models named without an import path."""
 
-_UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_DESCRIPTION = """\
+Measure a model (profile), or plan its activations for a memory budget (plan).
+
+MODEL is a built-in (gpt: the reference GPT; llama: a Llama-style decoder from transformers) or
+package.module:factory with --block and --shape. profile prints a per-block table (bytes held with
+each strategy, forward and recompute times); plan --budget B prints the plan that fits B at the least
+predicted recompute and can save it for fsdp_ac.ActivationPlan.load. --json PATH writes the profile
+(and the plan) as JSON.
+
+examples:
+  python -m fsdp_ac profile gpt --layers 8
+  python -m fsdp_ac plan gpt --budget 50% --save-plan plan.json
+  python -m fsdp_ac plan mypkg.models:build --block DecoderLayer --shape 4,1024 --budget 6GiB
+"""
 
 
-def parse_budget(text: str) -> int | float:
-    """Reads a budget: a fraction of no AC's bytes (``0.5``, ``50%``) or bytes (``300MiB``, ``123``).
-
-    Raises:
-        ValueError: The text is none of these.
-    """
-    text = text.strip()
-    if text.endswith("%"):
-        return float(text[:-1]) / 100
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)", text)
-    if match is None or match.group(2).upper() not in _UNITS:
-        raise ValueError(
-            f"Cannot read the budget {text!r}: give a fraction of no AC's activation bytes (0.5 or 50%) "
-            "or bytes (123456789, 300MiB, 2GiB)."
-        )
-    number, unit = match.groups()
-    if not unit and "." in number:
-        return float(number)
-    return int(float(number) * _UNITS[unit.upper()])
+def _budget_argument(text: str) -> int | float:
+    try:
+        return parse_budget(text, "--budget")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -110,7 +100,9 @@ def progress_bar(done: int, total: int, width: int = 30) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses ``profile`` or ``plan`` and their options."""
     parser = argparse.ArgumentParser(
-        prog="python -m fsdp_ac", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fsdp_ac",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("profile", "measure each block"), ("plan", "plan activations for a budget")):
@@ -123,8 +115,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             sub.add_argument(
                 "--budget",
                 required=True,
-                type=parse_budget,
-                help="a fraction of no AC's activation bytes (0.5, 50%%) or bytes (300MiB, 2GiB)",
+                type=_budget_argument,
+                help="a fraction of no AC's activation bytes (0.5, 50%%) or bytes (300MiB, 2GiB, 123B)",
             )
             sub.add_argument(
                 "--save-plan", metavar="PATH", help="write the ActivationPlan for ActivationPlan.load"
@@ -140,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError, AttributeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    measured: Profile = profile(workload, repeats=args.repeats, progress=None if args.quiet else progress_bar)
+    progress = None if args.quiet else progress_bar
+    with silenced():  # the profile checkpoints copies of the model to measure them
+        measured: Profile = profile(workload, repeats=args.repeats, progress=progress)
     print(measured.table())
     document: dict[str, object] = {"profile": measured.to_json()}
     status = 0

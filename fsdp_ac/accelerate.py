@@ -7,7 +7,7 @@ One line in the training script replaces ``accelerator.prepare``::
 It reads Accelerate's settings (``fsdp_activation_checkpointing``,
 ``fsdp_activation_checkpointing_offload``, the auto-wrap policy, ``fsdp_transformer_layer_cls_to_wrap``
 or the model's ``_no_split_modules``, ``fsdp_version``) and fsdp_ac's own (``FSDP_AC_*`` variables or
-``fsdp_ac_*`` keys of the config file, parsed here, see ``docs/environment.md``), turns Accelerate's own
+``fsdp_ac_*`` keys of the config file, parsed in :mod:`fsdp_ac.settings`), turns Accelerate's own
 checkpointing off for the call, lets Accelerate shard or replicate the model exactly as configured, and
 then checkpoints the chosen blocks with fsdp_ac's wrappers, inside the FSDP units Accelerate made.
 
@@ -45,7 +45,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -70,7 +70,9 @@ from fsdp_ac.planner import BudgetError
 from fsdp_ac.planner import plan as plan_for_budget
 from fsdp_ac.policies import ModulePolicy
 from fsdp_ac.profiler import Workload, profile
-from fsdp_ac.strategies import STRATEGIES, Full, NoCheckpoint, Offload, Strategy, parse_strategy
+from fsdp_ac.report import origin, user_stacklevel, verbosity
+from fsdp_ac.settings import environment_settings, launcher, own_settings, parse_bool
+from fsdp_ac.strategies import Full, Offload, Strategy
 
 __all__ = [
     "ActivationCheckpointingSettings",
@@ -83,16 +85,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_FILE_KEY_PREFIX = "fsdp_ac_"
-_FILE_SECTION = "fsdp_config"
-
 
 @dataclasses.dataclass(frozen=True)
 class ActivationCheckpointingSettings:
     """What :func:`prepare` does, merged from Accelerate's settings and fsdp_ac's.
 
     Each fsdp_ac setting comes from ``FSDP_AC_<NAME>`` if set, else from the key ``fsdp_ac_<name>`` in
-    the ``fsdp_config`` section of the file named by ``FSDP_AC_CONFIG_FILE``, else from Accelerate.
+    the ``fsdp_config`` section of the config file of ``accelerate launch`` (or ``FSDP_AC_CONFIG_FILE``),
+    else from Accelerate.
     """
 
     enabled: bool
@@ -124,6 +124,8 @@ class ActivationCheckpointingSettings:
     """Accelerate's ``fsdp_version`` when it was configured for FSDP, else None."""
     fsdp_active: bool = False
     """Whether Accelerate runs FSDP; False when it dropped an FSDP config (no GPU) or has none."""
+    origin: str = ""
+    """What chose the blocks and where it was set, as the account line of each prepared model says."""
 
 
 def read_settings(accelerator: Any) -> ActivationCheckpointingSettings:
@@ -145,7 +147,7 @@ def read_settings(accelerator: Any) -> ActivationCheckpointingSettings:
         (True, 'all', 'full')
     """
     plugin, active = _fsdp_plugin(accelerator)
-    return _merge_settings(plugin, active, _fsdp_ac_settings())
+    return _merge_settings(plugin, active, own_settings())
 
 
 def activation_plan(accelerator: Any, model: nn.Module, sample: Any = None) -> ActivationPlan:
@@ -169,7 +171,7 @@ def activation_plan(accelerator: Any, model: nn.Module, sample: Any = None) -> A
         BudgetError: ``budget:F`` is below what any plan needs; the message gives the least ``F``.
     """
     plugin, active = _fsdp_plugin(accelerator)
-    return _plan(model, _merge_settings(plugin, active, _fsdp_ac_settings()), plugin, sample)
+    return _plan(model, _merge_settings(plugin, active, own_settings()), plugin, sample)
 
 
 def prepare(accelerator: Any, *args: Any, device_placement: list[bool] | None = None) -> Any:
@@ -210,18 +212,23 @@ def prepare(accelerator: Any, *args: Any, device_placement: list[bool] | None = 
         >>> accelerator = Accelerator()
         >>> model, optimizer = fsdp_ac.accelerate.prepare(accelerator, model, optimizer)
     """
+    return _prepare(accelerator, args, device_placement, None)
+
+
+def _prepare(accelerator: Any, args: Any, device_placement: Any, default_policy: str | None) -> Any:
     plugin, active = _fsdp_plugin(accelerator)
-    settings = _merge_settings(plugin, active, _fsdp_ac_settings())
+    settings = _merge_settings(plugin, active, own_settings(default_policy))
     _refuse_unrelated_processes(accelerator)
     if settings.enabled:
         _refuse_unsupported(accelerator)
-    if plugin is not None and not active and settings.enabled:
+    models = any(isinstance(arg, nn.Module) for arg in args)
+    if plugin is not None and not active and settings.enabled and models:
         warnings.warn(
             f"Accelerate was configured for FSDP but runs {accelerator.distributed_type} (Accelerate "
             "uses FSDP only on GPUs and other accelerators) and would drop activation checkpointing; "
             "fsdp_ac checkpoints the blocks anyway.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     loader = next((arg for arg in args if isinstance(arg, torch.utils.data.DataLoader)), None)
     plans = {
@@ -233,7 +240,7 @@ def prepare(accelerator: Any, *args: Any, device_placement: list[bool] | None = 
     results = (prepared,) if len(args) == 1 else tuple(prepared)
     for index, plan in plans.items():
         if len(plan):
-            _apply(plan, results[index], accelerator.is_main_process)
+            _apply(plan, results[index], accelerator.is_main_process, settings.origin)
     return prepared
 
 
@@ -262,84 +269,16 @@ def accelerate_fsdp_requested() -> bool:
         ValueError: The variable is set to something other than a boolean.
     """
     raw = os.environ.get("ACCELERATE_USE_FSDP", "").strip()
-    return bool(raw) and _parse_bool(raw, "ACCELERATE_USE_FSDP")
-
-
-def environment_settings() -> dict[str, object]:
-    """Returns fsdp_ac's settings given as ``FSDP_AC_<NAME>`` variables, parsed, by name.
-
-    Raises:
-        ValueError: A variable has an invalid value; the message names it and the values it takes.
-
-    Example:
-        >>> os.environ["FSDP_AC_POLICY"] = "every:2"
-        >>> environment_settings()
-        {'policy': 'every:2'}
-    """
-    return {name: found[0] for name, found in _environment_settings().items()}
-
-
-def _environment_settings() -> dict[str, tuple[object, str]]:
-    found: dict[str, tuple[object, str]] = {}
-    for name, parse in _SETTING_PARSERS.items():
-        variable = f"FSDP_AC_{name.upper()}"
-        raw = os.environ.get(variable, "").strip()
-        if raw:
-            found[name] = (parse(raw, variable), variable)
-    return found
-
-
-def _fsdp_ac_settings() -> dict[str, tuple[object, str]]:
-    """fsdp_ac's own settings: ``{name: (value, where it came from)}``, the environment over the file."""
-    found: dict[str, tuple[object, str]] = {}
-    raw = os.environ.get("FSDP_AC_CONFIG_FILE", "").strip()
-    if raw:
-        found.update(_read_config_file(_parse_existing_file(raw, "FSDP_AC_CONFIG_FILE")))
-    found.update(_environment_settings())
-    return found
-
-
-def _read_config_file(path: Path) -> dict[str, tuple[object, str]]:
-    """The ``fsdp_ac_*`` keys of the ``fsdp_config`` section of an Accelerate config file, parsed."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        import json
-
-        document = json.loads(text)
-    else:
-        import yaml  # a dependency of accelerate
-
-        document = yaml.safe_load(text)
-    section = document.get(_FILE_SECTION) if isinstance(document, dict) else None
-    stray = sorted(k for k in (document or {}) if isinstance(k, str) and k.startswith(_FILE_KEY_PREFIX))
-    if stray:
-        raise ValueError(
-            f"{path} has {', '.join(stray)} at the top level, where accelerate launch rejects unknown "
-            f"keys; move them into the {_FILE_SECTION} section."
-        )
-    found: dict[str, tuple[object, str]] = {}
-    for key, raw in (section or {}).items():
-        if not (isinstance(key, str) and key.startswith(_FILE_KEY_PREFIX)):
-            continue
-        name = key[len(_FILE_KEY_PREFIX) :]
-        parse = _SETTING_PARSERS.get(name)
-        if parse is None:
-            known = ", ".join(_FILE_KEY_PREFIX + n for n in _SETTING_PARSERS)
-            raise ValueError(f"{path}: unknown key {_FILE_SECTION}.{key}; the fsdp_ac keys are {known}.")
-        source = f"{_FILE_SECTION}.{key} in {path}"
-        if name == "plan":
-            raw = path.parent / Path(str(raw)).expanduser()  # relative to the config file
-        found[name] = (parse(raw, source), source)
-    return found
+    return bool(raw) and parse_bool(raw, "ACCELERATE_USE_FSDP")
 
 
 def _merge_settings(
-    plugin: Any, active: bool, own: Mapping[str, tuple[object, str]]
+    plugin: Any, active: bool, own: Mapping[str, tuple[object, str]], flags: tuple[bool, bool] | None = None
 ) -> ActivationCheckpointingSettings:
-    """Accelerate's flags, overridden by fsdp_ac's settings; checks that they fit together."""
+    """Accelerate's flags (or the assumed ``flags``) overridden by fsdp_ac's settings, checked."""
     value = {name: found[0] for name, found in own.items()}
     source = {name: found[1] for name, found in own.items()}
-    accelerate_ac, accelerate_offload = plugin_checkpointing(plugin) if plugin is not None else (False, False)
+    accelerate_ac, accelerate_offload = flags or (plugin_checkpointing(plugin) if plugin else (False, False))
     if "plan" in value and ("policy" in value or "strategy" in value or value.get("offload")):
         other = source.get("policy") or source.get("strategy") or source["offload"]
         raise ValueError(
@@ -351,6 +290,7 @@ def _merge_settings(
     # Accelerate's offload flag goes with its checkpointing flag, which fsdp_ac's policy none overrides.
     offload = bool(value["offload"]) if "offload" in value else accelerate_offload and enabled
     strategy = cast(Strategy, value.get("strategy", Full()))
+    chosen_by = source.get("policy", source.get("strategy", "fsdp_activation_checkpointing"))
     if policy.startswith("budget:"):
         chooser = source.get("strategy") or (
             source.get("offload", "fsdp_activation_checkpointing_offload") if offload else None
@@ -395,6 +335,7 @@ def _merge_settings(
         sample_shape=cast("tuple[int, ...] | None", value.get("sample_shape")),
         fsdp_version=plugin_fsdp_version(plugin) if plugin is not None else None,
         fsdp_active=active,
+        origin=f"plan {value['plan']}" if "plan" in value else f"policy {policy} from {chosen_by}",
     )
 
 
@@ -402,108 +343,6 @@ def _with_offload_options(strategy: Strategy, pin_memory: bool, min_offload_byte
     if not isinstance(strategy, Offload):
         return strategy
     return dataclasses.replace(strategy, pin_memory=pin_memory, min_offload_bytes=min_offload_bytes)
-
-
-# --- parsing settings ---------------------------------------------------------------------------------
-# Each parser takes a value from the environment (a string) or from a config file (a string, bool,
-# number or list) and the place it came from, which every error names.
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-_POLICY_KINDS = ("every", "first", "last", "budget")
-
-
-def _parse_bool(raw: object, source: str) -> bool:
-    """Parses ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``, a YAML bool)."""
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"{source} must be true or false, got {raw!r}.")
-
-
-def _parse_byte_count(raw: object, source: str) -> int:
-    """Parses a non-negative integer number of bytes."""
-    text = str(raw).strip()
-    if isinstance(raw, bool) or not text.isdigit():
-        raise ValueError(f"{source} must be a non-negative integer number of bytes, got {raw!r}.")
-    return int(text)
-
-
-def _parse_class_names(raw: object, source: str) -> tuple[str, ...]:
-    """Parses block class names: a comma-separated string or a list of strings."""
-    items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
-    names = tuple(str(item).strip() for item in items if str(item).strip())
-    if not names:
-        raise ValueError(f"{source} must name at least one block class, e.g. LlamaDecoderLayer; got {raw!r}.")
-    return names
-
-
-def _parse_ac_policy(raw: object, source: str) -> str:
-    """Parses which blocks: all, none, every:N, first:K, last:K or budget:F; returns it normalised."""
-    text = str(raw).strip().lower().replace(" ", "")
-    if text in ("all", "none"):
-        return text
-    kind, sep, arg = text.partition(":")
-    if sep and kind in _POLICY_KINDS:
-        if kind == "budget":
-            try:
-                fraction = float(arg)
-            except ValueError:
-                fraction = math.nan
-            if 0 < fraction <= 1:
-                return f"budget:{fraction:g}"
-        elif arg.isdigit() and int(arg) >= 1:
-            return f"{kind}:{int(arg)}"
-    raise ValueError(
-        f"{source} must be one of all, none, every:N, first:K, last:K (positive integers) or budget:F "
-        f"(0 < F <= 1), got {raw!r}."
-    )
-
-
-def _parse_ac_strategy(raw: object, source: str) -> Strategy:
-    """Parses what each chosen block gets: any strategy but ``none`` (see ``parse_strategy``)."""
-    strategy = parse_strategy(str(raw), source)
-    if isinstance(strategy, NoCheckpoint):
-        allowed = [spelling for spelling in STRATEGIES if spelling != "none"]
-        raise ValueError(f"{source} must be one of {', '.join(allowed)}; got {raw!r}.")
-    return strategy
-
-
-def _parse_shape(raw: object, source: str) -> tuple[int, ...]:
-    """Parses a tensor shape: positive integers separated by commas or ``x``, or a list of them."""
-    items = raw if isinstance(raw, (list, tuple)) else str(raw).lower().replace("x", ",").split(",")
-    texts = [str(item).strip() for item in items]
-    if not texts or not all(text.isdigit() and int(text) >= 1 for text in texts) or isinstance(raw, bool):
-        raise ValueError(
-            f"{source} must be a shape of positive integers, e.g. 4,1024 (batch, sequence), got {raw!r}."
-        )
-    return tuple(int(text) for text in texts)
-
-
-def _parse_existing_file(raw: object, source: str) -> Path:
-    """Parses the path of a file that must exist."""
-    path = Path(str(raw)).expanduser()
-    if not path.is_file():
-        raise ValueError(f"{source} names {str(raw)!r}, which is not a file.")
-    return path
-
-
-_SETTING_PARSERS: dict[str, Callable[[object, str], object]] = {
-    "policy": _parse_ac_policy,
-    "strategy": _parse_ac_strategy,
-    "plan": _parse_existing_file,
-    "blocks": _parse_class_names,
-    "offload": _parse_bool,
-    "offload_min_bytes": _parse_byte_count,
-    "pin_memory": _parse_bool,
-    "sample_shape": _parse_shape,
-}
-"""The settings of the Accelerate integration: ``FSDP_AC_<NAME>`` in the environment,
-``fsdp_ac_<name>`` in a config file, each read by its parser."""
 
 
 # --- which blocks --------------------------------------------------------------------------------
@@ -803,7 +642,7 @@ def _refuse_unrelated_processes(accelerator: Any) -> None:
     launched = int(raw)
     if launched > 1 and accelerator.num_processes == 1:
         raise ValueError(
-            f"accelerate launch started {launched} processes, but Accelerate runs each of them as a "
+            f"{launcher()} started {launched} processes, but Accelerate runs each of them as a "
             "separate single-process job (it found no GPU and was not asked to use the CPU), so each "
             "would train its own model. Use Accelerator(cpu=True) or set ACCELERATE_USE_CPU=true for "
             "multi-CPU DDP on gloo."
@@ -838,10 +677,11 @@ def _accelerate_checkpointing_off(plugin: Any) -> Iterator[None]:
         set_plugin_checkpointing(plugin, *saved)
 
 
-def _apply(plan: ActivationPlan, prepared: nn.Module, main: bool) -> None:
+def _apply(plan: ActivationPlan, prepared: nn.Module, main: bool, settings_origin: str) -> None:
     """Applies ``plan`` inside the parallel wrappers of ``prepared``."""
     model = _inside_wrappers(prepared)
-    plan.apply(model)
+    with origin(settings_origin):
+        plan.apply(model)
     if main:
         logger.info("fsdp_ac activation checkpointing:\n%s", plan.table(model))
 
@@ -871,7 +711,7 @@ _ROUTED_METHODS = tuple(ROUTED_ACCELERATOR_METHODS)
 """The ``Accelerator`` methods :func:`enable` routes, as ``fsdp_ac._compat`` lists them."""
 
 
-def enable() -> None:
+def enable(default_policy: str | None = None) -> None:
     """Routes every ``Accelerator.prepare`` of the process through :func:`prepare`.
 
     Scripts that never call ``accelerator.prepare`` themselves (Hugging Face ``Trainer``, TRL's
@@ -880,14 +720,21 @@ def enable() -> None:
     ``TrainingArguments(fsdp_config={"activation_checkpointing": True})``), the ``fsdp_ac_*`` keys and
     the ``FSDP_AC_*`` variables. Accelerate's own checkpointing is switched off for each call, and
     fsdp_ac checkpoints the blocks after Accelerate has sharded or replicated the model.
-    ``python -m fsdp_ac.run train.py`` calls this before it runs an unmodified script.
+    ``python -m fsdp_ac.run train.py`` calls this, with ``default_policy="all"``, before it runs an
+    unmodified script. Every setting is read and checked here, before the script builds a model
+    (and read again at each ``prepare``).
 
     ``Accelerator.prepare`` and ``Accelerator.prepare_model`` are replaced on the class, so every
     accelerator, made before or after the call, is routed; ``prepare_model(..., evaluation_mode=True)``
     (no training, nothing to checkpoint) is left to Accelerate. A second call changes nothing.
 
+    Args:
+        default_policy: The ``policy`` when no setting gives a policy or a plan: ``"all"`` checkpoints
+            every block even without Accelerate's flag; None leaves it to the flag.
+
     Raises:
         ImportError: ``accelerate`` is not installed.
+        ValueError: A setting is invalid, or settings conflict; see :func:`read_settings`.
         RuntimeError: The installed Accelerate's internals differ from those this routing was checked
             against; the message names its version and what differs.
 
@@ -900,10 +747,12 @@ def enable() -> None:
     from accelerate import Accelerator
 
     _check_accelerate_internals()
+    verbosity()
+    _merge_settings(None, False, own_settings(default_policy), flags=(True, False))
     for name in _ROUTED_METHODS:
         method = Accelerator.__dict__[name]
         if not _is_route(method):
-            setattr(Accelerator, name, _route(name, method))
+            setattr(Accelerator, name, _route(name, method, default_policy))
 
 
 def disable() -> None:
@@ -935,7 +784,7 @@ def _is_route(method: object) -> bool:
     return getattr(method, "_fsdp_ac_route", False) is True
 
 
-def _route(name: str, original: Any) -> Any:
+def _route(name: str, original: Any, default_policy: str | None) -> Any:
     """The routed ``Accelerator.<name>``: :func:`prepare`, unless called on behalf of :func:`prepare`.
 
     :func:`prepare` calls ``accelerator.prepare``, which calls ``prepare_model``: those nested calls
@@ -953,7 +802,7 @@ def _route(name: str, original: Any) -> Any:
             objects, placement = (model,), (None if device is None else [device])
         if evaluation or _inside_prepare():
             return original(self, *args, **kwargs)
-        return prepare(self, *objects, device_placement=placement)
+        return _prepare(self, objects, placement, default_policy)
 
     routed._fsdp_ac_route = True  # type: ignore[attr-defined]
     return routed
@@ -976,7 +825,7 @@ def _inside_prepare() -> bool:
 
     from accelerate import Accelerator
 
-    codes = {prepare.__code__}
+    codes = {_prepare.__code__}
     for name in _ROUTED_METHODS:
         method = Accelerator.__dict__[name]
         codes.add(getattr(method, "__wrapped__", method).__code__)

@@ -8,18 +8,19 @@ here holds for all three. Each runs when something is to be wrapped:
 
 - Hugging Face gradient checkpointing on anywhere in the model: refused (every layer would be
   recomputed twice);
-- a Hugging Face key/value cache (``config.use_cache``): set to ``False`` with a ``UserWarning``, as
-  Hugging Face's own gradient checkpointing does. The replay of a checkpointed layer would append to
-  the cache a second time; training has no use for it. Set it back for generation;
+- a Hugging Face key/value cache (``config.use_cache``): set to ``False``, as Hugging Face's own
+  gradient checkpointing does, and said in the account line. The replay of a checkpointed layer would
+  append to the cache a second time; training has no use for it. Set it back for generation;
 - a stack of two activation wrappers placed as the whole module of an FSDP1 unit without
   ``use_orig_params``: refused (FSDP1 looks through one wrapper there, so its flat parameter would
   reach the state dict);
-- afterwards, :func:`~fsdp_ac.check_alignment` warns about regions that do not coincide with FSDP units.
+- afterwards, :func:`~fsdp_ac.check_alignment` warns about regions that do not coincide with FSDP units,
+  and rank 0 writes one line that says what was wrapped (:func:`fsdp_ac.report.notice`).
 """
 
 from __future__ import annotations
 
-import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from fsdp_ac._compat import uses_flat_parameters
 from fsdp_ac.names import Site, activation_wrappers, children_first, unwrap, walk
 from fsdp_ac.policies import ModulePolicy, PolicySpec, check_alignment
+from fsdp_ac.report import notice, said_origin, user_stacklevel, verbosity
 from fsdp_ac.wrappers import (
     checkpoint_wrapper,
     naming_regions,
@@ -64,9 +66,12 @@ def wrap_in_place(
     require_module(model, caller)
     sites = walk(model)
     chosen = dict(choose(sites))
+    cache_off = False
     if chosen:
+        verbosity()  # a bad FSDP_AC_VERBOSITY fails before the model changes
         refuse_hf_gradient_checkpointing(model, type(unwrap(model)).__name__)
-        _turn_off_hf_cache(model)
+        cache_off = _turn_off_hf_cache(model)
+    kinds: Counter[str] = Counter()
     # Children before parents: a parent's wrapper then holds its already wrapped children.
     order = {site.chain[0]: index for index, site in enumerate(sites)}
     for site in children_first(sorted(chosen, key=lambda site: order[site.chain[0]])):
@@ -78,7 +83,10 @@ def wrap_in_place(
             _refuse_nested_wrappers_in_flat_unit(parent, wrapper, site.module)
         for parent, attr in holders:
             setattr(parent, attr, wrapper)
-    check_alignment(model, stacklevel=4)
+        kinds[_kind(wrapper)] += 1
+    check_alignment(model, stacklevel=user_stacklevel() + 1)
+    if chosen:
+        notice(_account(model, sites, chosen, kinds, cache_off))
     return model
 
 
@@ -163,16 +171,41 @@ def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
     return unwrap(model)
 
 
-def _turn_off_hf_cache(model: nn.Module) -> None:
+def _turn_off_hf_cache(model: nn.Module) -> bool:
     """Sets ``config.use_cache = False`` on a Hugging Face model, as its own checkpointing does."""
     config: Any = getattr(model, "config", None)
-    if getattr(config, "use_cache", False) is True:
-        config.use_cache = False
-        warnings.warn(
-            f"fsdp_ac set {type(unwrap(model)).__name__}.config.use_cache = False: a key/value cache is "
-            "appended to again when a checkpointed layer is recomputed. Set it back for generation.",
-            stacklevel=4,
-        )
+    if getattr(config, "use_cache", False) is not True:
+        return False
+    config.use_cache = False
+    return True
+
+
+def _kind(wrapper: nn.Module) -> str:
+    """What a wrapper does, as strategies are spelled: ``full``, ``selective``, ``offload``, joined by +."""
+    kinds = []
+    for layer in activation_wrappers(wrapper):
+        keywords = getattr(getattr(layer, "checkpoint_fn", None), "keywords", None)
+        if keywords is None:
+            kinds.append("offload")
+            continue
+        kinds.append("selective" if "context_fn" in keywords else "full")
+        if getattr(layer, "offload", None) is not None:
+            kinds.append("offload")
+    return "+".join(kinds)
+
+
+def _account(
+    model: nn.Module, sites: list[Site], chosen: dict[Site, Any], kinds: Counter[str], cache_off: bool
+) -> str:
+    """``4/4 LlamaDecoderLayer checkpointed (full; <origin>)``: the classes wrapped, of how many."""
+    wrapped = Counter(type(site.module).__name__ for site in chosen)
+    present = Counter(type(site.module).__name__ for site in sites)
+    blocks = ", ".join(f"{count}/{present[name]} {name}" for name, count in wrapped.items())
+    verb = "offloaded" if set(kinds) == {"offload"} else "checkpointed"
+    how = ", ".join(kind if len(kinds) == 1 else f"{n} {kind}" for kind, n in kinds.items())
+    where = said_origin()
+    cache = f"; set {type(unwrap(model)).__name__}.config.use_cache = False" if cache_off else ""
+    return f"{blocks} {verb} ({how}{'; ' + where if where else ''}){cache}"
 
 
 def _refuse_nested_wrappers_in_flat_unit(parent: nn.Module, wrapper: nn.Module, target: nn.Module) -> None:

@@ -112,10 +112,13 @@ def test_environment_readers_parse_and_name_the_variable(monkeypatch: pytest.Mon
     ]:
         monkeypatch.setenv("FSDP_AC_POLICY", raw)
         assert read()["policy"] == parsed
-    for bad in ("every:0", "every", "budget:1.5", "half"):
+    for bad in ("every:0", "every", "half"):
         monkeypatch.setenv("FSDP_AC_POLICY", bad)
         with pytest.raises(ValueError, match=r"FSDP_AC_POLICY must be one of all, none, every:N"):
             read()
+    monkeypatch.setenv("FSDP_AC_POLICY", "budget:1.5")
+    with pytest.raises(ValueError, match=r"FSDP_AC_POLICY '1.5' is ambiguous: .* Did you mean 1.5%\?"):
+        read()
     monkeypatch.delenv("FSDP_AC_POLICY")
     monkeypatch.setenv("FSDP_AC_STRATEGY", "selective:torchtitan")
     assert read()["strategy"] == Selective("torchtitan")
@@ -139,7 +142,10 @@ def test_environment_readers_parse_and_name_the_variable(monkeypatch: pytest.Mon
     for name in ("PLAN", "OFFLOAD", "PIN_MEMORY"):
         monkeypatch.delenv(f"FSDP_AC_{name}")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ValueError, match=r"accelerate launch started 4 processes"):
+    with pytest.raises(ValueError, match=r"^torchrun started 4 processes, .* set ACCELERATE_USE_CPU=true"):
+        fsdp_ac_accelerate.prepare(no_fsdp_accelerator(), gpt())
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # as accelerate launch sets it: it is named
+    with pytest.raises(ValueError, match=r"^accelerate launch started 4 processes"):
         fsdp_ac_accelerate.prepare(no_fsdp_accelerator(), gpt())
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert fsdp_ac_accelerate.accelerate_fsdp_requested() is True
@@ -438,13 +444,16 @@ def test_prepare_checkpoints_an_fsdp_config_that_accelerate_ran_without_fsdp(
         assert accelerator.distributed_type == DistributedType.NO
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            fsdp_ac_accelerate.prepare(accelerator, torch.utils.data.DataLoader(range(4)))
+            assert caught == []  # a DataLoader alone has no blocks to checkpoint: nothing to say
             model = fsdp_ac_accelerate.prepare(accelerator, gpt())
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     assert regions(model) == BLOCKS
     assert gradients(model)[1] == len(BLOCKS)
-    assert any("configured for FSDP but runs DistributedType.NO" in str(w.message) for w in caught)
+    dropped = [w for w in caught if "configured for FSDP but runs DistributedType.NO" in str(w.message)]
+    assert [w.filename for w in dropped] == [__file__]  # one warning, at the caller's line
 
 
 def test_prepare_refuses_processes_that_would_train_apart(

@@ -9,6 +9,7 @@ fails. Multi-process runs (``Trainer``, TRL, ``accelerate launch -m fsdp_ac.run`
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,3 +175,82 @@ def test_runner_without_a_script_says_how_to_call_it(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no such training script"):
         fsdp_ac.run.main([str(tmp_path / "missing.py")])
     assert {n: accelerate.Accelerator.__dict__[n] for n in ACCELERATES_OWN} == ACCELERATES_OWN
+
+
+@pytest.mark.parametrize("policy", [None, "none"])
+def test_runner_checkpoints_every_block_by_default_and_says_so(
+    real_accelerator: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    policy: str | None,
+) -> None:
+    """Nothing configured: policy all, said on standard error; FSDP_AC_POLICY=none: nothing, silently."""
+    if policy is not None:
+        monkeypatch.setenv("FSDP_AC_POLICY", policy)
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import fsdp_ac_test_run, hf_models\nfsdp_ac_test_run.prepare(hf_models.tiny_llama())\n"
+    )
+    prepared: list[torch.nn.Module] = []
+    runner_module = type(sys)("fsdp_ac_test_run")
+    runner_module.prepare = lambda model: prepared.append(real_accelerator.prepare(model))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fsdp_ac_test_run", runner_module)
+    capfd.readouterr()
+    try:
+        fsdp_ac.run.main([str(script)])
+    finally:
+        fsdp_ac_accelerate.disable()
+        sys.path.remove(str(tmp_path))
+    err = capfd.readouterr().err
+    if policy is None:
+        assert checkpointed(prepared[0]) == BLOCKS
+        assert (
+            "fsdp_ac: 2/2 LlamaDecoderLayer checkpointed (full; policy all from the default of fsdp_ac.run)"
+            in err
+        )
+    else:
+        assert checkpointed(prepared[0]) == [] and "fsdp_ac:" not in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("FSDP_AC_POLICY", "every:0", "FSDP_AC_POLICY must be one of"),
+        ("FSDP_AC_POLICY", "budget:50", r"Did you mean 50%\?"),
+        ("FSDP_AC_SAMPLE_SHAPE", "4,16", "FSDP_AC_SAMPLE_SHAPE gives the batch shape"),
+        ("FSDP_AC_VERBOSITY", "loud", "FSDP_AC_VERBOSITY must be"),
+    ],
+)
+def test_bad_settings_fail_before_the_script_builds_a_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    marker = tmp_path / "ran"
+    script = tmp_path / "train.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(ValueError, match=said):
+        fsdp_ac.run.main([str(script)])
+    with pytest.raises(ValueError, match=said):
+        fsdp_ac_accelerate.enable()
+    assert not marker.exists()
+    assert {n: accelerate.Accelerator.__dict__[n] for n in ACCELERATES_OWN} == ACCELERATES_OWN
+
+
+def test_runner_says_which_sources_it_reads_when_it_finds_no_launch_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # as accelerate launch sets it
+    monkeypatch.setenv("FSDP_AC_POLICY", "none")
+    script = tmp_path / "train.py"
+    script.write_text("")
+    capfd.readouterr()
+    try:
+        fsdp_ac.run.main([str(script)])  # its parent (pytest's) is no accelerate launch: no file found
+    finally:
+        fsdp_ac_accelerate.disable()
+        sys.path.remove(str(tmp_path))
+    assert capfd.readouterr().err == (
+        "fsdp_ac: found no config file of accelerate launch; reading FSDP_AC_* variables only (set "
+        "FSDP_AC_CONFIG_FILE to read the fsdp_ac_* keys of one)\n"
+    )

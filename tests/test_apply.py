@@ -120,7 +120,9 @@ def test_every_strategy_through_every_entry_point(entry: str, strategy: str) -> 
 
 @pytest.mark.parametrize("strategy", ACTIVE)
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-def test_the_same_guards_fire_through_every_entry_point(entry: str, strategy: str) -> None:
+def test_the_same_guards_fire_through_every_entry_point(
+    entry: str, strategy: str, capfd: pytest.CaptureFixture[str]
+) -> None:
     apply = ENTRY_POINTS[entry]
     llama = tiny_llama()
     blocks = {"LlamaDecoderLayer"}
@@ -133,11 +135,59 @@ def test_the_same_guards_fire_through_every_entry_point(entry: str, strategy: st
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match=r"Hugging Face gradient checkpointing is enabled on .* inside"):
         apply(model, strategy, blocks)
-    # The key/value cache is turned off, with a warning.
+    # The key/value cache is turned off, and the account line says so.
     assert llama.config.use_cache is True
-    with pytest.warns(UserWarning, match=r"set LlamaForCausalLM.config.use_cache = False"):
-        apply(llama, strategy, blocks)
+    capfd.readouterr()
+    apply(llama, strategy, blocks)
     assert llama.config.use_cache is False
+    assert capfd.readouterr().err.endswith("; set LlamaForCausalLM.config.use_cache = False\n")
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_writes_one_account_line_on_rank_0(
+    entry: str, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seen without configuring logging; FSDP_AC_VERBOSITY=warning and the other ranks write nothing."""
+    apply = ENTRY_POINTS[entry]
+    capfd.readouterr()
+    apply(tiny_llama(), "full", {"LlamaDecoderLayer"})
+    settings = "; policy all from FSDP_AC_STRATEGY" if entry == "accelerate.prepare" else ""
+    assert capfd.readouterr().err == (
+        f"fsdp_ac: 2/2 LlamaDecoderLayer checkpointed (full{settings}); "
+        "set LlamaForCausalLM.config.use_cache = False\n"
+    )
+    apply(GPT(CONFIG), "selective", {"TransformerBlock"})
+    assert "fsdp_ac: 2/2 TransformerBlock checkpointed (selective" in capfd.readouterr().err
+    for variable, value in [("FSDP_AC_VERBOSITY", "warning"), ("RANK", "1")]:
+        os.environ[variable] = value
+        apply(GPT(CONFIG), "full", {"TransformerBlock"})
+        assert capfd.readouterr().err == "", variable
+        del os.environ[variable]
+    # Where logging shows fsdp_ac's INFO records, the line goes there instead.
+    with caplog.at_level("INFO", logger="fsdp_ac"):
+        apply(GPT(CONFIG), "full", {"TransformerBlock"})
+    assert capfd.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records if r.name == "fsdp_ac"] == [
+        f"fsdp_ac: 2/2 TransformerBlock checkpointed (full{settings})"
+    ]
+    os.environ["FSDP_AC_VERBOSITY"] = "loud"
+    model = GPT(CONFIG)
+    with pytest.raises(ValueError, match=r"FSDP_AC_VERBOSITY must be info .* or warning"):
+        apply(model, "full", {"TransformerBlock"})
+    assert not any(hasattr(m, "region_name") for m in model.modules())  # refused before any change
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_warnings_point_at_the_line_that_called_fsdp_ac(single_rank_group: None, entry: str) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from fsdp_ac import ModulePolicy
+
+    model = FSDP(GPT(CONFIG), auto_wrap_policy=ModulePolicy({"MLP"}), device_id=torch.device("cpu"))
+    with pytest.warns(UserWarning, match="splits AC region") as record:
+        ENTRY_POINTS[entry](model, "full", {"TransformerBlock"})
+    assert {w.filename for w in record if "splits AC region" in str(w.message)} == {__file__}
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fsdp_ac import ActivationPlan
-from fsdp_ac.__main__ import main, parse_budget
+from fsdp_ac.__main__ import main
 from fsdp_ac.reference_model import GPT, GPTConfig
 
 TINY = ["--layers", "2", "--d-model", "32", "--heads", "4", "--seq", "16", "--batch", "2", "--vocab", "64"]
@@ -23,25 +23,23 @@ def tiny_gpt() -> GPT:
     return GPT(GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_heads=4, n_layers=2))
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("0.5", 0.5),
-        ("50%", 0.5),
-        ("300MiB", 300 * 2**20),
-        ("2GiB", 2 * 2**30),
-        ("123", 123),
-        ("1.5GB", 1.5e9),
-    ],
-)
-def test_budgets_read_as_fractions_or_bytes(text: str, expected: float) -> None:
-    assert parse_budget(text) == expected
-    assert isinstance(parse_budget(text), float if text in ("0.5", "50%") else int)
+def test_budgets_that_cannot_be_misread_are_refused_before_profiling(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for budget, said in [("50", "Did you mean 50% or 50B?"), ("150%", "above 100%")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", "gpt", *TINY, "--budget", budget])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert said in err and "profiling" not in err, err
 
 
-def test_an_unreadable_budget_says_what_is_accepted() -> None:
-    with pytest.raises(ValueError, match="300MiB"):
-        parse_budget("half")
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "python -m fsdp_ac plan gpt --budget 50%" in out
+    assert "``" not in out and ":meth:" not in out and "::" not in out
 
 
 def test_profile_prints_a_table_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,6 +48,7 @@ def test_profile_prints_a_table_and_writes_json(tmp_path: Path, capsys: pytest.C
     captured = capsys.readouterr()
     assert "layers.0" in captured.out and "layers.1" in captured.out and "none_MiB" in captured.out
     assert "profiling [" in captured.err and "steps" in captured.err  # the progress bar
+    assert "fsdp_ac:" not in captured.err  # the copies the profile checkpoints say nothing, nor break it
     document = json.loads(out.read_text())
     blocks = document["profile"]["blocks"]
     assert [b["name"] for b in blocks] == ["layers.0", "layers.1"]

@@ -99,8 +99,7 @@ def launch(
             str(free_port()),
         ]
     else:
-        launcher = f"accelerate launch with {config}"
-        env["FSDP_AC_CONFIG_FILE"] = str(CONFIGS / config)
+        launcher = f"accelerate launch with {config}"  # fsdp_ac reads its keys from the launch's file
         if not on_gpus():
             env["ACCELERATE_USE_CPU"] = "true"  # else each process would run alone (docs/accelerate.md)
         command = [
@@ -138,6 +137,11 @@ def launch(
         tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
         pytest.fail(f"{launcher} {how}; its last output:\n{tail}", pytrace=False)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+def account_lines(out: Path) -> list[str]:
+    """The lines fsdp_ac wrote about the models it changed, in the launch's output (all ranks')."""
+    return [line for line in (out / "launch.log").read_text().splitlines() if line.startswith("fsdp_ac: ")]
 
 
 def max_diff(run: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -322,7 +326,8 @@ def test_fsdp1_flat_parameters_config_with_offload(tmp_path: Path) -> None:
     (fsdp_ac_offload: Accelerate 1.15 and 1.16 allow its own offload flag with FSDP2 only): each block's FSDP1
     flat unit holds one checkpoint wrapper that offloads; training, saving and loading match the run
     without checkpointing."""
-    results = launch("fsdp1_offload.yaml", tmp_path)
+    results = launch("fsdp1_offload.yaml", tmp_path, settings={"FSDP_AC_VERBOSITY": "warning"})
+    assert account_lines(tmp_path) == []  # the switch silences the account of each model
     phase = fsdp_phase(results)
     for kind in MODELS:
         ranks = ranks_of(results, phase, kind)
@@ -336,8 +341,15 @@ def test_fsdp1_flat_parameters_config_with_offload(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 def test_ddp_config_checkpoints_every_second_block(tmp_path: Path) -> None:
-    """DDP (no FSDP, no Accelerate checkpointing): fsdp_ac_policy: every:2 in the config file."""
+    """DDP (no FSDP, no Accelerate checkpointing): fsdp_ac_policy: every:2 in the config file, read
+    from the launch's command line; rank 0 says what each prepare did, once, with default logging."""
     results = launch("ddp.yaml", tmp_path)
+    settings = f"full; policy every:2 from fsdp_config.fsdp_ac_policy in {CONFIGS / 'ddp.yaml'}"
+    assert account_lines(tmp_path) == [
+        f"fsdp_ac: 1/2 TransformerBlock checkpointed ({settings})",
+        f"fsdp_ac: 1/2 LlamaDecoderLayer checkpointed ({settings}); set LlamaForCausalLM.config.use_cache "
+        "= False",
+    ]
     check_ranks_agree(results)
     for rank_results in results:
         ddp = rank_results["as_configured"]

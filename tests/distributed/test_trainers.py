@@ -131,8 +131,13 @@ def test_trainer_and_sft_trainer_with_enable_in_the_script(tmp_path: Path) -> No
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 def test_trainer_through_the_runner_under_torchrun(tmp_path: Path) -> None:
-    results = launch(None, tmp_path, RUNNER, ["--kinds", "trainer"], {"FSDP_AC_POLICY": "last:1"})
+    """Nothing configured: the runner checkpoints every block and rank 0 says so, once per prepare
+    (the run and its resumption), with default logging; the reference sets FSDP_AC_POLICY=none."""
+    results = launch(None, tmp_path, RUNNER, ["--kinds", "trainer"])
     assert list(results[0]) == ["as_configured"]
     configured = results[0]["as_configured"]["trainer"]["configured"]
     assert configured["distributed_type"].endswith("MULTI_GPU" if on_gpus() else "MULTI_CPU")
-    check_phase(results, "as_configured", LAYERS[1:], ("trainer",))  # FSDP_AC_POLICY: last:1
+    check_phase(results, "as_configured", LAYERS, ("trainer",))
+    said = "fsdp_ac: 2/2 LlamaDecoderLayer checkpointed (full; policy all from the default of fsdp_ac.run)"
+    log = (tmp_path / "launch.log").read_text()  # both ranks' output: rank 0 alone speaks
+    assert [line for line in log.splitlines() if line.startswith("fsdp_ac: ")] == [said] * 2
