@@ -8,7 +8,8 @@ records:
   creates that are alive when the forward and the loss return: the figure
   :class:`~fsdp_ac.ActivationMemoryMeter` gives for the whole model, split by block), and the bytes of
   its outputs, which stay held whatever the block's strategy (the next block or the head keeps them);
-- per matmul and attention call in the block (the operators selective checkpointing can save), the
+- per matmul and attention call in the block (the operators selective checkpointing can save, unless
+  the block modifies their output in place later, which makes them recomputed whatever the plan), the
   bytes of its outputs and the time to recompute it (the median of its forward time over the steps);
 - the time of everything else a recompute replays (the cheap operators up to the last one whose
   output backward reads: torch's checkpoint stops replaying there), and the block's forward time;
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsdp_ac._compat import StorageWeakRef, TorchDispatchMode, tree_leaves
+from fsdp_ac._compat import StorageWeakRef, TorchDispatchMode, tree_leaves, written_tensors
 from fsdp_ac.plan import ActivationPlan
 from fsdp_ac.policies import ModulePolicy, PolicySpec
 from fsdp_ac.selective import ATTENTION_OPS, MATMUL_OPS, SelectiveCheckpoint, op_call_name
@@ -364,6 +365,8 @@ class _BlockRecorder(TorchDispatchMode):
         """Per block: the position of the last operator that ran before the block's last save for
         backward; torch's checkpoint replays up to there and stops."""
         self.outputs: list[set[int]] = [set() for _ in range(n_blocks)]
+        self.mutated: list[set[int]] = [set() for _ in range(n_blocks)]
+        """Per block: its saveable calls whose outputs a later operator of the block modifies in place."""
         self.counts: defaultdict[Any, int] = defaultdict(int)
 
     def enter(self, index: int) -> None:
@@ -396,6 +399,10 @@ class _BlockRecorder(TorchDispatchMode):
         elapsed = (self.clock() - start) * 1e3 if timed else 0.0  # type: ignore[misc]
         call: int | None = None
         if self.block is not None:
+            for written in written_tensors(func, args, kwargs or {}):
+                source = self.created.get(_storage_key(written) or -1)
+                if source is not None and source.block == self.block and source.call is not None:
+                    self.mutated[self.block].add(source.call)
             order = self.order[self.block]
             if func in SAVEABLE_OPS:
                 call = len(self.calls[self.block])
@@ -566,7 +573,12 @@ def profile(
         kept = sum(first.alive[key].nbytes for key in outputs if key in first.alive)
         replayed = set(recorder.order[index][: recorder.last_read[index] + 1])
         ops = []
+        # A call whose output the block modifies in place later is always recomputed (selective
+        # checkpointing cannot keep its value), so its time counts among the other operators'.
+        mutated = recorder.mutated[index]
         for call, (op_name, _) in enumerate(recorder.calls[index]):
+            if call in mutated:
+                continue
             times = [obs.recorder.calls[j][call][1] for obs in observations for j in alike[index]]
             ops.append(
                 OpProfile(
@@ -578,6 +590,7 @@ def profile(
             )
         other_ms = statistics.median(
             sum(obs.recorder.other[j][-1 - position] for position in replayed if position < 0)
+            + sum(obs.recorder.calls[j][call][1] for call in replayed & mutated)
             for obs in observations
             for j in alike[index]
         )

@@ -62,6 +62,8 @@ from fsdp_ac._compat import (
     TorchDispatchMode,
     is_traceable_wrapper_subclass,
     tree_leaves,
+    uncache_selective_outputs,
+    written_tensors,
 )
 from fsdp_ac.names import unwrap
 from fsdp_ac.wrappers import CheckpointImpl, checkpoint_wrapper
@@ -326,6 +328,57 @@ class _BlockKind:
         self.kind = kind
 
 
+class _InPlaceGuard:
+    """Recomputes, instead of reading from the cache, a saved output that the block later modifies in place.
+
+    torch's selective checkpointing caches the outputs a policy saves and fails in backward ("Tensor
+    cached during selective activation checkpoint has been mutated") when one was modified in place
+    after it was saved (``h = fc(x); h.relu_()``). The guard sees the in-place operator and turns the
+    cached entry back into a recompute; where this torch does not allow that, the forward raises.
+    """
+
+    def __init__(self, policy: Callable[..., Any]) -> None:
+        self.policy = policy
+        self.caching: Any = None
+        self.saved: dict[int, OpOverload] = {}
+
+    def __call__(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        decision = self.policy(ctx, func, *args, **kwargs)
+        if isinstance(decision, bool):
+            decision = CheckpointPolicy.MUST_SAVE if decision else CheckpointPolicy.PREFER_RECOMPUTE
+        if ctx.is_recompute:
+            return decision
+        hit = {sid for t in written_tensors(func, args, kwargs) if (sid := _storage_id(t)) in self.saved}
+        if hit and not uncache_selective_outputs(self.caching, lambda t: _storage_id(t) in hit):
+            producer = self.saved[next(iter(hit))]
+            raise RuntimeError(
+                f"{func} modifies in place the output of {producer}, which selective checkpointing saved "
+                f"for backward; torch {torch.__version__} cannot recompute it instead, and backward would "
+                f"fail. Make the operation out of place (nn.ReLU(inplace=False), h = h * 0.5) or do not "
+                f"save {producer} (e.g. SelectiveCheckpoint('attention'))."
+            )
+        for sid in hit:
+            del self.saved[sid]
+        if decision in (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE):
+            outputs = tree_leaves(getattr(ctx, "op_output", None))
+            self.saved.update(
+                {sid: func for t in outputs if isinstance(t, torch.Tensor) and (sid := _storage_id(t))}
+            )
+        return decision
+
+
+def _contexts(policy: Callable[..., Any], compiling: bool) -> tuple[Any, Any]:
+    """Selective-checkpoint contexts for ``policy``, guarded against in-place changes of saved outputs.
+
+    Under ``torch.compile`` the graph is functionalised: there is no cache to guard.
+    """
+    if compiling:
+        return create_selective_checkpoint_contexts(policy)
+    guard = _InPlaceGuard(policy)
+    guard.caching, cached = create_selective_checkpoint_contexts(guard)
+    return guard.caching, cached
+
+
 def _selective_contexts(block: _BlockKind) -> tuple[Any, Any]:
     """The ``context_fn`` of one kind of block: fresh selective-checkpoint contexts for each call.
 
@@ -335,15 +388,13 @@ def _selective_contexts(block: _BlockKind) -> tuple[Any, Any]:
     tags with the region's id.
     """
     owner, kind = block.owner, block.kind
-    if owner._policy_fn is not None:
-        return create_selective_checkpoint_contexts(owner._policy_fn)
-    if owner._save_calls:
-        return create_selective_checkpoint_contexts(
-            _CallPolicy(owner._save_calls, owner._save_ops or frozenset()).policy
-        )
-    if owner._save_ops is not None:
-        return create_selective_checkpoint_contexts(sorted(owner._save_ops, key=str))
     compiling = torch.compiler.is_compiling()
+    if owner._policy_fn is not None:
+        return _contexts(owner._policy_fn, compiling)
+    if owner._save_calls:
+        return _contexts(_CallPolicy(owner._save_calls, owner._save_ops or frozenset()).policy, compiling)
+    if owner._save_ops is not None:
+        return _contexts(_CallPolicy(frozenset(), owner._save_ops).policy, compiling)
     if compiling and owner.name == "default" and kind not in owner._plans and kind not in owner._warned:
         owner._warned.add(kind)
         warnings.warn(
@@ -356,7 +407,7 @@ def _selective_contexts(block: _BlockKind) -> tuple[Any, Any]:
             stacklevel=2,
         )
     call = _RegionCall(owner, kind, learn=not compiling)
-    caching, cached = create_selective_checkpoint_contexts(call.policy)
+    caching, cached = _contexts(call.policy, compiling)
     if compiling:
         return caching, cached
     return call.forward(caching), cached

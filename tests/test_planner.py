@@ -162,3 +162,28 @@ def test_plan_round_trips_through_json(gpt_profile: tuple[Workload, Profile]) ->
     document = result.to_json()
     assert document["predicted_memory_ratio"] == pytest.approx(result.predicted_bytes / measured.no_ac_bytes)
     assert list(document["blocks"]) == [b.name for b in measured.blocks]
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["mul_", "relu_inplace"])
+def test_outputs_modified_in_place_are_never_saved_and_every_plan_trains_like_no_ac(relu: bool) -> None:
+    from models import InPlaceBlock, in_place_model
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    workload = Workload(in_place_model(relu, blocks=3), {InPlaceBlock}, x, lambda m, b: m(b).square().sum())
+    measured = profile(workload, repeats=1, strategies=())
+    # The first matmul's output is modified in place: it is not offered; the second one is.
+    assert [op.name for op in measured.blocks[0].ops] == ["aten.addmm.default#1"]
+    reference = copy.deepcopy(workload.model)
+    workload.loss(reference, x).backward()
+    options = block_options(measured.blocks[0])
+    plans = [ActivationPlan(dict.fromkeys(("0", "1", "2"), o.strategy)) for o in options]
+    plans += [plan(measured, fraction).to_activation_plan() for fraction in (0.6, 0.8, 1.0)]
+    assert {s for p in plans for s in map(str, p.strategies.values())} >= {"none", "full"}
+    for activation_plan in plans:
+        model = copy.deepcopy(workload.model)
+        activation_plan.apply(model)
+        for _ in range(2):
+            workload.loss(model, x).backward()
+            for p, q in zip(reference.parameters(), model.parameters(), strict=True):
+                assert torch.equal(p.grad, q.grad), activation_plan
+            model.zero_grad(set_to_none=True)

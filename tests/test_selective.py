@@ -488,3 +488,58 @@ def test_dtensor_blocks_save_and_learn_as_plain_ones_eager_and_compiled(
     grads = gradients(compiled, inputs["dtensor"], dtensor_loss)
     for got, want in zip(grads, baseline["dtensor"][1], strict=True):
         assert torch.equal(got, want)
+
+
+def _torch_sac_saving_matmuls(model: nn.Module, x: torch.Tensor) -> str:
+    """What torch's own selective checkpointing does saving every matmul: recorded, not asserted."""
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    context = functools.partial(create_selective_checkpoint_contexts, [torch.ops.aten.addmm.default])
+    out = x
+    for block in model:
+        out = checkpoint(block, out, use_reentrant=False, context_fn=context)
+    try:
+        out.square().sum().backward()
+    except RuntimeError as error:
+        return f"torch {torch.__version__}: {error}"
+    return f"torch {torch.__version__}: trains"
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["mul_", "relu_inplace"])
+@pytest.mark.parametrize(
+    "save",
+    [*SelectiveCheckpoint.PRESETS, "aten.addmm.default#0", "aten.addmm.default#0,aten.addmm.default#1"],
+)
+def test_outputs_modified_in_place_are_recomputed_not_saved(
+    relu: bool, save: str, record_property: Callable[[str, object], None]
+) -> None:
+    from models import in_place_model
+
+    model, x = in_place_model(relu), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    record_property("torch_sac", _torch_sac_saving_matmuls(copy.deepcopy(model), x))
+    wrapped = copy.deepcopy(model)
+    wrapper_fn = SelectiveCheckpoint.from_text(save)
+    apply_activation_checkpointing(wrapped, wrapper_fn, auto_wrap_policy={type(model[0])})
+
+    def loss(m: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return m(inputs).square().sum()
+
+    _, expected = step(model, x, loss)
+    full = copy.deepcopy(model)
+    apply_activation_checkpointing(full, auto_wrap_policy={type(model[0])})
+    full_bytes, _ = step(full, x, loss)
+    for _ in range(2):
+        held, grads = step(wrapped, x, loss)
+        assert all(torch.equal(g, w) for g, w in zip(grads, expected, strict=True))
+    # The mutated output is not held: at most the second matmul's output (16 floats per row saved).
+    assert held - full_bytes <= len(model) * 4 * 8 * 4
+
+
+def test_an_in_place_change_that_cannot_be_recomputed_stops_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import in_place_model
+
+    monkeypatch.setattr("fsdp_ac.selective.uncache_selective_outputs", lambda caching, hit: False)
+    model = in_place_model(relu=True)
+    apply_activation_checkpointing(model, SelectiveCheckpoint("matmul"), auto_wrap_policy={type(model[0])})
+    with pytest.raises(RuntimeError, match=r"aten.relu_.default modifies in place the output of aten.addmm"):
+        model(torch.randn(4, 8))
