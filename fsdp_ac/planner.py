@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fsdp_ac.plan import ActivationPlan
+from fsdp_ac.plan import ActivationPlan, PlanOrigin
 from fsdp_ac.profiler import BlockProfile, Profile, text_table
 
 __all__ = [
@@ -216,6 +216,8 @@ class MemoryPlan:
     """Bytes held without checkpointing."""
     step_ms: float
     """Measured step time without checkpointing."""
+    origin: PlanOrigin | None = None
+    """What the profile was made for; the activation plan carries it."""
 
     @property
     def predicted_memory_ratio(self) -> float:
@@ -229,7 +231,7 @@ class MemoryPlan:
 
     def to_activation_plan(self) -> ActivationPlan:
         """The plan to apply: each block's strategy (``none``, ``full`` or ``selective:<calls>``)."""
-        return ActivationPlan({name: choice.strategy for name, choice in self.choices.items()})
+        return ActivationPlan({name: choice.strategy for name, choice in self.choices.items()}, self.origin)
 
     def to_json(self) -> dict[str, Any]:
         """The plan and its predictions as a JSON-ready dictionary.
@@ -328,4 +330,5 @@ def plan(profile: Profile, budget: int | float) -> MemoryPlan:
         predicted_extra_ms=sum(c.extra_ms for c in chosen),
         no_ac_bytes=profile.no_ac_bytes,
         step_ms=profile.step_ms,
+        origin=profile.origin,
     )

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsdp_ac._compat import StorageWeakRef, TorchDispatchMode, tree_leaves, written_tensors
-from fsdp_ac.plan import ActivationPlan
+from fsdp_ac.plan import ActivationPlan, PlanOrigin, block_inputs
 from fsdp_ac.policies import ModulePolicy, PolicySpec
-from fsdp_ac.selective import ATTENTION_OPS, MATMUL_OPS, SelectiveCheckpoint, op_call_name
+from fsdp_ac.selective import ATTENTION_OPS, MATMUL_OPS, SelectiveCheckpoint, op_call_name, op_family
 
 __all__ = [
     "BlockBytes",
@@ -282,6 +282,8 @@ class Profile:
     allocator_bytes: int | None = None
     """On CUDA: growth of the allocator's allocated bytes over the forward (includes what the meter
     does not count, e.g. the allocator's rounding); None elsewhere."""
+    origin: PlanOrigin | None = None
+    """What was profiled (device, dtype, the first block's input shape, torch, classes): plans carry it."""
 
     @property
     def step_ms(self) -> float:
@@ -406,8 +408,8 @@ class _BlockRecorder(TorchDispatchMode):
             order = self.order[self.block]
             if func in SAVEABLE_OPS:
                 call = len(self.calls[self.block])
-                self.calls[self.block].append((op_call_name(func, self.counts[func]), elapsed))
-                self.counts[func] += 1
+                self.calls[self.block].append((op_call_name(func, self.counts[op_family(func)]), elapsed))
+                self.counts[op_family(func)] += 1
                 order.append(call)
             else:
                 order.append(-1 - len(self.other[self.block]))
@@ -537,7 +539,15 @@ def profile(
         if progress is not None:
             progress(done, total)
 
-    workload.step()  # warm-up: first calls allocate and select kernels
+    seen: list[tuple[str, str, tuple[int, ...]] | None] = []
+    first_block = modules[names[0]] if names else model
+    handle = first_block.register_forward_pre_hook(
+        lambda m, a, k: seen.append(block_inputs(a, k)), with_kwargs=True
+    )
+    try:
+        workload.step()  # warm-up: first calls allocate and select kernels
+    finally:
+        handle.remove()
     advance()
     observations = []
     for _ in range(repeats):
@@ -620,6 +630,11 @@ def profile(
         forward_ms=statistics.median(obs.forward_ms for obs in observations),
         backward_ms=statistics.median(obs.backward_ms for obs in observations),
         allocator_bytes=_allocator_bytes(workload),
+        origin=None
+        if not seen or seen[0] is None
+        else PlanOrigin(
+            *seen[0], torch.__version__, type(model).__name__, type(first_block).__name__, len(names)
+        ),
     )
 
 

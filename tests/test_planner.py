@@ -11,6 +11,7 @@ import torch
 from models import held_bytes_after_steps
 
 from fsdp_ac import ActivationPlan
+from fsdp_ac.plan import PlanOrigin
 from fsdp_ac.planner import BlockChoice, BudgetError, _peak, block_options, plan, smallest_budget, solve
 from fsdp_ac.profiler import BlockProfile, OpProfile, Profile, Workload, builtin_workload, profile
 
@@ -159,6 +160,10 @@ def test_plan_round_trips_through_json(gpt_profile: tuple[Workload, Profile]) ->
     result = plan(measured, 0.5)
     activation_plan = result.to_activation_plan()
     assert ActivationPlan.from_json(activation_plan.to_json()) == activation_plan
+    # Made where it was profiled: the CPU, fp32, the first block's input (batch, seq, d_model).
+    assert activation_plan.origin == PlanOrigin(
+        "cpu", "float32", (2, 32, 64), torch.__version__, "GPT", "TransformerBlock", 4
+    )
     document = result.to_json()
     assert document["predicted_memory_ratio"] == pytest.approx(result.predicted_bytes / measured.no_ac_bytes)
     assert list(document["blocks"]) == [b.name for b in measured.blocks]

@@ -543,3 +543,44 @@ def test_an_in_place_change_that_cannot_be_recomputed_stops_forward(monkeypatch:
     apply_activation_checkpointing(model, SelectiveCheckpoint("matmul"), auto_wrap_policy={type(model[0])})
     with pytest.raises(RuntimeError, match=r"aten.relu_.default modifies in place the output of aten.addmm"):
         model(torch.randn(4, 8))
+
+
+def test_attention_calls_have_one_name_on_every_device(gpt: GPT, tokens: torch.Tensor) -> None:
+    from fsdp_ac.selective import SDPA, op_call_name
+
+    kernels = [
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    ]
+    assert (
+        {op_call_name(k, 0) for k in kernels}
+        == {"aten.scaled_dot_product_attention.default#0"}
+        == {op_call_name(SDPA, 0)}
+    )
+    # The CPU kernel's own name, as plans made before names were device-neutral write it, saves the same.
+    held = []
+    for name in (
+        "aten.scaled_dot_product_attention.default#0",
+        "aten._scaled_dot_product_flash_attention_for_cpu.default#0",
+    ):
+        model = copy.deepcopy(gpt)
+        selective(model, [name])
+        held.append(step(model, tokens)[0])
+    full = copy.deepcopy(gpt)
+    apply_activation_checkpointing(full, auto_wrap_policy={TransformerBlock})
+    assert held[0] == held[1] == step(full, tokens)[0] + SMALL_GPT.n_layers * (UNIT + LSE)
+
+
+def test_a_call_that_never_happens_raises_at_the_first_step(gpt: GPT, tokens: torch.Tensor) -> None:
+    selective(gpt, ["aten.addmm.default#0", "aten.addmm.default#9", "aten.mm.default#0"])
+    with pytest.raises(
+        ValueError, match=r"saves aten.addmm.default#9, aten.mm.default#0 in TransformerBlock"
+    ) as caught:
+        gpt(tokens)
+    assert (
+        "calls are aten.addmm.default#0, aten.addmm.default#1, aten.addmm.default#2, aten.addmm.default#3"
+        in str(caught.value)
+        and "aten.scaled_dot_product_attention.default#0" in str(caught.value)
+    )
