@@ -566,56 +566,42 @@ def profile(
     for strategy in strategies:
         measured[strategy] = _strategy_bytes(workload, names, strategy)
         advance()
-    # Blocks of one kind run the same calls: their times are pooled, which steadies the medians.
-    signature = [
+    call_bytes = [[0] * len(calls) for calls in recorder.calls]
+    call_alive = [[False] * len(calls) for calls in recorder.calls]
+    for key, created in recorder.created.items():
+        if (
+            created.block is not None
+            and created.call is not None
+            and key not in recorder.outputs[created.block]
+        ):
+            call_bytes[created.block][created.call] += created.nbytes
+            call_alive[created.block][created.call] |= key in first.alive
+    # Blocks of one kind run the same calls: their times are pooled, which steadies the medians, and
+    # blocks alike in bytes too are worked out once.
+    kinds = [
         (type(modules[name]).__name__, *(n for n, _ in recorder.calls[i])) for i, name in enumerate(names)
     ]
-    alike = [[j for j in range(len(names)) if signature[j] == signature[i]] for i in range(len(names))]
+    alike: defaultdict[tuple[str, ...], list[int]] = defaultdict(list)
+    for index, kind in enumerate(kinds):
+        alike[kind].append(index)
+    derived: dict[tuple[Any, ...], tuple[tuple[OpProfile, ...], float, float]] = {}
     blocks = []
     for index, name in enumerate(names):
-        call_bytes = [0] * len(recorder.calls[index])
-        call_alive = [False] * len(recorder.calls[index])
         outputs = recorder.outputs[index]
-        for key, created in recorder.created.items():
-            if created.block == index and created.call is not None and key not in outputs:
-                call_bytes[created.call] += created.nbytes
-                call_alive[created.call] |= key in first.alive
         kept = sum(first.alive[key].nbytes for key in outputs if key in first.alive)
-        replayed = set(recorder.order[index][: recorder.last_read[index] + 1])
-        ops = []
-        # A call whose output the block modifies in place later is always recomputed (selective
-        # checkpointing cannot keep its value), so its time counts among the other operators'.
-        mutated = recorder.mutated[index]
-        for call, (op_name, _) in enumerate(recorder.calls[index]):
-            if call in mutated:
-                continue
-            times = [obs.recorder.calls[j][call][1] for obs in observations for j in alike[index]]
-            ops.append(
-                OpProfile(
-                    name=op_name,
-                    bytes=call_bytes[call],
-                    recompute_ms=statistics.median(times) if call in replayed else 0.0,
-                    read_by_backward=call_alive[call],
-                )
-            )
-        other_ms = statistics.median(
-            sum(obs.recorder.other[j][-1 - position] for position in replayed if position < 0)
-            + sum(obs.recorder.calls[j][call][1] for call in replayed & mutated)
-            for obs in observations
-            for j in alike[index]
-        )
-        forward_ms = statistics.median(
-            sum(t for _, t in obs.recorder.calls[j]) + sum(obs.recorder.other[j])
-            for obs in observations
-            for j in alike[index]
-        )
+        replayed = tuple(recorder.order[index][: recorder.last_read[index] + 1])
+        mutated = frozenset(recorder.mutated[index])
+        figures = (kinds[index], tuple(call_bytes[index]), tuple(call_alive[index]), replayed, mutated)
+        if figures not in derived:
+            derived[figures] = _block_figures(observations, alike[kinds[index]], *figures[1:])
+        ops, other_ms, forward_ms = derived[figures]
         blocks.append(
             BlockProfile(
                 name=name,
                 kind=type(modules[name]).__name__,
                 none_bytes=held[index],
                 kept_bytes=kept,
-                ops=tuple(ops),
+                ops=ops,
                 other_ms=other_ms,
                 forward_ms=forward_ms,
                 measured_bytes={strategy: measured[strategy][index] for strategy in strategies},
@@ -636,6 +622,43 @@ def profile(
             *seen[0], torch.__version__, type(model).__name__, type(first_block).__name__, len(names)
         ),
     )
+
+
+def _block_figures(
+    observations: list[_Observation],
+    alike: list[int],
+    call_bytes: tuple[int, ...],
+    call_alive: tuple[bool, ...],
+    replayed: tuple[int, ...],
+    mutated: frozenset[int],
+) -> tuple[tuple[OpProfile, ...], float, float]:
+    """A block's calls, the time of the other operators a recompute replays, and its forward time."""
+    calls = observations[0].recorder.calls[alike[0]]
+    replays = set(replayed)
+    ops = tuple(
+        OpProfile(
+            name=op_name,
+            bytes=call_bytes[call],
+            recompute_ms=statistics.median(o.recorder.calls[j][call][1] for o in observations for j in alike)
+            if call in replays
+            else 0.0,
+            read_by_backward=call_alive[call],
+        )
+        for call, (op_name, _) in enumerate(calls)
+        # A call whose output the block modifies in place later is always recomputed (selective
+        # checkpointing cannot keep its value), so its time counts among the other operators'.
+        if call not in mutated
+    )
+    other_ms = statistics.median(
+        sum(o.recorder.other[j][-1 - position] for position in replayed if position < 0)
+        + sum(o.recorder.calls[j][call][1] for call in mutated if call in replays)
+        for o in observations
+        for j in alike
+    )
+    forward_ms = statistics.median(
+        sum(t for _, t in o.recorder.calls[j]) + sum(o.recorder.other[j]) for o in observations for j in alike
+    )
+    return ops, other_ms, forward_ms
 
 
 def _strategy_bytes(workload: Workload, names: list[str], strategy: str) -> list[int]:
