@@ -52,14 +52,21 @@ def _storage_round_trip() -> bool:
 def _uncache_selective_output() -> bool:
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    caching, cached = create_selective_checkpoint_contexts(lambda *a, **k: CheckpointPolicy.MUST_SAVE)
+    seen = []
+
+    def policy(ctx: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+        seen.append(getattr(ctx, "op_output", None))  # the guard reads what the policy saves here
+        return CheckpointPolicy.MUST_SAVE
+
+    caching, cached = create_selective_checkpoint_contexts(policy)
     x = torch.ones(2, requires_grad=True)
     with caching:
         y = x.sin()
     uncached = _compat.uncache_selective_outputs(caching, lambda t: t.untyped_storage() is not None)
     with cached:
         recomputed = x.sin()
-    return uncached and recomputed.data_ptr() != y.data_ptr() and torch.equal(recomputed, y)
+    fresh = recomputed.data_ptr() != y.data_ptr() and torch.equal(recomputed, y)
+    return bool(seen) and seen[-1] is y and uncached and fresh
 
 
 def _policy_hooks() -> bool:
@@ -167,7 +174,7 @@ INTERNALS: list[tuple[str, str, Callable[[], bool]]] = [
         lambda: _compat.written_tensors(torch.ops.aten.mul_.Tensor, (t := torch.ones(1), t), {}) == [t],
     ),
     (
-        "torch.utils.checkpoint's SAC cache (_CachingTorchDispatchMode.storage, _RECOMPUTE)",
+        "torch.utils.checkpoint's SAC cache (_CachingTorchDispatchMode.storage, _RECOMPUTE, ctx.op_output)",
         "selective",
         _uncache_selective_output,
     ),
