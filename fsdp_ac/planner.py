@@ -9,19 +9,19 @@ The planner then picks one point per block, minimising the predicted recompute t
 exactly: a multiple-choice knapsack solved by dynamic programming over the bytes held by the blocks
 before (states that another state beats on both bytes and time are dropped, which loses no optimum).
 
-What the budget covers, in bytes of activations (storages created by the forward, excluding
-parameters, as :class:`~fsdp_ac.ActivationMemoryMeter` counts them):
+What the budget covers is the peak of activation bytes over the step (storages operators create,
+parameters, buffers and parameter gradients excluded; :func:`fsdp_ac.profiler.peak_bytes` measures
+it), modelled as the largest of:
 
-- the bytes held at the end of forward and loss: those created outside the blocks, plus each block's
-  held bytes for its choice; and
-- for each checkpointed block, the bytes alive while backward recomputes it: what was created before
-  the block (outside bytes and earlier blocks' held bytes; later blocks have been freed by then), plus
-  everything the block holds without checkpointing (the recompute rebuilds it), plus any saved
-  output that backward does not read.
+- the end of forward, loss and the head's backward: the bytes created outside the blocks, each
+  block's held bytes for its choice, and the head's and loss's backward on top
+  (:attr:`~fsdp_ac.profiler.Profile.head_backward_bytes`); and
+- each block's recompute and backward: what was created before the block (outside bytes and earlier
+  blocks' held bytes; later blocks have been freed by then), everything the block holds without
+  checkpointing (the recompute rebuilds it), saved outputs that backward does not read, and what its
+  backward adds (:attr:`~fsdp_ac.profiler.BlockProfile.backward_bytes`, the same for every strategy).
 
-The second term is the recompute's transient; the total is at most "held bytes plus the largest
-transient", and is what the peak actually is when the blocks' backward runs one after another.
-Gradients, optimizer state and parameters are not activations and are not counted.
+docs/planning.md says how close the model comes to the measured peak.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ class BlockChoice:
     held_bytes: int
     """Bytes the block holds at the end of forward."""
     recompute_bytes: int
-    """Bytes alive for the block while backward recomputes it (its no-AC bytes and saved outputs that
-    backward does not read); its held bytes when it is not checkpointed."""
+    """Bytes alive for the block while backward recomputes it and runs its backward (its no-AC bytes,
+    saved outputs that backward does not read, and its backward's own)."""
     extra_ms: float
     """Predicted recompute time."""
 
@@ -105,7 +105,8 @@ def block_options(block: BlockProfile, max_calls: int = MAX_ENUMERATED_CALLS) ->
     else:
         ranked = sorted(range(len(ops)), key=lambda i: -ops[i].recompute_ms / max(ops[i].bytes, 1))
         subsets = [tuple(sorted(ranked[:size])) for size in range(len(ops) + 1)]
-    points = [BlockChoice(None, block.none_bytes, block.none_bytes, 0.0)]
+    backward = block.backward_bytes  # the same under every strategy
+    points = [BlockChoice(None, block.none_bytes, block.none_bytes + backward, 0.0)]
     for subset in subsets:
         saved_bytes = sum(ops[i].bytes for i in subset)
         unread = sum(ops[i].bytes for i in subset if not ops[i].read_by_backward)
@@ -113,7 +114,7 @@ def block_options(block: BlockProfile, max_calls: int = MAX_ENUMERATED_CALLS) ->
             BlockChoice(
                 saved=tuple(ops[i].name for i in subset),
                 held_bytes=block.kept_bytes + saved_bytes,
-                recompute_bytes=block.none_bytes + unread,
+                recompute_bytes=block.none_bytes + unread + backward,
                 extra_ms=block.other_ms + sum(op.recompute_ms for i, op in enumerate(ops) if i not in subset),
             )
         )
@@ -309,7 +310,7 @@ class MemoryPlan:
     predicted_bytes: int
     """Bytes held at the end of forward and loss."""
     predicted_peak_bytes: int
-    """Bytes the budget covers (held, or at a recompute when more)."""
+    """The predicted peak over the step: what the budget covers (see the module docstring)."""
     predicted_extra_ms: float
     """Predicted recompute time per step."""
     no_ac_bytes: int
@@ -362,11 +363,16 @@ class MemoryPlan:
         ]
         predictions = (
             f"budget {self.budget_bytes / 2**20:.2f} MiB: held {self.predicted_bytes / 2**20:.2f} MiB "
-            f"(memory ratio {self.predicted_memory_ratio:.3f}), at a recompute "
+            f"(memory ratio {self.predicted_memory_ratio:.3f}), peak over the step "
             f"{self.predicted_peak_bytes / 2**20:.2f} MiB; "
             f"predicted time ratio {self.predicted_time_ratio:.3f}"
         )
         return text_table(["block", "held_MiB", "recompute_ms", "strategy"], rows) + "\n" + predictions
+
+
+def _end(profile: Profile) -> int:
+    """Bytes besides the blocks' held ones at the end of forward and in the head's backward."""
+    return profile.outside_bytes + profile.head_backward_bytes
 
 
 def _curves(profile: Profile) -> list[list[BlockChoice]]:
@@ -396,7 +402,7 @@ def smallest_budget(profile: Profile) -> int:
     recompute than the block's no-AC bytes, which full needs; so no plan needs less.
     """
     options = [[min(curve, key=lambda c: (c.held_bytes, c.recompute_bytes))] for curve in _curves(profile)]
-    return _peak(options, profile.outside_before, profile.outside_bytes, [0] * len(options))
+    return _peak(options, profile.outside_before, _end(profile), [0] * len(options))
 
 
 def plan(profile: Profile, budget: int | float) -> MemoryPlan:
@@ -420,13 +426,15 @@ def plan(profile: Profile, budget: int | float) -> MemoryPlan:
     """
     budget_bytes = _budget_bytes(profile, budget)
     options = _curves(profile)
-    picks = solve(options, profile.outside_before, profile.outside_bytes, budget_bytes)
+    picks = solve(options, profile.outside_before, _end(profile), budget_bytes)
     if picks is None:
         smallest = smallest_budget(profile)
         raise BudgetError(
             f"No plan fits {budget_bytes:,} bytes ({budget_bytes / profile.no_ac_bytes:.3f} of no AC's "
-            f"{profile.no_ac_bytes:,}): even full checkpointing of every block needs {smallest:,} bytes "
-            f"({smallest / profile.no_ac_bytes:.3f}). Give a budget of at least that, or a smaller batch.",
+            f"{profile.no_ac_bytes:,}) at the peak of the step: even full checkpointing of every block "
+            f"needs {smallest:,} bytes ({smallest / profile.no_ac_bytes:.3f}), of which the head and loss "
+            f"backward adds {profile.head_backward_bytes:,} that no plan changes. Give a budget of at "
+            "least that, or a smaller batch.",
             smallest,
         )
     chosen = [options[i][pick] for i, pick in enumerate(picks)]
@@ -434,7 +442,7 @@ def plan(profile: Profile, budget: int | float) -> MemoryPlan:
         budget_bytes=budget_bytes,
         choices={b.name: c for b, c in zip(profile.blocks, chosen, strict=True)},
         predicted_bytes=profile.outside_bytes + sum(c.held_bytes for c in chosen),
-        predicted_peak_bytes=_peak(options, profile.outside_before, profile.outside_bytes, picks),
+        predicted_peak_bytes=_peak(options, profile.outside_before, _end(profile), picks),
         predicted_extra_ms=sum(c.extra_ms for c in chosen),
         no_ac_bytes=profile.no_ac_bytes,
         step_ms=profile.step_ms,

@@ -14,7 +14,10 @@ records:
 - the time of everything else a recompute replays (the cheap operators up to the last one whose
   output backward reads: torch's checkpoint stops replaying there), and the block's forward time;
 - the bytes held with full checkpointing and with each selective preset, measured on copies of the
-  model by the same meter.
+  model by the same meter;
+- on one more step, under a tracker of live storages through backward, what the block's backward adds
+  beyond its held bytes, and what the head's and the loss's backward add beyond the end of forward:
+  with the above, the step's peak (:func:`peak_bytes` measures it for any model).
 
 Bytes come from the deterministic meter (exact, the same on every run and machine); on CUDA the
 allocator's figure for the whole forward is recorded too. Times are medians over ``repeats`` steps, of
@@ -24,6 +27,7 @@ turns a :class:`Profile` into a plan.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import statistics
@@ -254,6 +258,10 @@ class BlockProfile:
     """Median time of the block's forward."""
     measured_bytes: dict[str, int] = field(default_factory=dict)
     """Bytes held with each of :data:`STRATEGIES_MEASURED` (measured on a copy of the model)."""
+    backward_bytes: int = 0
+    """Most bytes alive beyond what blocks before it and it hold without checkpointing, in its forward
+    or its backward (gradients, temporaries): what its backward adds to its recompute, whatever its
+    strategy."""
 
     @property
     def full_ms(self) -> float:
@@ -284,6 +292,9 @@ class Profile:
     does not count, e.g. the allocator's rounding); None elsewhere."""
     origin: PlanOrigin | None = None
     """What was profiled (device, dtype, the first block's input shape, torch, classes): plans carry it."""
+    head_backward_bytes: int = 0
+    """Most bytes alive beyond the end of forward from the last block's output to its gradient: the
+    head, the loss and their backward (the gradient of the logits), which no plan changes."""
 
     @property
     def step_ms(self) -> float:
@@ -367,6 +378,10 @@ class _BlockRecorder(TorchDispatchMode):
         """Per block: the position of the last operator that ran before the block's last save for
         backward; torch's checkpoint replays up to there and stops."""
         self.outputs: list[set[int]] = [set() for _ in range(n_blocks)]
+        self.tracker: _LiveBytes | None = None
+        self.spans = [[-1, -1, -1] for _ in range(n_blocks)]
+        """Per block, with a tracker: the curve's length when its forward starts and ends, and when
+        backward has its output's gradient (its own backward starts)."""
         self.mutated: list[set[int]] = [set() for _ in range(n_blocks)]
         """Per block: its saveable calls whose outputs a later operator of the block modifies in place."""
         self.counts: defaultdict[Any, int] = defaultdict(int)
@@ -374,6 +389,7 @@ class _BlockRecorder(TorchDispatchMode):
     def enter(self, index: int) -> None:
         self.block = index
         self.counts.clear()
+        self._mark(index, 0)
 
     def leave(self, index: int, output: Any) -> None:
         self.block = None
@@ -381,6 +397,14 @@ class _BlockRecorder(TorchDispatchMode):
         self.outputs[index] = {
             key for t in tree_leaves(output) if isinstance(t, torch.Tensor) and (key := _storage_key(t))
         }
+        self._mark(index, 1)
+        grads = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if self.tracker is not None and grads:
+            grads[0].register_hook(lambda grad: self._mark(index, 2))
+
+    def _mark(self, index: int, at: int) -> None:
+        if self.tracker is not None and self.spans[index][at] < 0:
+            self.spans[index][at] = len(self.tracker.curve)
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         """``saved_tensors_hooks`` pack hook: backward will read ``tensor``.
@@ -423,6 +447,62 @@ class _BlockRecorder(TorchDispatchMode):
         return out
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Counts, after every operator, the bytes alive in storages that operators created.
+
+    Parameters and buffers are excluded, and parameter gradients once backward is over.
+    """
+
+    def __init__(self, excluded: set[int | None]) -> None:
+        super().__init__()
+        self.excluded = excluded
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.curve: list[int] = []
+        self.created: list[tuple[int, StorageWeakRef, int, int]] = []
+        """Each storage created: its key, a weak reference, its bytes and the curve's length then."""
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
+            del self.live[key]
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and not leaf.is_meta and (key := _storage_key(leaf)):
+                if key not in self.live and key not in self.excluded:
+                    ref, nbytes = StorageWeakRef(leaf.untyped_storage()), leaf.untyped_storage().nbytes()
+                    self.live[key] = (ref, nbytes)
+                    self.created.append((key, ref, nbytes, len(self.curve)))
+        self.curve.append(sum(nbytes for _, nbytes in self.live.values()))
+        return out
+
+    def without_gradients(self, model: nn.Module) -> list[int]:
+        """The curve less the parameter gradients, which stay alive from their creation on."""
+        grads = {_storage_key(p.grad) for p in model.parameters() if p.grad is not None}
+        curve = list(self.curve)
+        for key, ref, nbytes, at in self.created:
+            if key in grads and not ref.expired():  # a freed storage's key can be a gradient's later
+                curve[at:] = [bytes_ - nbytes for bytes_ in curve[at:]]
+        return curve
+
+
+def peak_bytes(workload: Workload, model: nn.Module | None = None) -> int:
+    """The most activation bytes alive at once over one step (forward, loss, backward) of ``model``.
+
+    What every operator creates, counted until it is freed, except parameters, buffers and parameter
+    gradients: what the planner's budget covers. Runs one step first, so that selective presets that
+    learn on their first call have learned.
+    """
+    model = workload.model if model is None else model
+    workload.step(model)
+    tracker = _LiveBytes({_storage_key(t) for t in (*model.parameters(), *model.buffers())})
+    with tracker:
+        workload.loss(model, workload.batch).backward()
+    peak = max(tracker.without_gradients(model), default=0)
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
 @dataclass
 class _Observation:
     """One observed forward: per-block held bytes and timings."""
@@ -431,6 +511,8 @@ class _Observation:
     alive: dict[int, _Created]
     forward_ms: float
     backward_ms: float
+    curve: list[int]
+    """Bytes alive after each operator of the step (:class:`_LiveBytes`); empty without backward."""
 
 
 def _clock(device: torch.device) -> Callable[[], float]:
@@ -451,9 +533,18 @@ def _clock(device: torch.device) -> Callable[[], float]:
 
 
 def _observe(
-    workload: Workload, model: nn.Module, names: list[str], *, timed: bool, backward: bool = True
+    workload: Workload,
+    model: nn.Module,
+    names: list[str],
+    *,
+    timed: bool,
+    backward: bool = True,
+    tracked: bool = False,
 ) -> _Observation:
-    """Runs forward and loss under a :class:`_BlockRecorder` (then backward); returns what it saw."""
+    """Runs forward and loss under a :class:`_BlockRecorder` (then backward); returns what it saw.
+
+    ``tracked``: the step also runs under a :class:`_LiveBytes`, whose curve the observation keeps.
+    """
     modules = dict(model.named_modules())
     clock = _clock(workload.batch.device)
     recorder = _BlockRecorder(len(names), clock=clock if timed else None)
@@ -463,9 +554,14 @@ def _observe(
         handles.append(module.register_forward_pre_hook(lambda m, a, i=index: recorder.enter(i)))
         handles.append(module.register_forward_hook(lambda m, a, out, i=index: recorder.leave(i, out)))
     excluded = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    tracker = recorder.tracker = _LiveBytes(excluded) if tracked else None
     try:
         start = clock()
-        with recorder, torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
+        with (
+            recorder,
+            tracker or contextlib.nullcontext(),
+            torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t),
+        ):
             loss = workload.loss(model, workload.batch)
         forward_ms = (clock() - start) * 1e3
     finally:
@@ -477,10 +573,13 @@ def _observe(
         if not created.ref.expired() and key not in excluded
     }
     start = clock()
+    curve: list[int] = []
     if backward:
-        loss.backward()
+        with tracker or contextlib.nullcontext():
+            loss.backward()
+        curve = tracker.without_gradients(model) if tracker is not None else []
         model.zero_grad(set_to_none=True)
-    return _Observation(recorder, alive, forward_ms, (clock() - start) * 1e3)
+    return _Observation(recorder, alive, forward_ms, (clock() - start) * 1e3, curve)
 
 
 def _held_by_block(observation: _Observation, n_blocks: int) -> tuple[list[int], list[int], int]:
@@ -530,7 +629,7 @@ def profile(
     model = workload.model
     names = ModulePolicy(workload.blocks).names(model)
     modules = dict(model.named_modules())
-    total = 1 + repeats + len(strategies)
+    total = 2 + repeats + len(strategies)
     done = 0
 
     def advance() -> None:
@@ -562,6 +661,8 @@ def profile(
             "Select modules that run once per forward."
         )
     held, before, outside = _held_by_block(first, len(names))
+    head, transients = _transients(_observe(workload, model, names, timed=False, tracked=True), held, before)
+    advance()
     measured: dict[str, list[int]] = {}
     for strategy in strategies:
         measured[strategy] = _strategy_bytes(workload, names, strategy)
@@ -605,6 +706,7 @@ def profile(
                 other_ms=other_ms,
                 forward_ms=forward_ms,
                 measured_bytes={strategy: measured[strategy][index] for strategy in strategies},
+                backward_bytes=transients[index],
             )
         )
     return Profile(
@@ -616,12 +718,29 @@ def profile(
         forward_ms=statistics.median(obs.forward_ms for obs in observations),
         backward_ms=statistics.median(obs.backward_ms for obs in observations),
         allocator_bytes=_allocator_bytes(workload),
+        head_backward_bytes=head,
         origin=None
         if not seen or seen[0] is None
         else PlanOrigin(
             *seen[0], torch.__version__, type(model).__name__, type(first_block).__name__, len(names)
         ),
     )
+
+
+def _transients(traced: _Observation, held: list[int], before: list[int]) -> tuple[int, list[int]]:
+    """The head's bytes beyond the end of forward, and each block's beyond what it holds.
+
+    From a tracked step; see :attr:`Profile.head_backward_bytes` and :attr:`BlockProfile.backward_bytes`.
+    """
+    curve, spans = traced.curve, traced.recorder.spans
+    end = sum(c.nbytes for c in traced.alive.values())
+    starts = [span[2] if span[2] >= 0 else len(curve) for span in spans] + [len(curve)]
+    head = max(curve[spans[-1][1] : starts[-2]], default=end) - end if spans else 0
+    transients = []
+    for i, (start, stop, _) in enumerate(spans):
+        seen = curve[start:stop] + curve[starts[i] : starts[i - 1] if i else len(curve)]
+        transients.append(max(max(seen, default=0) - before[i] - sum(held[: i + 1]), 0))
+    return max(head, 0), transients
 
 
 def _block_figures(

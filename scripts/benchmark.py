@@ -67,8 +67,8 @@ from fsdp_ac import (
     checkpoint_wrapper,
 )
 from fsdp_ac.__main__ import BUILTINS, workload_from_args
-from fsdp_ac.planner import BudgetError, MemoryPlan, budget_needed, plan
-from fsdp_ac.profiler import BlockProfile, OpProfile, Profile, Workload, block_bytes, profile
+from fsdp_ac.planner import BudgetError, MemoryPlan, plan
+from fsdp_ac.profiler import BlockProfile, OpProfile, Profile, Workload, peak_bytes, profile
 
 MIB = 2**20
 
@@ -146,9 +146,9 @@ class Record:
     activation_bytes: int
     """Bytes the forward and the loss hold for backward."""
     budget_ratio: float
-    """The least budget the variant fits, as the planner counts a budget (bytes held at the end of
-    forward, or at a block's recompute the bytes held before it plus its no-AC bytes, when more),
-    divided by no_ac's activation bytes: what "fits a budget" means for every variant alike."""
+    """The least budget the variant fits: its measured peak of activation bytes over a step (forward,
+    loss and backward; ``fsdp_ac.profiler.peak_bytes``), divided by no_ac's activation bytes: what
+    "fits a budget" means for every variant alike."""
     predicted_memory_ratio: float | None = None
     """For the planner's variants: the memory ratio the plan predicted (written only for them)."""
 
@@ -434,14 +434,7 @@ def run(
             g is not None and e is not None and torch.equal(g, e)
             for g, e in zip(grads, expected, strict=False)
         )
-    split = {name: block_bytes(workload, models[name]) for name in names}
-    no_ac = split["no_ac"].held
-    needed = {
-        name: budget_needed(
-            b.held, [max(h, n) for h, n in zip(b.held, no_ac, strict=True)], b.before, b.outside
-        )
-        for name, b in split.items()
-    }
+    needed = {name: peak_bytes(workload, models[name]) for name in names}
     cpu, wall = interleaved(names, args.repeats, timed)
     chosen = cpu if args.clock == "cpu" else wall
     step = {name: statistics.median(chosen[name]) for name in names}

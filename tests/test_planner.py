@@ -13,7 +13,7 @@ from models import held_bytes_after_steps
 from fsdp_ac import ActivationPlan
 from fsdp_ac.plan import PlanOrigin
 from fsdp_ac.planner import BlockChoice, BudgetError, _peak, block_options, plan, smallest_budget, solve
-from fsdp_ac.profiler import BlockProfile, OpProfile, Profile, Workload, builtin_workload, profile
+from fsdp_ac.profiler import BlockProfile, OpProfile, Profile, Workload, builtin_workload, peak_bytes, profile
 
 
 def _random_case(rng: random.Random) -> tuple[list[list[BlockChoice]], list[int], int]:
@@ -135,7 +135,7 @@ def gpt_profile() -> tuple[Workload, Profile]:
     return workload, profile(workload, repeats=1)
 
 
-@pytest.mark.parametrize("fraction", [0.35, 0.5, 0.75, 0.9])
+@pytest.mark.parametrize("fraction", [0.4, 0.5, 0.75, 0.9])
 def test_applied_plan_holds_the_predicted_bytes_within_budget(
     gpt_profile: tuple[Workload, Profile], fraction: float
 ) -> None:
@@ -145,8 +145,10 @@ def test_applied_plan_holds_the_predicted_bytes_within_budget(
     result.to_activation_plan().apply(model)
     held = held_bytes_after_steps(workload, model)
     assert held == pytest.approx(result.predicted_bytes, rel=0.05)
-    assert held <= result.budget_bytes
-    assert result.predicted_peak_bytes <= result.budget_bytes
+    # The budget is the peak over forward, loss and backward, as measured, and the prediction is it.
+    peak = peak_bytes(workload, model)
+    assert peak == pytest.approx(result.predicted_peak_bytes, rel=0.03)
+    assert max(peak, result.predicted_peak_bytes) <= result.budget_bytes
     # Checkpointing really happened: the plan holds less than no AC, and its gradients are no AC's.
     assert held < measured.no_ac_bytes
     reference = copy.deepcopy(workload.model)
@@ -185,7 +187,8 @@ def test_outputs_modified_in_place_are_never_saved_and_every_plan_trains_like_no
     workload.loss(reference, x).backward()
     options = block_options(measured.blocks[0])
     plans = [ActivationPlan(dict.fromkeys(("0", "1", "2"), o.strategy)) for o in options]
-    plans += [plan(measured, fraction).to_activation_plan() for fraction in (0.6, 0.8, 1.0)]
+    least = smallest_budget(measured)
+    plans += [plan(measured, budget).to_activation_plan() for budget in (least, least * 5 // 4, least * 3)]
     assert {s for p in plans for s in map(str, p.strategies.values())} >= {"none", "full"}
     for activation_plan in plans:
         model = copy.deepcopy(workload.model)
