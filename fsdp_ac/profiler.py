@@ -465,8 +465,8 @@ class _LiveBytes(TorchDispatchMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         out = func(*args, **(kwargs or {}))
-        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
-            del self.live[key]
+        for freed in [key for key, (ref, _) in self.live.items() if ref.expired()]:
+            del self.live[freed]
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and not leaf.is_meta and (key := _storage_key(leaf)):
                 if key not in self.live and key not in self.excluded:
