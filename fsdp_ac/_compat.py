@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch._ops import OpOverload, OpOverloadPacket
 from torch.distributed._composable_state import _State
@@ -83,6 +84,8 @@ __all__ = [
     "storage_from_weak_ref",
     "tree_leaves",
     "uses_flat_parameters",
+    "written_tensors",
+    "uncache_selective_outputs",
 ]
 
 CHECKED_TORCH = ("2.13.0", "2.14.1")
@@ -161,6 +164,38 @@ class TransparentSavedTensorsHooks(torch.autograd.graph.saved_tensors_hooks):
         # The autograd graph keeps the pack hook: a lasting reference would keep the hooks below alive.
         del self.pack_hook._user_hooks  # type: ignore[attr-defined]
         super().__exit__(*args)
+
+
+def written_tensors(func: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors an operator writes in place (``Tensor(a!)`` in its schema; torch 2.13.0, 2.14.1)."""
+    written = []
+    for index, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[index] if index < len(args) else kwargs.get(argument.name)
+            written += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return written
+
+
+def uncache_selective_outputs(caching: Any, hit: Callable[[torch.Tensor], bool]) -> bool:
+    """Makes selective checkpointing recompute, rather than read from its cache, the outputs ``hit`` picks.
+
+    ``create_selective_checkpoint_contexts`` returns a forward mode whose ``storage`` maps each
+    operator to ``{call index: outputs wrapped with their version}``; backward recomputes an entry set
+    to the module's ``_RECOMPUTE`` sentinel (torch 2.13.0, 2.14.1). Returns False when this torch keeps
+    its cache otherwise, so that the caller can refuse in forward instead.
+    """
+    recompute = getattr(torch.utils.checkpoint, "_RECOMPUTE", None)
+    storage = getattr(caching, "storage", None)
+    if recompute is None or not isinstance(storage, dict):
+        return False
+    for entries in storage.values():
+        if not isinstance(entries, dict):
+            return False
+        for index, entry in list(entries.items()):
+            values = [getattr(w, "val", None) for w in tree_leaves(entry)]
+            if any(isinstance(v, torch.Tensor) and hit(v) for v in values):
+                entries[index] = recompute
+    return True
 
 
 def storage_from_weak_ref(ref: StorageWeakRef) -> torch.UntypedStorage | None:

@@ -10,14 +10,18 @@ a table and saved as JSON, so that a memory planner can emit one and a run can r
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
+from fsdp_ac._compat import tree_leaves
 from fsdp_ac.apply import Choice, wrap_in_place
 from fsdp_ac.names import Site, activation_wrappers, walk
 from fsdp_ac.offload import OffloadEngine
@@ -34,10 +38,84 @@ from fsdp_ac.strategies import (
     strategy_from_json,
 )
 
-__all__ = ["ActivationPlan"]
+__all__ = ["ActivationPlan", "PlanOrigin", "block_inputs"]
 
 _FORMAT = "fsdp_ac.ActivationPlan"
-_VERSION = 1
+_VERSION = 2
+"""Version 2 adds ``origin``; version 1 plans still load."""
+
+
+def block_inputs(args: Any, kwargs: Any) -> tuple[str, str, tuple[int, ...]] | None:
+    """A block input's device type, dtype (autocast's when on) and shape; None without a float input."""
+    x = next(
+        (t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()),
+        None,
+    )
+    if x is None:
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return x.device.type, str(dtype).removeprefix("torch."), tuple(x.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOrigin:
+    """What a plan was made for; applying it elsewhere warns, naming each difference."""
+
+    device: str
+    """Device type of the first block's input (``"cpu"``, ``"cuda"``)."""
+    dtype: str
+    """Its dtype, or autocast's (``"bfloat16"``)."""
+    shape: tuple[int, ...]
+    """Its shape."""
+    torch: str
+    model: str
+    """The model's class name."""
+    block: str
+    """The planned blocks' class name."""
+    blocks: int
+    """How many blocks were planned."""
+
+    def differences(self, model: nn.Module, named: set[str]) -> list[str]:
+        """How ``model``, planned for the modules ``named``, differs from what the plan was made for."""
+        sites = walk(model)  # FSDP1 units and activation wrappers folded in
+        found = [site.name for site in sites[1:] if type(site.module).__name__ == self.block]
+        differences = [
+            f"{what} {got} (planned for {want})"
+            for what, got, want in [
+                ("torch", torch.__version__, self.torch),
+                ("model class", type(sites[0].module).__name__, self.model),
+                (f"{self.block} count", len(found), self.blocks),
+            ]
+            if got != want
+        ]
+        uncovered = [name for name in found if name not in named]
+        if uncovered:
+            differences.append(f"{self.block} blocks the plan does not name: {', '.join(uncovered)}")
+        return differences
+
+
+def _check_first_input(block: nn.Module, origin: PlanOrigin) -> None:
+    """Warns at the block's first call when its input differs from the one the plan was made for."""
+
+    def check(module: nn.Module, args: Any, kwargs: Any) -> None:
+        handle.remove()
+        seen = block_inputs(args, kwargs)
+        if seen is not None:
+            names = ("device", "dtype", "block input shape")
+            wanted = (origin.device, origin.dtype, origin.shape)
+            found = zip(names, seen, wanted, strict=True)
+            _warn([f"{n} {a} (planned for {b})" for n, a, b in found if a != b], "to inputs")
+
+    handle = block.register_forward_pre_hook(check, with_kwargs=True)
+
+
+def _warn(differences: list[str], where: str) -> None:
+    if differences:
+        warnings.warn(
+            f"The activation plan is applied {where} other than it was made for: {'; '.join(differences)}. "
+            "Its calls and predicted bytes may not hold: profile and plan again where training runs.",
+            stacklevel=3,
+        )
 
 
 class ActivationPlan:
@@ -46,6 +124,8 @@ class ActivationPlan:
     Args:
         strategies: Clean qualified module name to strategy: a :mod:`fsdp_ac.strategies` object or
             its spelling (``"full"``, ``"selective:torchtitan"``, ``"full+offload"``, ...).
+        origin: What the plan was made for (the planner sets it); :meth:`apply` warns where the model
+            or, at its first step, the first block's input differs.
 
     Raises:
         ValueError: A strategy is unknown, a name is empty (the root cannot be replaced in place), or
@@ -59,7 +139,8 @@ class ActivationPlan:
         >>> plan.save("plan.json")
     """
 
-    def __init__(self, strategies: Mapping[str, Strategy | str]) -> None:
+    def __init__(self, strategies: Mapping[str, Strategy | str], origin: PlanOrigin | None = None) -> None:
+        self.origin = origin
         self._strategies: dict[str, Strategy] = {}
         for name, strategy in strategies.items():
             if not isinstance(name, str) or not isinstance(
@@ -93,7 +174,10 @@ class ActivationPlan:
         return dict(self._strategies)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ActivationPlan) and self._strategies == other._strategies
+        return isinstance(other, ActivationPlan) and (self._strategies, self.origin) == (
+            other._strategies,
+            other.origin,
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -200,6 +284,11 @@ class ActivationPlan:
                 )
             return chosen
 
+        if self.origin is not None:
+            self.check(model)
+            _warn(self.origin.differences(model, set(self._strategies)), "to a model")
+            first = next(site.module for site in walk(model) if site.name in self._strategies)
+            _check_first_input(first, self.origin)
         return wrap_in_place(model, choose, caller="ActivationPlan.apply")
 
     def table(self, model: nn.Module | None = None) -> str:
@@ -232,7 +321,9 @@ class ActivationPlan:
     def to_json(self) -> str:
         """Returns the plan as a JSON document (format name, version, strategies in order)."""
         strategies = {name: _spelling(strategy) for name, strategy in self._strategies.items()}
-        return json.dumps({"format": _FORMAT, "version": _VERSION, "strategies": strategies}, indent=2)
+        origin = None if self.origin is None else dataclasses.asdict(self.origin)
+        document = {"format": _FORMAT, "version": _VERSION, "origin": origin, "strategies": strategies}
+        return json.dumps(document, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ActivationPlan:
@@ -253,21 +344,29 @@ class ActivationPlan:
                 f'Not an fsdp_ac activation plan: expected a JSON object with "format": "{_FORMAT}", '
                 "as ActivationPlan.to_json writes."
             )
-        if document.get("version") != _VERSION:
+        if document.get("version") not in (1, _VERSION):
             raise ValueError(
                 f"Activation plan version {document.get('version')!r} is not supported; this fsdp_ac "
-                f"reads version {_VERSION}. Upgrade fsdp_ac or write the plan again."
+                f"reads versions 1 to {_VERSION}. Upgrade fsdp_ac or write the plan again."
             )
         strategies = document.get("strategies")
         if not isinstance(strategies, dict):
             raise ValueError(
                 'An activation plan needs a "strategies" object mapping module names to strategies.'
             )
+        origin = document.get("origin")
+        try:
+            made_for = None if origin is None else PlanOrigin(**{**origin, "shape": tuple(origin["shape"])})
+        except (TypeError, KeyError) as error:
+            raise ValueError(
+                f"The plan's origin is not what ActivationPlan.to_json writes: {error}."
+            ) from None
         return cls(
             {
                 name: strategy_from_json(value, f"module {name!r}") if isinstance(value, dict) else value
                 for name, value in strategies.items()
-            }
+            },
+            made_for,
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -9,30 +9,33 @@ The planner then picks one point per block, minimising the predicted recompute t
 exactly: a multiple-choice knapsack solved by dynamic programming over the bytes held by the blocks
 before (states that another state beats on both bytes and time are dropped, which loses no optimum).
 
-What the budget covers, in bytes of activations (storages created by the forward, excluding
-parameters, as :class:`~fsdp_ac.ActivationMemoryMeter` counts them):
+What the budget covers is the peak of activation bytes over the step (storages operators create,
+parameters, buffers and parameter gradients excluded; :func:`fsdp_ac.profiler.peak_bytes` measures
+it), modelled as the largest of:
 
-- the bytes held at the end of forward and loss: those created outside the blocks, plus each block's
-  held bytes for its choice; and
-- for each checkpointed block, the bytes alive while backward recomputes it: what was created before
-  the block (outside bytes and earlier blocks' held bytes; later blocks have been freed by then), plus
-  everything the block holds without checkpointing (the recompute rebuilds it), plus any saved
-  output that backward does not read.
+- the end of forward, loss and the head's backward: the bytes created outside the blocks, each
+  block's held bytes for its choice, and the head's and loss's backward on top
+  (:attr:`~fsdp_ac.profiler.Profile.head_backward_bytes`); and
+- each block's recompute and backward: what was created before the block (outside bytes and earlier
+  blocks' held bytes; later blocks have been freed by then), everything the block holds without
+  checkpointing (the recompute rebuilds it), saved outputs that backward does not read, and what its
+  backward adds (:attr:`~fsdp_ac.profiler.BlockProfile.backward_bytes`, the same for every strategy).
 
-The second term is the recompute's transient; the total is at most "held bytes plus the largest
-transient", and is what the peak actually is when the blocks' backward runs one after another.
-Gradients, optimizer state and parameters are not activations and are not counted.
+docs/planning.md says how close the model comes to the measured peak.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fsdp_ac.plan import ActivationPlan
+import torch
+
+from fsdp_ac.plan import ActivationPlan, PlanOrigin
 from fsdp_ac.profiler import BlockProfile, Profile, text_table
 
 __all__ = [
@@ -68,8 +71,8 @@ class BlockChoice:
     held_bytes: int
     """Bytes the block holds at the end of forward."""
     recompute_bytes: int
-    """Bytes alive for the block while backward recomputes it (its no-AC bytes and saved outputs that
-    backward does not read); its held bytes when it is not checkpointed."""
+    """Bytes alive for the block while backward recomputes it and runs its backward (its no-AC bytes,
+    saved outputs that backward does not read, and its backward's own)."""
     extra_ms: float
     """Predicted recompute time."""
 
@@ -102,7 +105,8 @@ def block_options(block: BlockProfile, max_calls: int = MAX_ENUMERATED_CALLS) ->
     else:
         ranked = sorted(range(len(ops)), key=lambda i: -ops[i].recompute_ms / max(ops[i].bytes, 1))
         subsets = [tuple(sorted(ranked[:size])) for size in range(len(ops) + 1)]
-    points = [BlockChoice(None, block.none_bytes, block.none_bytes, 0.0)]
+    backward = block.backward_bytes  # the same under every strategy
+    points = [BlockChoice(None, block.none_bytes, block.none_bytes + backward, 0.0)]
     for subset in subsets:
         saved_bytes = sum(ops[i].bytes for i in subset)
         unread = sum(ops[i].bytes for i in subset if not ops[i].read_by_backward)
@@ -110,7 +114,7 @@ def block_options(block: BlockProfile, max_calls: int = MAX_ENUMERATED_CALLS) ->
             BlockChoice(
                 saved=tuple(ops[i].name for i in subset),
                 held_bytes=block.kept_bytes + saved_bytes,
-                recompute_bytes=block.none_bytes + unread,
+                recompute_bytes=block.none_bytes + unread + backward,
                 extra_ms=block.other_ms + sum(op.recompute_ms for i, op in enumerate(ops) if i not in subset),
             )
         )
@@ -161,41 +165,138 @@ def _peak(
     return budget_needed([c.held_bytes for c in chosen], [c.recompute_bytes for c in chosen], before, outside)
 
 
+LATTICE_LIMIT = 1 << 20
+"""Most multiples of the bytes' common divisor up to the budget for which :func:`solve` runs the dense
+programme; beyond it, the frontier one."""
+
+
 def solve(
-    options: Sequence[Sequence[BlockChoice]], before: Sequence[int], outside: int, budget: int
+    options: Sequence[Sequence[BlockChoice]],
+    before: Sequence[int],
+    outside: int,
+    budget: int,
+    lattice_limit: int = LATTICE_LIMIT,
 ) -> list[int] | None:
     """Picks one option per block minimising the summed ``extra_ms`` within ``budget``; exact.
 
     Dynamic programming over the blocks in forward order, the state being the bytes the blocks so far
     hold: a block's options are allowed when the bytes at its recompute fit, and at the end when all
-    held bytes fit. Of two states, one with no more bytes and no more time makes the other useless
-    (every later constraint only gets harder with more bytes), so only the frontier is kept.
+    held bytes fit. Where the bytes share a common divisor that leaves at most ``lattice_limit``
+    states up to the budget, the least time for each state is kept in one dense array (the work grows
+    linearly with the blocks); otherwise only the frontier of states is kept: of two states, one with
+    no more bytes and no more time makes the other useless, as every later constraint only gets harder
+    with more bytes.
 
     Args:
         options: Per block, its options.
         before: Per block, the bytes created outside the blocks before it.
         outside: All bytes created outside the blocks.
         budget: The bytes allowed.
+        lattice_limit: See above.
 
     Returns:
         The index of the chosen option per block, or None when nothing fits.
     """
-    states: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
-    for i, block in enumerate(options):
-        grown: list[tuple[int, float, tuple[int, ...]]] = []
-        for held, ms, picks in states:
-            for index, choice in enumerate(block):
-                if before[i] + held + choice.recompute_bytes <= budget:
-                    grown.append((held + choice.held_bytes, ms + choice.extra_ms, (*picks, index)))
-        grown.sort(key=lambda s: (s[0], s[1]))
-        states = []
-        for state in grown:
-            if not states or state[1] < states[-1][1]:
-                states.append(state)
-    fitting = [s for s in states if outside + s[0] <= budget]
-    if not fitting:
+    arrays = [
+        (
+            torch.tensor([c.held_bytes for c in block], dtype=torch.int64),
+            torch.tensor([c.recompute_bytes for c in block], dtype=torch.int64),
+            torch.tensor([c.extra_ms for c in block], dtype=torch.float64),
+        )
+        for block in options
+    ]
+    unit = math.gcd(*(int(x) for h, r, _ in arrays for x in (*h.tolist(), *r.tolist())))
+    if budget < outside:
         return None
-    return list(min(fitting, key=lambda s: (s[1], s[0]))[2])
+    if unit and (budget - outside) // unit <= lattice_limit:
+        return _lattice_dp(arrays, before, outside, budget, unit)
+    return _frontier_dp(arrays, before, outside, budget)
+
+
+def _lattice_dp(
+    arrays: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    before: Sequence[int],
+    outside: int,
+    budget: int,
+    unit: int,
+) -> list[int] | None:
+    """The dense programme: per multiple of ``unit`` held so far, the least time and the option taken.
+
+    After block i the held bytes lie between the blocks' least and most so far, and leave room for the
+    later blocks' least: only that window is kept (``best[j]`` is for ``low + j`` units).
+    """
+    steps = [(h // unit).tolist() for h, _, _ in arrays]
+    least = [min(s) for s in steps]
+    top = (budget - outside) // unit  # held bytes only grow, and must fit the end of forward
+    low, best = 0, torch.zeros(1, dtype=torch.float64)
+    back = []
+    for i, (_, r, t) in enumerate(arrays):
+        new_low = low + least[i]
+        new_high = min(low + len(best) - 1 + max(steps[i]), top - sum(least[i + 1 :]))
+        if new_high < new_low:
+            return None
+        grown = torch.full((new_high - new_low + 1,), math.inf, dtype=torch.float64)
+        taken = torch.full_like(grown, -1, dtype=torch.int16)
+        for k, (step, rebuilt, ms) in enumerate(zip(steps[i], r.tolist(), t.tolist(), strict=True)):
+            # sources: held low + j, with low + j + step <= new_high and low + j fitting the recompute
+            sources = min(new_high - step, (budget - before[i] - rebuilt) // unit) - low + 1
+            sources = min(sources, len(best))
+            if sources <= 0:
+                continue
+            start = low + step - new_low
+            target = grown[start : start + sources]
+            candidate = best[:sources] + ms
+            taken[start : start + sources].masked_fill_(candidate < target, k)
+            torch.minimum(target, candidate, out=target)
+        low, best = new_low, grown
+        back.append(taken)
+    if math.isinf(float(best.min())):
+        return None
+    index = int(torch.argmin(best)) + low
+    picks = []
+    for held, taken, floor in zip(reversed(steps), reversed(back), reversed(_lows(least)), strict=True):
+        k = int(taken[index - floor])
+        picks.append(k)
+        index -= held[k]
+    return picks[::-1]
+
+
+def _lows(least: list[int]) -> list[int]:
+    """The lowest held units after each block."""
+    return list(itertools.accumulate(least))
+
+
+def _frontier_dp(
+    arrays: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    before: Sequence[int],
+    outside: int,
+    budget: int,
+) -> list[int] | None:
+    """The frontier programme: only states that no other beats on both bytes and time are kept."""
+    held = torch.zeros(1, dtype=torch.int64)
+    ms = torch.zeros(1, dtype=torch.float64)
+    back = []
+    for i, (h, r, t) in enumerate(arrays):
+        fits = (held[:, None] + r[None, :] <= budget - before[i]) & (
+            held[:, None] + h[None, :] <= budget - outside
+        )
+        source, option = fits.nonzero(as_tuple=True)
+        grown_held, grown_ms = held[source] + h[option], ms[source] + t[option]
+        if not len(source):
+            return None
+        order = torch.sort(grown_ms, stable=True).indices
+        order = order[torch.sort(grown_held[order], stable=True).indices]
+        grown_held, grown_ms, source, option = (x[order] for x in (grown_held, grown_ms, source, option))
+        keep = torch.ones(len(order), dtype=torch.bool)
+        keep[1:] = grown_ms[1:] < torch.cummin(grown_ms, 0).values[:-1]
+        held, ms = grown_held[keep], grown_ms[keep]
+        back.append((source[keep], option[keep]))
+    index = int(torch.argmin(ms))  # every state fits the end of forward
+    picks = []
+    for source, option in reversed(back):
+        picks.append(int(option[index]))
+        index = int(source[index])
+    return picks[::-1]
 
 
 @dataclass(frozen=True)
@@ -209,13 +310,15 @@ class MemoryPlan:
     predicted_bytes: int
     """Bytes held at the end of forward and loss."""
     predicted_peak_bytes: int
-    """Bytes the budget covers (held, or at a recompute when more)."""
+    """The predicted peak over the step: what the budget covers (see the module docstring)."""
     predicted_extra_ms: float
     """Predicted recompute time per step."""
     no_ac_bytes: int
     """Bytes held without checkpointing."""
     step_ms: float
     """Measured step time without checkpointing."""
+    origin: PlanOrigin | None = None
+    """What the profile was made for; the activation plan carries it."""
 
     @property
     def predicted_memory_ratio(self) -> float:
@@ -229,7 +332,7 @@ class MemoryPlan:
 
     def to_activation_plan(self) -> ActivationPlan:
         """The plan to apply: each block's strategy (``none``, ``full`` or ``selective:<calls>``)."""
-        return ActivationPlan({name: choice.strategy for name, choice in self.choices.items()})
+        return ActivationPlan({name: choice.strategy for name, choice in self.choices.items()}, self.origin)
 
     def to_json(self) -> dict[str, Any]:
         """The plan and its predictions as a JSON-ready dictionary.
@@ -260,11 +363,26 @@ class MemoryPlan:
         ]
         predictions = (
             f"budget {self.budget_bytes / 2**20:.2f} MiB: held {self.predicted_bytes / 2**20:.2f} MiB "
-            f"(memory ratio {self.predicted_memory_ratio:.3f}), at a recompute "
+            f"(memory ratio {self.predicted_memory_ratio:.3f}), peak over the step "
             f"{self.predicted_peak_bytes / 2**20:.2f} MiB; "
             f"predicted time ratio {self.predicted_time_ratio:.3f}"
         )
         return text_table(["block", "held_MiB", "recompute_ms", "strategy"], rows) + "\n" + predictions
+
+
+def _end(profile: Profile) -> int:
+    """Bytes besides the blocks' held ones at the end of forward and in the head's backward."""
+    return profile.outside_bytes + profile.head_backward_bytes
+
+
+def _curves(profile: Profile) -> list[list[BlockChoice]]:
+    """Every block's curve, computed once for blocks with the same figures."""
+    curves: dict[tuple[Any, ...], list[BlockChoice]] = {}
+    keys = [(b.none_bytes, b.kept_bytes, b.ops, b.other_ms) for b in profile.blocks]
+    for key, block in zip(keys, profile.blocks, strict=True):
+        if key not in curves:
+            curves[key] = block_options(block)
+    return [curves[key] for key in keys]
 
 
 def _budget_bytes(profile: Profile, budget: int | float) -> int:
@@ -283,10 +401,8 @@ def smallest_budget(profile: Profile) -> int:
     Full checkpointing holds the fewest bytes in each block, and no option needs fewer bytes at its
     recompute than the block's no-AC bytes, which full needs; so no plan needs less.
     """
-    options = [
-        [min(block_options(b), key=lambda c: (c.held_bytes, c.recompute_bytes))] for b in profile.blocks
-    ]
-    return _peak(options, profile.outside_before, profile.outside_bytes, [0] * len(options))
+    options = [[min(curve, key=lambda c: (c.held_bytes, c.recompute_bytes))] for curve in _curves(profile)]
+    return _peak(options, profile.outside_before, _end(profile), [0] * len(options))
 
 
 def plan(profile: Profile, budget: int | float) -> MemoryPlan:
@@ -309,14 +425,16 @@ def plan(profile: Profile, budget: int | float) -> MemoryPlan:
         >>> result.to_activation_plan().apply(workload.model)
     """
     budget_bytes = _budget_bytes(profile, budget)
-    options = [block_options(b) for b in profile.blocks]
-    picks = solve(options, profile.outside_before, profile.outside_bytes, budget_bytes)
+    options = _curves(profile)
+    picks = solve(options, profile.outside_before, _end(profile), budget_bytes)
     if picks is None:
         smallest = smallest_budget(profile)
         raise BudgetError(
             f"No plan fits {budget_bytes:,} bytes ({budget_bytes / profile.no_ac_bytes:.3f} of no AC's "
-            f"{profile.no_ac_bytes:,}): even full checkpointing of every block needs {smallest:,} bytes "
-            f"({smallest / profile.no_ac_bytes:.3f}). Give a budget of at least that, or a smaller batch.",
+            f"{profile.no_ac_bytes:,}) at the peak of the step: even full checkpointing of every block "
+            f"needs {smallest:,} bytes ({smallest / profile.no_ac_bytes:.3f}), of which the head and loss "
+            f"backward adds {profile.head_backward_bytes:,} that no plan changes. Give a budget of at "
+            "least that, or a smaller batch.",
             smallest,
         )
     chosen = [options[i][pick] for i, pick in enumerate(picks)]
@@ -324,8 +442,9 @@ def plan(profile: Profile, budget: int | float) -> MemoryPlan:
         budget_bytes=budget_bytes,
         choices={b.name: c for b, c in zip(profile.blocks, chosen, strict=True)},
         predicted_bytes=profile.outside_bytes + sum(c.held_bytes for c in chosen),
-        predicted_peak_bytes=_peak(options, profile.outside_before, profile.outside_bytes, picks),
+        predicted_peak_bytes=_peak(options, profile.outside_before, _end(profile), picks),
         predicted_extra_ms=sum(c.extra_ms for c in chosen),
         no_ac_bytes=profile.no_ac_bytes,
         step_ms=profile.step_ms,
+        origin=profile.origin,
     )

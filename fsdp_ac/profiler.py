@@ -8,12 +8,16 @@ records:
   creates that are alive when the forward and the loss return: the figure
   :class:`~fsdp_ac.ActivationMemoryMeter` gives for the whole model, split by block), and the bytes of
   its outputs, which stay held whatever the block's strategy (the next block or the head keeps them);
-- per matmul and attention call in the block (the operators selective checkpointing can save), the
+- per matmul and attention call in the block (the operators selective checkpointing can save, unless
+  the block modifies their output in place later, which makes them recomputed whatever the plan), the
   bytes of its outputs and the time to recompute it (the median of its forward time over the steps);
 - the time of everything else a recompute replays (the cheap operators up to the last one whose
   output backward reads: torch's checkpoint stops replaying there), and the block's forward time;
 - the bytes held with full checkpointing and with each selective preset, measured on copies of the
-  model by the same meter.
+  model by the same meter;
+- on one more step, under a tracker of live storages through backward, what the block's backward adds
+  beyond its held bytes, and what the head's and the loss's backward add beyond the end of forward:
+  with the above, the step's peak (:func:`peak_bytes` measures it for any model).
 
 Bytes come from the deterministic meter (exact, the same on every run and machine); on CUDA the
 allocator's figure for the whole forward is recorded too. Times are medians over ``repeats`` steps, of
@@ -23,6 +27,7 @@ turns a :class:`Profile` into a plan.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import statistics
@@ -36,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsdp_ac._compat import StorageWeakRef, TorchDispatchMode, tree_leaves
-from fsdp_ac.plan import ActivationPlan
+from fsdp_ac._compat import StorageWeakRef, TorchDispatchMode, tree_leaves, written_tensors
+from fsdp_ac.plan import ActivationPlan, PlanOrigin, block_inputs
 from fsdp_ac.policies import ModulePolicy, PolicySpec
-from fsdp_ac.selective import ATTENTION_OPS, MATMUL_OPS, SelectiveCheckpoint, op_call_name
+from fsdp_ac.selective import ATTENTION_OPS, MATMUL_OPS, SelectiveCheckpoint, op_call_name, op_family
 
 __all__ = [
     "BlockBytes",
@@ -253,6 +258,10 @@ class BlockProfile:
     """Median time of the block's forward."""
     measured_bytes: dict[str, int] = field(default_factory=dict)
     """Bytes held with each of :data:`STRATEGIES_MEASURED` (measured on a copy of the model)."""
+    backward_bytes: int = 0
+    """Most bytes alive beyond what blocks before it and it hold without checkpointing, in its forward
+    or its backward (gradients, temporaries): what its backward adds to its recompute, whatever its
+    strategy."""
 
     @property
     def full_ms(self) -> float:
@@ -281,6 +290,11 @@ class Profile:
     allocator_bytes: int | None = None
     """On CUDA: growth of the allocator's allocated bytes over the forward (includes what the meter
     does not count, e.g. the allocator's rounding); None elsewhere."""
+    origin: PlanOrigin | None = None
+    """What was profiled (device, dtype, the first block's input shape, torch, classes): plans carry it."""
+    head_backward_bytes: int = 0
+    """Most bytes alive beyond the end of forward from the last block's output to its gradient: the
+    head, the loss and their backward (the gradient of the logits), which no plan changes."""
 
     @property
     def step_ms(self) -> float:
@@ -364,11 +378,18 @@ class _BlockRecorder(TorchDispatchMode):
         """Per block: the position of the last operator that ran before the block's last save for
         backward; torch's checkpoint replays up to there and stops."""
         self.outputs: list[set[int]] = [set() for _ in range(n_blocks)]
+        self.tracker: _LiveBytes | None = None
+        self.spans = [[-1, -1, -1] for _ in range(n_blocks)]
+        """Per block, with a tracker: the curve's length when its forward starts and ends, and when
+        backward has its output's gradient (its own backward starts)."""
+        self.mutated: list[set[int]] = [set() for _ in range(n_blocks)]
+        """Per block: its saveable calls whose outputs a later operator of the block modifies in place."""
         self.counts: defaultdict[Any, int] = defaultdict(int)
 
     def enter(self, index: int) -> None:
         self.block = index
         self.counts.clear()
+        self._mark(index, 0)
 
     def leave(self, index: int, output: Any) -> None:
         self.block = None
@@ -376,6 +397,14 @@ class _BlockRecorder(TorchDispatchMode):
         self.outputs[index] = {
             key for t in tree_leaves(output) if isinstance(t, torch.Tensor) and (key := _storage_key(t))
         }
+        self._mark(index, 1)
+        grads = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if self.tracker is not None and grads:
+            grads[0].register_hook(lambda grad: self._mark(index, 2))
+
+    def _mark(self, index: int, at: int) -> None:
+        if self.tracker is not None and self.spans[index][at] < 0:
+            self.spans[index][at] = len(self.tracker.curve)
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         """``saved_tensors_hooks`` pack hook: backward will read ``tensor``.
@@ -396,11 +425,15 @@ class _BlockRecorder(TorchDispatchMode):
         elapsed = (self.clock() - start) * 1e3 if timed else 0.0  # type: ignore[misc]
         call: int | None = None
         if self.block is not None:
+            for written in written_tensors(func, args, kwargs or {}):
+                source = self.created.get(_storage_key(written) or -1)
+                if source is not None and source.block == self.block and source.call is not None:
+                    self.mutated[self.block].add(source.call)
             order = self.order[self.block]
             if func in SAVEABLE_OPS:
                 call = len(self.calls[self.block])
-                self.calls[self.block].append((op_call_name(func, self.counts[func]), elapsed))
-                self.counts[func] += 1
+                self.calls[self.block].append((op_call_name(func, self.counts[op_family(func)]), elapsed))
+                self.counts[op_family(func)] += 1
                 order.append(call)
             else:
                 order.append(-1 - len(self.other[self.block]))
@@ -414,6 +447,62 @@ class _BlockRecorder(TorchDispatchMode):
         return out
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Counts, after every operator, the bytes alive in storages that operators created.
+
+    Parameters and buffers are excluded, and parameter gradients once backward is over.
+    """
+
+    def __init__(self, excluded: set[int | None]) -> None:
+        super().__init__()
+        self.excluded = excluded
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.curve: list[int] = []
+        self.created: list[tuple[int, StorageWeakRef, int, int]] = []
+        """Each storage created: its key, a weak reference, its bytes and the curve's length then."""
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for freed in [key for key, (ref, _) in self.live.items() if ref.expired()]:
+            del self.live[freed]
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and not leaf.is_meta and (key := _storage_key(leaf)):
+                if key not in self.live and key not in self.excluded:
+                    ref, nbytes = StorageWeakRef(leaf.untyped_storage()), leaf.untyped_storage().nbytes()
+                    self.live[key] = (ref, nbytes)
+                    self.created.append((key, ref, nbytes, len(self.curve)))
+        self.curve.append(sum(nbytes for _, nbytes in self.live.values()))
+        return out
+
+    def without_gradients(self, model: nn.Module) -> list[int]:
+        """The curve less the parameter gradients, which stay alive from their creation on."""
+        grads = {_storage_key(p.grad) for p in model.parameters() if p.grad is not None}
+        curve = list(self.curve)
+        for key, ref, nbytes, at in self.created:
+            if key in grads and not ref.expired():  # a freed storage's key can be a gradient's later
+                curve[at:] = [bytes_ - nbytes for bytes_ in curve[at:]]
+        return curve
+
+
+def peak_bytes(workload: Workload, model: nn.Module | None = None) -> int:
+    """The most activation bytes alive at once over one step (forward, loss, backward) of ``model``.
+
+    What every operator creates, counted until it is freed, except parameters, buffers and parameter
+    gradients: what the planner's budget covers. Runs one step first, so that selective presets that
+    learn on their first call have learned.
+    """
+    model = workload.model if model is None else model
+    workload.step(model)
+    tracker = _LiveBytes({_storage_key(t) for t in (*model.parameters(), *model.buffers())})
+    with tracker:
+        workload.loss(model, workload.batch).backward()
+    peak = max(tracker.without_gradients(model), default=0)
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
 @dataclass
 class _Observation:
     """One observed forward: per-block held bytes and timings."""
@@ -422,6 +511,8 @@ class _Observation:
     alive: dict[int, _Created]
     forward_ms: float
     backward_ms: float
+    curve: list[int]
+    """Bytes alive after each operator of the step (:class:`_LiveBytes`); empty without backward."""
 
 
 def _clock(device: torch.device) -> Callable[[], float]:
@@ -442,9 +533,18 @@ def _clock(device: torch.device) -> Callable[[], float]:
 
 
 def _observe(
-    workload: Workload, model: nn.Module, names: list[str], *, timed: bool, backward: bool = True
+    workload: Workload,
+    model: nn.Module,
+    names: list[str],
+    *,
+    timed: bool,
+    backward: bool = True,
+    tracked: bool = False,
 ) -> _Observation:
-    """Runs forward and loss under a :class:`_BlockRecorder` (then backward); returns what it saw."""
+    """Runs forward and loss under a :class:`_BlockRecorder` (then backward); returns what it saw.
+
+    ``tracked``: the step also runs under a :class:`_LiveBytes`, whose curve the observation keeps.
+    """
     modules = dict(model.named_modules())
     clock = _clock(workload.batch.device)
     recorder = _BlockRecorder(len(names), clock=clock if timed else None)
@@ -454,9 +554,14 @@ def _observe(
         handles.append(module.register_forward_pre_hook(lambda m, a, i=index: recorder.enter(i)))
         handles.append(module.register_forward_hook(lambda m, a, out, i=index: recorder.leave(i, out)))
     excluded = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    tracker = recorder.tracker = _LiveBytes(excluded) if tracked else None
     try:
         start = clock()
-        with recorder, torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
+        with (
+            recorder,
+            tracker or contextlib.nullcontext(),
+            torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t),
+        ):
             loss = workload.loss(model, workload.batch)
         forward_ms = (clock() - start) * 1e3
     finally:
@@ -468,10 +573,13 @@ def _observe(
         if not created.ref.expired() and key not in excluded
     }
     start = clock()
+    curve: list[int] = []
     if backward:
-        loss.backward()
+        with tracker or contextlib.nullcontext():
+            loss.backward()
+        curve = tracker.without_gradients(model) if tracker is not None else []
         model.zero_grad(set_to_none=True)
-    return _Observation(recorder, alive, forward_ms, (clock() - start) * 1e3)
+    return _Observation(recorder, alive, forward_ms, (clock() - start) * 1e3, curve)
 
 
 def _held_by_block(observation: _Observation, n_blocks: int) -> tuple[list[int], list[int], int]:
@@ -521,7 +629,7 @@ def profile(
     model = workload.model
     names = ModulePolicy(workload.blocks).names(model)
     modules = dict(model.named_modules())
-    total = 1 + repeats + len(strategies)
+    total = 2 + repeats + len(strategies)
     done = 0
 
     def advance() -> None:
@@ -530,7 +638,15 @@ def profile(
         if progress is not None:
             progress(done, total)
 
-    workload.step()  # warm-up: first calls allocate and select kernels
+    seen: list[tuple[str, str, tuple[int, ...]] | None] = []
+    first_block = modules[names[0]] if names else model
+    handle = first_block.register_forward_pre_hook(
+        lambda m, a, k: seen.append(block_inputs(a, k)), with_kwargs=True
+    )
+    try:
+        workload.step()  # warm-up: first calls allocate and select kernels
+    finally:
+        handle.remove()
     advance()
     observations = []
     for _ in range(repeats):
@@ -545,57 +661,52 @@ def profile(
             "Select modules that run once per forward."
         )
     held, before, outside = _held_by_block(first, len(names))
+    head, transients = _transients(_observe(workload, model, names, timed=False, tracked=True), held, before)
+    advance()
     measured: dict[str, list[int]] = {}
     for strategy in strategies:
         measured[strategy] = _strategy_bytes(workload, names, strategy)
         advance()
-    # Blocks of one kind run the same calls: their times are pooled, which steadies the medians.
-    signature = [
+    call_bytes = [[0] * len(calls) for calls in recorder.calls]
+    call_alive = [[False] * len(calls) for calls in recorder.calls]
+    for key, created in recorder.created.items():
+        if (
+            created.block is not None
+            and created.call is not None
+            and key not in recorder.outputs[created.block]
+        ):
+            call_bytes[created.block][created.call] += created.nbytes
+            call_alive[created.block][created.call] |= key in first.alive
+    # Blocks of one kind run the same calls: their times are pooled, which steadies the medians, and
+    # blocks alike in bytes too are worked out once.
+    kinds = [
         (type(modules[name]).__name__, *(n for n, _ in recorder.calls[i])) for i, name in enumerate(names)
     ]
-    alike = [[j for j in range(len(names)) if signature[j] == signature[i]] for i in range(len(names))]
+    alike: defaultdict[tuple[str, ...], list[int]] = defaultdict(list)
+    for index, kind in enumerate(kinds):
+        alike[kind].append(index)
+    derived: dict[tuple[Any, ...], tuple[tuple[OpProfile, ...], float, float]] = {}
     blocks = []
     for index, name in enumerate(names):
-        call_bytes = [0] * len(recorder.calls[index])
-        call_alive = [False] * len(recorder.calls[index])
         outputs = recorder.outputs[index]
-        for key, created in recorder.created.items():
-            if created.block == index and created.call is not None and key not in outputs:
-                call_bytes[created.call] += created.nbytes
-                call_alive[created.call] |= key in first.alive
         kept = sum(first.alive[key].nbytes for key in outputs if key in first.alive)
-        replayed = set(recorder.order[index][: recorder.last_read[index] + 1])
-        ops = []
-        for call, (op_name, _) in enumerate(recorder.calls[index]):
-            times = [obs.recorder.calls[j][call][1] for obs in observations for j in alike[index]]
-            ops.append(
-                OpProfile(
-                    name=op_name,
-                    bytes=call_bytes[call],
-                    recompute_ms=statistics.median(times) if call in replayed else 0.0,
-                    read_by_backward=call_alive[call],
-                )
-            )
-        other_ms = statistics.median(
-            sum(obs.recorder.other[j][-1 - position] for position in replayed if position < 0)
-            for obs in observations
-            for j in alike[index]
-        )
-        forward_ms = statistics.median(
-            sum(t for _, t in obs.recorder.calls[j]) + sum(obs.recorder.other[j])
-            for obs in observations
-            for j in alike[index]
-        )
+        replayed = tuple(recorder.order[index][: recorder.last_read[index] + 1])
+        mutated = frozenset(recorder.mutated[index])
+        figures = (kinds[index], tuple(call_bytes[index]), tuple(call_alive[index]), replayed, mutated)
+        if figures not in derived:
+            derived[figures] = _block_figures(observations, alike[kinds[index]], *figures[1:])
+        ops, other_ms, forward_ms = derived[figures]
         blocks.append(
             BlockProfile(
                 name=name,
                 kind=type(modules[name]).__name__,
                 none_bytes=held[index],
                 kept_bytes=kept,
-                ops=tuple(ops),
+                ops=ops,
                 other_ms=other_ms,
                 forward_ms=forward_ms,
                 measured_bytes={strategy: measured[strategy][index] for strategy in strategies},
+                backward_bytes=transients[index],
             )
         )
     return Profile(
@@ -607,7 +718,66 @@ def profile(
         forward_ms=statistics.median(obs.forward_ms for obs in observations),
         backward_ms=statistics.median(obs.backward_ms for obs in observations),
         allocator_bytes=_allocator_bytes(workload),
+        head_backward_bytes=head,
+        origin=None
+        if not seen or seen[0] is None
+        else PlanOrigin(
+            *seen[0], torch.__version__, type(model).__name__, type(first_block).__name__, len(names)
+        ),
     )
+
+
+def _transients(traced: _Observation, held: list[int], before: list[int]) -> tuple[int, list[int]]:
+    """The head's bytes beyond the end of forward, and each block's beyond what it holds.
+
+    From a tracked step; see :attr:`Profile.head_backward_bytes` and :attr:`BlockProfile.backward_bytes`.
+    """
+    curve, spans = traced.curve, traced.recorder.spans
+    end = sum(c.nbytes for c in traced.alive.values())
+    starts = [span[2] if span[2] >= 0 else len(curve) for span in spans] + [len(curve)]
+    head = max(curve[spans[-1][1] : starts[-2]], default=end) - end if spans else 0
+    transients = []
+    for i, (start, stop, _) in enumerate(spans):
+        seen = curve[start:stop] + curve[starts[i] : starts[i - 1] if i else len(curve)]
+        transients.append(max(max(seen, default=0) - before[i] - sum(held[: i + 1]), 0))
+    return max(head, 0), transients
+
+
+def _block_figures(
+    observations: list[_Observation],
+    alike: list[int],
+    call_bytes: tuple[int, ...],
+    call_alive: tuple[bool, ...],
+    replayed: tuple[int, ...],
+    mutated: frozenset[int],
+) -> tuple[tuple[OpProfile, ...], float, float]:
+    """A block's calls, the time of the other operators a recompute replays, and its forward time."""
+    calls = observations[0].recorder.calls[alike[0]]
+    replays = set(replayed)
+    ops = tuple(
+        OpProfile(
+            name=op_name,
+            bytes=call_bytes[call],
+            recompute_ms=statistics.median(o.recorder.calls[j][call][1] for o in observations for j in alike)
+            if call in replays
+            else 0.0,
+            read_by_backward=call_alive[call],
+        )
+        for call, (op_name, _) in enumerate(calls)
+        # A call whose output the block modifies in place later is always recomputed (selective
+        # checkpointing cannot keep its value), so its time counts among the other operators'.
+        if call not in mutated
+    )
+    other_ms = statistics.median(
+        sum(o.recorder.other[j][-1 - position] for position in replayed if position < 0)
+        + sum(o.recorder.calls[j][call][1] for call in mutated if call in replays)
+        for o in observations
+        for j in alike
+    )
+    forward_ms = statistics.median(
+        sum(t for _, t in o.recorder.calls[j]) + sum(o.recorder.other[j]) for o in observations for j in alike
+    )
+    return ops, other_ms, forward_ms
 
 
 def _strategy_bytes(workload: Workload, names: list[str], strategy: str) -> list[int]:

@@ -62,11 +62,13 @@ from fsdp_ac._compat import (
     TorchDispatchMode,
     is_traceable_wrapper_subclass,
     tree_leaves,
+    uncache_selective_outputs,
+    written_tensors,
 )
 from fsdp_ac.names import unwrap
 from fsdp_ac.wrappers import CheckpointImpl, checkpoint_wrapper
 
-__all__ = ["ATTENTION_OPS", "MATMUL_OPS", "SelectiveCheckpoint", "op_call_name"]
+__all__ = ["ATTENTION_OPS", "MATMUL_OPS", "SDPA", "SelectiveCheckpoint", "op_call_name", "op_family"]
 
 
 def _resolve(*names: str) -> frozenset[OpOverload]:
@@ -144,9 +146,24 @@ _OpKey = tuple[OpOverload, int]
 """An operator and how many calls of it came before in the same region call."""
 
 
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+"""Stands for every attention kernel it dispatches to, so that a call's name means the same on any device."""
+_SDPA_KERNELS = _resolve(
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+)
+
+
+def op_family(op: OpOverload) -> OpOverload:
+    """The operator a call is counted and named as: :data:`SDPA` for its kernels, else ``op``."""
+    return SDPA if op in _SDPA_KERNELS else op
+
+
 def op_call_name(op: OpOverload, n: int) -> str:
-    """Names the ``n``-th call (from 0) of ``op`` in one call of a block: ``"aten.mm.default#2"``."""
-    return f"{op}#{n}"
+    """Names the ``n``-th call (from 0) of ``op``'s family in one call of a block: ``"aten.mm.default#2"``."""
+    return f"{op_family(op)}#{n}"
 
 
 def _parse_op(text: str) -> tuple[OpOverload, int | None]:
@@ -163,7 +180,7 @@ def _parse_op(text: str) -> tuple[OpOverload, int | None]:
             f"Cannot read {text!r} as an operator to save: write namespace.operator.overload, "
             "optionally with #<call> counting from 0, e.g. 'aten.mm.default' or 'aten.addmm.default#2'."
         )
-    return next(iter(ops)), int(count) if hash_ else None
+    return op_family(next(iter(ops))), int(count) if hash_ else None
 
 
 _Kind = tuple[type[nn.Module], tuple[tuple[str, tuple[int, ...], torch.dtype], ...]]
@@ -293,20 +310,38 @@ class _CallPolicy:
     def __init__(self, calls: frozenset[_OpKey], ops: frozenset[OpOverload]) -> None:
         self.saved = calls
         self.ops = ops
-        self.counted = frozenset(op for op, _ in calls)
         self.calls: defaultdict[OpOverload, int] = defaultdict(int)
         self.replays: defaultdict[OpOverload, int] = defaultdict(int)
 
     def policy(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        if func in self.ops:
+        family = op_family(func)
+        if func in self.ops or family in self.ops:
             return CheckpointPolicy.MUST_SAVE
-        if func not in self.counted:
-            return CheckpointPolicy.PREFER_RECOMPUTE
         # The recompute replays the forward's calls in order: count them apart to find the same ones.
         counter = self.replays if ctx.is_recompute else self.calls
-        key = (func, counter[func])
-        counter[func] += 1
+        key = (family, counter[family])
+        counter[family] += 1
         return CheckpointPolicy.MUST_SAVE if key in self.saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    @contextlib.contextmanager
+    def checked(self, caching: Any, block: str) -> Iterator[None]:
+        """Runs the forward under ``caching``, then raises if a saved call did not happen."""
+        with caching:
+            yield
+        missing = sorted(op_call_name(op, n) for op, n in self.saved if n >= self.calls[op])
+        if missing:
+            happened = [
+                op_call_name(op, n)
+                for op, count in self.calls.items()
+                if op in MATMUL_OPS or op == SDPA
+                for n in range(count)
+            ]
+            raise ValueError(
+                f"The plan saves {', '.join(missing)} in {block} blocks, but no such call happens there; "
+                f"their matmul and attention calls are {', '.join(happened) or 'none'}. The plan was made "
+                "for another model, shape or torch: profile and plan again where training runs, or name "
+                "calls that happen."
+            )
 
 
 def _kind(module: nn.Module) -> _Kind:
@@ -326,6 +361,57 @@ class _BlockKind:
         self.kind = kind
 
 
+class _InPlaceGuard:
+    """Recomputes, instead of reading from the cache, a saved output that the block later modifies in place.
+
+    torch's selective checkpointing caches the outputs a policy saves and fails in backward ("Tensor
+    cached during selective activation checkpoint has been mutated") when one was modified in place
+    after it was saved (``h = fc(x); h.relu_()``). The guard sees the in-place operator and turns the
+    cached entry back into a recompute; where this torch does not allow that, the forward raises.
+    """
+
+    def __init__(self, policy: Callable[..., Any]) -> None:
+        self.policy = policy
+        self.caching: Any = None
+        self.saved: dict[int, OpOverload] = {}
+
+    def __call__(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        decision = self.policy(ctx, func, *args, **kwargs)
+        if isinstance(decision, bool):
+            decision = CheckpointPolicy.MUST_SAVE if decision else CheckpointPolicy.PREFER_RECOMPUTE
+        if ctx.is_recompute:
+            return decision
+        hit = {sid for t in written_tensors(func, args, kwargs) if (sid := _storage_id(t)) in self.saved}
+        if hit and not uncache_selective_outputs(self.caching, lambda t: _storage_id(t) in hit):
+            producer = self.saved[next(iter(hit))]
+            raise RuntimeError(
+                f"{func} modifies in place the output of {producer}, which selective checkpointing saved "
+                f"for backward; torch {torch.__version__} cannot recompute it instead, and backward would "
+                f"fail. Make the operation out of place (nn.ReLU(inplace=False), h = h * 0.5) or do not "
+                f"save {producer} (e.g. SelectiveCheckpoint('attention'))."
+            )
+        for sid in hit:
+            del self.saved[sid]
+        if decision in (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE):
+            outputs = tree_leaves(getattr(ctx, "op_output", None))
+            self.saved.update(
+                {sid: func for t in outputs if isinstance(t, torch.Tensor) and (sid := _storage_id(t))}
+            )
+        return decision
+
+
+def _contexts(policy: Callable[..., Any], compiling: bool) -> tuple[Any, Any]:
+    """Selective-checkpoint contexts for ``policy``, guarded against in-place changes of saved outputs.
+
+    Under ``torch.compile`` the graph is functionalised: there is no cache to guard.
+    """
+    if compiling:
+        return create_selective_checkpoint_contexts(policy)
+    guard = _InPlaceGuard(policy)
+    guard.caching, cached = create_selective_checkpoint_contexts(guard)
+    return guard.caching, cached
+
+
 def _selective_contexts(block: _BlockKind) -> tuple[Any, Any]:
     """The ``context_fn`` of one kind of block: fresh selective-checkpoint contexts for each call.
 
@@ -335,15 +421,18 @@ def _selective_contexts(block: _BlockKind) -> tuple[Any, Any]:
     tags with the region's id.
     """
     owner, kind = block.owner, block.kind
-    if owner._policy_fn is not None:
-        return create_selective_checkpoint_contexts(owner._policy_fn)
-    if owner._save_calls:
-        return create_selective_checkpoint_contexts(
-            _CallPolicy(owner._save_calls, owner._save_ops or frozenset()).policy
-        )
-    if owner._save_ops is not None:
-        return create_selective_checkpoint_contexts(sorted(owner._save_ops, key=str))
     compiling = torch.compiler.is_compiling()
+    if owner._policy_fn is not None:
+        return _contexts(owner._policy_fn, compiling)
+    if owner._save_calls:
+        calls = _CallPolicy(owner._save_calls, owner._save_ops or frozenset())
+        caching, cached = _contexts(calls.policy, compiling)
+        if compiling or kind in owner._checked:
+            return caching, cached
+        owner._checked.add(kind)  # checked on the first call of each kind of block
+        return calls.checked(caching, kind[0].__name__), cached
+    if owner._save_ops is not None:
+        return _contexts(_CallPolicy(frozenset(), owner._save_ops).policy, compiling)
     if compiling and owner.name == "default" and kind not in owner._plans and kind not in owner._warned:
         owner._warned.add(kind)
         warnings.warn(
@@ -356,7 +445,7 @@ def _selective_contexts(block: _BlockKind) -> tuple[Any, Any]:
             stacklevel=2,
         )
     call = _RegionCall(owner, kind, learn=not compiling)
-    caching, cached = create_selective_checkpoint_contexts(call.policy)
+    caching, cached = _contexts(call.policy, compiling)
     if compiling:
         return caching, cached
     return call.forward(caching), cached
@@ -404,6 +493,7 @@ class SelectiveCheckpoint:
         self._plans: dict[_Kind, _Plan] = {}
         self._context_fns: dict[_Kind, functools.partial[tuple[Any, Any]]] = {}
         self._warned: set[_Kind] = set()
+        self._checked: set[_Kind] = set()
         if isinstance(save, str):
             if save not in self.PRESETS:
                 raise ValueError(

@@ -1,6 +1,6 @@
 """Benchmarks activation checkpointing: step time and activation memory, and fsdp_ac's costs against torch's.
 
-Run it as ``make bench`` (``python scripts/benchmark.py``). It has three parts, each a set of records;
+Run it as ``make bench`` (``python scripts/benchmark.py``). It has four parts, each a set of records;
 ``--only`` runs some of them (``--only overhead,state_dict`` takes seconds):
 
 - ``steps``: AC variants of the reference GPT, then of a Llama-style decoder (``transformers``'
@@ -17,6 +17,8 @@ Run it as ``make bench`` (``python scripts/benchmark.py``). It has three parts, 
   that the wrapper's own work, not the arithmetic, decides the ratio.
 - ``state_dict``: ``state_dict()`` and ``load_state_dict()`` of a model of 24 and of 96 blocks (two
   Linear layers each), without wrappers, with torch's wrapper on every block and with fsdp_ac's.
+- ``solve``: the planner's CPU time (options and solve) for 128 alike Llama-style blocks, from a
+  profile built from their shapes, at budgets of 25%, 50% and 75%; the target is at most 1 s each.
 
 Each timed round runs every variant once, in an order that rotates from round to round, so that
 machine noise hits all variants alike; a variant's time is its median over the rounds. By default the
@@ -24,10 +26,11 @@ time is the process CPU time with one thread: on a small shared machine, wall ti
 time other processes hold the cores, which is noise to this comparison; ``--clock wall`` measures
 wall time instead.
 
-``--json PATH`` writes ``{"steps": [...], "costs": [...]}``: step records ``{"name", "time_ratio",
-"memory_ratio", "step_ms", "activation_bytes", "budget_ratio"}`` (ratios to ``no_ac``; the planner's
-also ``"predicted_memory_ratio"``) and cost records ``{"name", "blocks", "plain_us", "torch_us",
-"fsdp_ac_us", "ratio", "target"}`` (ratio: fsdp_ac to torch). ``--png PATH`` draws every variant's
+``--json PATH`` writes ``{"steps": [...], "costs": [...], "solve": [...]}``: step records
+``{"name", "time_ratio", "memory_ratio", "step_ms", "activation_bytes", "budget_ratio"}`` (ratios to
+``no_ac``; the planner's also ``"predicted_memory_ratio"``), cost records ``{"name", "blocks",
+"plain_us", "torch_us", "fsdp_ac_us", "ratio", "target"}`` (ratio: fsdp_ac to torch) and solve
+records ``{"blocks", "budget_fraction", "cpu_s", "target_s"}``. ``--png PATH`` draws every variant's
 time against its memory (needs matplotlib). ``--check`` exits with status 1 when a target is missed
 (every time target is an upper bound: faster is met): ``fsdp_ac_full`` holds no more memory than
 ``torch_full`` at a time ratio at most 3% above it, ``fsdp_ac_selective`` holds at most 0.60 of
@@ -64,8 +67,8 @@ from fsdp_ac import (
     checkpoint_wrapper,
 )
 from fsdp_ac.__main__ import BUILTINS, workload_from_args
-from fsdp_ac.planner import BudgetError, MemoryPlan, budget_needed, plan
-from fsdp_ac.profiler import Profile, Workload, block_bytes, profile
+from fsdp_ac.planner import BudgetError, MemoryPlan, plan
+from fsdp_ac.profiler import BlockProfile, OpProfile, Profile, Workload, peak_bytes, profile
 
 MIB = 2**20
 
@@ -143,9 +146,9 @@ class Record:
     activation_bytes: int
     """Bytes the forward and the loss hold for backward."""
     budget_ratio: float
-    """The least budget the variant fits, as the planner counts a budget (bytes held at the end of
-    forward, or at a block's recompute the bytes held before it plus its no-AC bytes, when more),
-    divided by no_ac's activation bytes: what "fits a budget" means for every variant alike."""
+    """The least budget the variant fits: its measured peak of activation bytes over a step (forward,
+    loss and backward; ``fsdp_ac.profiler.peak_bytes``), divided by no_ac's activation bytes: what
+    "fits a budget" means for every variant alike."""
     predicted_memory_ratio: float | None = None
     """For the planner's variants: the memory ratio the plan predicted (written only for them)."""
 
@@ -157,7 +160,7 @@ class Record:
         return record
 
 
-PARTS = ("steps", "overhead", "state_dict")
+PARTS = ("steps", "overhead", "state_dict", "solve")
 """The parts of the benchmark, in the order they run; ``--only`` picks some."""
 
 COST_VARIANTS = ("plain", "torch", "fsdp_ac")
@@ -431,14 +434,7 @@ def run(
             g is not None and e is not None and torch.equal(g, e)
             for g, e in zip(grads, expected, strict=False)
         )
-    split = {name: block_bytes(workload, models[name]) for name in names}
-    no_ac = split["no_ac"].held
-    needed = {
-        name: budget_needed(
-            b.held, [max(h, n) for h, n in zip(b.held, no_ac, strict=True)], b.before, b.outside
-        )
-        for name, b in split.items()
-    }
+    needed = {name: peak_bytes(workload, models[name]) for name in names}
     cpu, wall = interleaved(names, args.repeats, timed)
     chosen = cpu if args.clock == "cpu" else wall
     step = {name: statistics.median(chosen[name]) for name in names}
@@ -525,6 +521,52 @@ def state_dict_records(args: argparse.Namespace) -> list[CostRecord]:
         records.append(cost_record(args, "state_dict", blocks, saves, 1, target))
         records.append(cost_record(args, "load_state_dict", blocks, loads, 1, target))
     return records
+
+
+SOLVE_BLOCKS, SOLVE_FRACTIONS, SOLVE_TARGET_S = 128, (0.25, 0.5, 0.75), 1.0
+"""The solve record: Llama-style blocks, the budgets (fractions of no AC), and the most CPU seconds."""
+
+
+def llama_style_profile(blocks: int, batch: int = 4, seq: int = 256, width: int = 512) -> Profile:
+    """A profile of ``blocks`` alike Llama decoder layers (q, k, v, attention, o, gate, up, down), built
+    from their shapes: bytes as the profiler counts them, times proportional to the FLOPs."""
+    unit, hidden = batch * seq * width * 4, (8 * width // 3 + 31) // 32 * 32
+    wide, lse = unit * hidden // width, batch * 8 * seq * 4
+    sizes = [unit, unit, unit, unit + lse, unit, wide, wide, unit]
+    names = [*(f"aten.mm.default#{i}" for i in range(3)), "aten.scaled_dot_product_attention.default#0"]
+    names += [f"aten.mm.default#{i}" for i in range(3, 7)]
+    ms = [1.0, 1.0, 1.0, 2.0, 1.0, 2.7, 2.7, 0.0]  # down_proj is never replayed
+    ops = tuple(OpProfile(n, b, t, i < 7) for i, (n, b, t) in enumerate(zip(names, sizes, ms, strict=True)))
+    none = 14 * unit + 3 * wide
+    layer = [
+        BlockProfile(f"layers.{i}", "LlamaDecoderLayer", none, unit, ops, 2.0, 16.0) for i in range(blocks)
+    ]
+    return Profile(
+        "Llama-style", tuple(layer), blocks * none + 3 * unit, (unit,) * blocks, 3 * unit, 1.0, 2.0
+    )
+
+
+@dataclass(frozen=True)
+class SolveRecord:
+    """The planner's time on the Llama-style profile, as ``--json`` writes it (under ``"solve"``)."""
+
+    blocks: int
+    budget_fraction: float
+    cpu_s: float
+    """Median CPU seconds of ``fsdp_ac.planner.plan`` over 3 runs (its options and its solve)."""
+    target_s: float
+
+
+def solve_records() -> list[SolveRecord]:
+    """The planner's CPU time for SOLVE_BLOCKS blocks at each of SOLVE_FRACTIONS."""
+    measured = llama_style_profile(SOLVE_BLOCKS)
+    seconds = [
+        statistics.median(clocked(partial(plan, measured, fraction))[0] / 1e3 for _ in range(3))
+        for fraction in SOLVE_FRACTIONS
+    ]
+    return [
+        SolveRecord(SOLVE_BLOCKS, f, s, SOLVE_TARGET_S) for f, s in zip(SOLVE_FRACTIONS, seconds, strict=True)
+    ]
 
 
 def check_targets(records: list[Record]) -> list[tuple[str, bool]]:
@@ -760,6 +802,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         costs += overhead_records(args)
     if "state_dict" in parts:
         costs += state_dict_records(args)
+    solves = solve_records() if "solve" in parts else []
+    for r in solves:
+        print(f"solve: {r.blocks} Llama-style blocks, budget {r.budget_fraction:.2f}: {r.cpu_s:.3f} CPU s")
+        targets.append(
+            (
+                f"solve of {r.blocks} blocks at {r.budget_fraction:.2f}: {r.cpu_s:.3f} s <= {r.target_s:.1f}",
+                r.cpu_s <= r.target_s,
+            )
+        )
     if costs:
         print_costs(args, costs)
         targets += check_cost_targets(costs)
@@ -769,7 +820,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(
-                {"steps": [r.to_json() for r in records], "costs": [asdict(c) for c in costs]}, file, indent=2
+                {
+                    "steps": [r.to_json() for r in records],
+                    "costs": [asdict(c) for c in costs],
+                    "solve": [asdict(r) for r in solves],
+                },
+                file,
+                indent=2,
             )
             file.write("\n")
     failed = not all(grads_equal.values()) or (args.check and not all(met for _, met in targets))

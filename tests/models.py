@@ -146,3 +146,24 @@ def held_bytes_after_steps(workload: Any, model: nn.Module) -> int:
         loss.backward()
         model.zero_grad(set_to_none=True)
     return meter.held_bytes
+
+
+class InPlaceBlock(nn.Module):
+    """A residual MLP block whose first matmul output is modified in place: ``mul_`` or a ReLU."""
+
+    def __init__(self, width: int = 8, *, relu: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, 2 * width)
+        self.act = nn.ReLU(inplace=True) if relu else None
+        self.out = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h = self.act(h) if self.act is not None else h.mul_(0.5)
+        return x + self.out(h.sin())
+
+
+def in_place_model(relu: bool, blocks: int = 2, width: int = 8) -> nn.Sequential:
+    """Blocks of :class:`InPlaceBlock` (seeded), as the in-place tests of selective checkpointing use."""
+    torch.manual_seed(0)
+    return nn.Sequential(*(InPlaceBlock(width, relu=relu) for _ in range(blocks)))

@@ -581,8 +581,9 @@ def test_an_impossible_budget_names_the_least_that_fits(
     least = caught.value.args[0].rsplit("budget:", 1)[1].split(" ")[0]
     monkeypatch.setenv("FSDP_AC_POLICY", f"budget:{least}")
     plan = fsdp_ac_accelerate.activation_plan(real_accelerator, gpt())
-    # The least budget (rounded up to 0.001) fits, with every block checkpointed.
-    assert list(plan) == BLOCKS and "none" not in {str(strategy) for strategy in plan.strategies.values()}
+    # The least budget (rounded up to 0.001) fits: every block checkpointed, except perhaps the last,
+    # whose backward needs its no-AC bytes either way (the budget is the step's peak).
+    assert list(plan) == BLOCKS and "none" not in {str(s) for s in list(plan.strategies.values())[:-1]}
     assert caught.value.smallest > 0
 
 

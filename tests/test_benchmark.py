@@ -53,7 +53,7 @@ def test_tiny_run_writes_the_records(
     argv = [*TINY, "--repeats", "1", "--warmup", "1", "--cost-repeats", "1", "--json", str(out)]
     assert bench_script.main(argv) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"steps", "costs"}
+    assert set(result) == {"steps", "costs", "solve"}
     records = result["steps"]
     assert [r["name"] for r in records] == REQUIRED
     for record in records:
@@ -168,3 +168,25 @@ def test_a_user_model_by_import_path(bench_script: ModuleType, tmp_path: Path) -
         records["fsdp_ac_plan_75"]["predicted_memory_ratio"], rel=0.05
     )
     assert records["fsdp_ac_full"]["memory_ratio"] < records["fsdp_ac_plan_75"]["memory_ratio"] <= 0.75
+
+
+def test_the_solve_part_times_the_planner_on_128_blocks(bench_script: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    bench_script.main(["--only", "solve", "--json", str(out)])
+    solve = json.loads(out.read_text())["solve"]
+    assert [r["budget_fraction"] for r in solve] == [0.25, 0.5, 0.75]
+    assert all(r["blocks"] == 128 and 0 < r["cpu_s"] and r["target_s"] == 1.0 for r in solve)
+
+
+def test_the_dense_and_the_frontier_programmes_agree_on_llama_style_blocks(bench_script: ModuleType) -> None:
+    from fsdp_ac.planner import _curves, smallest_budget, solve
+
+    measured = bench_script.llama_style_profile(6)
+    options = _curves(measured)
+    for budget in (smallest_budget(measured), measured.no_ac_bytes // 3, measured.no_ac_bytes // 2):
+        times = []
+        for lattice_limit in (1 << 20, -1):
+            picks = solve(options, measured.outside_before, measured.outside_bytes, budget, lattice_limit)
+            assert picks is not None
+            times.append(sum(options[i][k].extra_ms for i, k in enumerate(picks)))
+        assert times[0] == pytest.approx(times[1])

@@ -49,6 +49,26 @@ def _storage_round_trip() -> bool:
     return storage is not None and storage.nbytes() == 16
 
 
+def _uncache_selective_output() -> bool:
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    seen = []
+
+    def policy(ctx: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+        seen.append(getattr(ctx, "op_output", None))  # the guard reads what the policy saves here
+        return CheckpointPolicy.MUST_SAVE
+
+    caching, cached = create_selective_checkpoint_contexts(policy)
+    x = torch.ones(2, requires_grad=True)
+    with caching:
+        y = x.sin()
+    uncached = _compat.uncache_selective_outputs(caching, lambda t: t.untyped_storage() is not None)
+    with cached:
+        recomputed = x.sin()
+    fresh = recomputed.data_ptr() != y.data_ptr() and torch.equal(recomputed, y)
+    return bool(seen) and seen[-1] is y and uncached and fresh
+
+
 def _policy_hooks() -> bool:
     policy = _compat.CustomPolicy(lambda m: isinstance(m, nn.Linear))
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
@@ -148,6 +168,16 @@ INTERNALS: list[tuple[str, str, Callable[[], bool]]] = [
         ),
     ),
     ("UntypedStorage._new_with_weak_ptr, StorageWeakRef.cdata", "memory, selective", _storage_round_trip),
+    (
+        "OpOverload._schema's alias_info.is_write (operators writing in place)",
+        "selective, profiler",
+        lambda: _compat.written_tensors(torch.ops.aten.mul_.Tensor, (t := torch.ones(1), t), {}) == [t],
+    ),
+    (
+        "torch.utils.checkpoint's SAC cache (_CachingTorchDispatchMode.storage, _RECOMPUTE, ctx.op_output)",
+        "selective",
+        _uncache_selective_output,
+    ),
     (
         "torch.distributed.fsdp.wrap._Policy._run_policy, CustomPolicy._lambda_fn",
         "policies",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from fsdp_ac import (
     apply_activation_checkpointing,
 )
 from fsdp_ac.offload import OffloadOptions
+from fsdp_ac.plan import PlanOrigin
 from fsdp_ac.reference_model import GPT, GPTConfig, TransformerBlock
 from fsdp_ac.strategies import STRATEGIES, Full, Offload
 
@@ -130,9 +132,12 @@ def test_json_round_trip(tmp_path: Path) -> None:
     plan = ActivationPlan(MIXED)
     assert json.loads(plan.to_json()) == {
         "format": "fsdp_ac.ActivationPlan",
-        "version": 1,
+        "version": 2,
+        "origin": None,
         "strategies": MIXED,
     }
+    version_1 = {"format": "fsdp_ac.ActivationPlan", "version": 1, "strategies": MIXED}
+    assert ActivationPlan.from_json(json.dumps(version_1)) == plan  # plans made before origins load
     plan.save(tmp_path / "plan.json")
     loaded = ActivationPlan.load(tmp_path / "plan.json")
     assert loaded == plan and list(loaded) == list(MIXED)
@@ -267,3 +272,47 @@ def test_plan_inside_fsdp1_units(single_rank_group: None, six_blocks: GPT) -> No
                 device_id=torch.device("cpu"),
             )
         )
+
+
+ORIGIN = PlanOrigin("cpu", "float32", (2, 8, 16), torch.__version__, "GPT", "TransformerBlock", 6)
+"""What a plan for ``six_blocks`` on tokens of shape (2, 8) was made for."""
+
+
+def test_the_origin_travels_in_json_and_a_matching_model_applies_silently(
+    six_blocks: GPT, recwarn: pytest.WarningsRecorder
+) -> None:
+    plan = ActivationPlan({f"layers.{i}": "full" for i in range(6)}, ORIGIN)
+    loaded = ActivationPlan.from_json(plan.to_json())
+    assert loaded == plan and loaded.origin == ORIGIN
+    assert loaded != ActivationPlan(plan.strategies)
+    loaded.apply(six_blocks)
+    for _ in range(2):  # the first step's check removes itself; the recompute in backward is unaffected
+        six_blocks(torch.randint(0, 32, (2, 8))).sum().backward()
+    assert not [w for w in recwarn if "activation plan" in str(w.message)]
+
+
+def test_a_plan_applied_elsewhere_warns_naming_each_difference(six_blocks: GPT) -> None:
+    origin = PlanOrigin("cuda", "bfloat16", (4, 8, 16), "2.0.0", "Llama", "TransformerBlock", 8)
+    plan = ActivationPlan({f"layers.{i}": "full" for i in range(5)}, origin)
+    with pytest.warns(UserWarning, match="to a model") as caught:
+        plan.apply(six_blocks)
+    message = str(caught[0].message)
+    for difference in (
+        f"torch {torch.__version__} (planned for 2.0.0)",
+        "model class GPT (planned for Llama)",
+        "TransformerBlock count 6 (planned for 8)",
+        "TransformerBlock blocks the plan does not name: layers.5",
+    ):
+        assert difference in message
+    with pytest.warns(UserWarning, match="to inputs") as caught:
+        six_blocks(torch.randint(0, 32, (2, 8)))
+    message = str(caught[0].message)
+    for difference in (
+        "device cpu (planned for cuda)",
+        "dtype float32 (planned for bfloat16)",
+        "block input shape (2, 8, 16) (planned for (4, 8, 16))",
+    ):
+        assert difference in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        six_blocks(torch.randint(0, 32, (2, 8)))  # the inputs are checked at the first step only

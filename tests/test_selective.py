@@ -488,3 +488,99 @@ def test_dtensor_blocks_save_and_learn_as_plain_ones_eager_and_compiled(
     grads = gradients(compiled, inputs["dtensor"], dtensor_loss)
     for got, want in zip(grads, baseline["dtensor"][1], strict=True):
         assert torch.equal(got, want)
+
+
+def _torch_sac_saving_matmuls(model: nn.Module, x: torch.Tensor) -> str:
+    """What torch's own selective checkpointing does saving every matmul: recorded, not asserted."""
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    context = functools.partial(create_selective_checkpoint_contexts, [torch.ops.aten.addmm.default])
+    out = x
+    for block in model:
+        out = checkpoint(block, out, use_reentrant=False, context_fn=context)
+    try:
+        out.square().sum().backward()
+    except RuntimeError as error:
+        return f"torch {torch.__version__}: {error}"
+    return f"torch {torch.__version__}: trains"
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["mul_", "relu_inplace"])
+@pytest.mark.parametrize(
+    "save",
+    [*SelectiveCheckpoint.PRESETS, "aten.addmm.default#0", "aten.addmm.default#0,aten.addmm.default#1"],
+)
+def test_outputs_modified_in_place_are_recomputed_not_saved(
+    relu: bool, save: str, record_property: Callable[[str, object], None]
+) -> None:
+    from models import in_place_model
+
+    model, x = in_place_model(relu), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    record_property("torch_sac", _torch_sac_saving_matmuls(copy.deepcopy(model), x))
+    wrapped = copy.deepcopy(model)
+    wrapper_fn = SelectiveCheckpoint.from_text(save)
+    apply_activation_checkpointing(wrapped, wrapper_fn, auto_wrap_policy={type(model[0])})
+
+    def loss(m: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return m(inputs).square().sum()
+
+    _, expected = step(model, x, loss)
+    full = copy.deepcopy(model)
+    apply_activation_checkpointing(full, auto_wrap_policy={type(model[0])})
+    full_bytes, _ = step(full, x, loss)
+    for _ in range(2):
+        held, grads = step(wrapped, x, loss)
+        assert all(torch.equal(g, w) for g, w in zip(grads, expected, strict=True))
+    # The mutated output is not held: at most the second matmul's output (16 floats per row saved).
+    assert held - full_bytes <= len(model) * 4 * 8 * 4
+
+
+def test_an_in_place_change_that_cannot_be_recomputed_stops_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import in_place_model
+
+    monkeypatch.setattr("fsdp_ac.selective.uncache_selective_outputs", lambda caching, hit: False)
+    model = in_place_model(relu=True)
+    apply_activation_checkpointing(model, SelectiveCheckpoint("matmul"), auto_wrap_policy={type(model[0])})
+    with pytest.raises(RuntimeError, match=r"aten.relu_.default modifies in place the output of aten.addmm"):
+        model(torch.randn(4, 8))
+
+
+def test_attention_calls_have_one_name_on_every_device(gpt: GPT, tokens: torch.Tensor) -> None:
+    from fsdp_ac.selective import SDPA, op_call_name
+
+    kernels = [
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    ]
+    assert (
+        {op_call_name(k, 0) for k in kernels}
+        == {"aten.scaled_dot_product_attention.default#0"}
+        == {op_call_name(SDPA, 0)}
+    )
+    # The CPU kernel's own name, as plans made before names were device-neutral write it, saves the same.
+    held = []
+    for name in (
+        "aten.scaled_dot_product_attention.default#0",
+        "aten._scaled_dot_product_flash_attention_for_cpu.default#0",
+    ):
+        model = copy.deepcopy(gpt)
+        selective(model, [name])
+        held.append(step(model, tokens)[0])
+    full = copy.deepcopy(gpt)
+    apply_activation_checkpointing(full, auto_wrap_policy={TransformerBlock})
+    assert held[0] == held[1] == step(full, tokens)[0] + SMALL_GPT.n_layers * (UNIT + LSE)
+
+
+def test_a_call_that_never_happens_raises_at_the_first_step(gpt: GPT, tokens: torch.Tensor) -> None:
+    selective(gpt, ["aten.addmm.default#0", "aten.addmm.default#9", "aten.mm.default#0"])
+    with pytest.raises(
+        ValueError, match=r"saves aten.addmm.default#9, aten.mm.default#0 in TransformerBlock"
+    ) as caught:
+        gpt(tokens)
+    assert (
+        "calls are aten.addmm.default#0, aten.addmm.default#1, aten.addmm.default#2, aten.addmm.default#3"
+        in str(caught.value)
+        and "aten.scaled_dot_product_attention.default#0" in str(caught.value)
+    )
