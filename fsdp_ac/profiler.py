@@ -1,8 +1,9 @@
 """Measures a model's blocks for the memory planner: what each holds for backward, and at what cost.
 
-One training step (forward, loss, backward) of the model on a sample batch, without activation
-checkpointing, is observed operator by operator. For each block (the modules a policy selects) it
-records:
+Training steps (forward, loss, backward) of the model on a sample batch are observed operator by
+operator, each block dropping what it saves for backward (backward gets zeros), so that profiling needs
+about full checkpointing's memory, not a step without it (docs/planning.md). For each block (the
+modules a policy selects) it records, exactly as a step without checkpointing gives them:
 
 - the activation bytes the block holds for backward without checkpointing (storages its forward
   creates that are alive when the forward and the loss return: the figure
@@ -15,12 +16,13 @@ records:
   output backward reads: torch's checkpoint stops replaying there), and the block's forward time;
 - the bytes held with full checkpointing and with each selective preset, measured on copies of the
   model by the same meter;
-- on one more step, under a tracker of live storages through backward, what the block's backward adds
+- on one more step per kind of block, with one block of the kind keeping what it saves, under a
+  tracker of live storages through backward, what the block's backward adds
   beyond its held bytes, and what the head's and the loss's backward add beyond the end of forward:
   with the above, the step's peak (:func:`peak_bytes` measures it for any model).
 
 Bytes come from the deterministic meter (exact, the same on every run and machine); on CUDA the
-allocator's figure for the whole forward is recorded too. Times are medians over ``repeats`` steps, of
+allocator's peak while profiling is recorded too. Times are medians over ``repeats`` steps, of
 the process's CPU time on the CPU and of wall time (synchronised) on CUDA. :mod:`fsdp_ac.planner`
 turns a :class:`Profile` into a plan.
 """
@@ -32,6 +34,7 @@ import copy
 import importlib
 import statistics
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -288,8 +291,8 @@ class Profile:
     backward_ms: float
     """Median time of the backward."""
     allocator_bytes: int | None = None
-    """On CUDA: growth of the allocator's allocated bytes over the forward (includes what the meter
-    does not count, e.g. the allocator's rounding); None elsewhere."""
+    """On CUDA: the allocator's peak while profiling, above what was allocated before (includes what
+    the meter does not count, e.g. the allocator's rounding); None elsewhere."""
     origin: PlanOrigin | None = None
     """What was profiled (device, dtype, the first block's input shape, torch, classes): plans carry it."""
     head_backward_bytes: int = 0
@@ -355,16 +358,33 @@ class _Created:
     """Index into the block's saveable calls when one of them created it."""
 
 
+class _Dropped:
+    """A tensor a block saved for backward and created itself, not kept: backward gets zeros."""
+
+    __slots__ = ("__weakref__", "device", "dtype", "size")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.size, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+
+    def __call__(self) -> torch.Tensor:
+        return torch.zeros(self.size, dtype=self.dtype, device=self.device)
+
+
 class _BlockRecorder(TorchDispatchMode):
     """Attributes every storage a forward creates to the block running, and times the operators.
 
     Blocks are marked by forward hooks (:meth:`enter` / :meth:`leave`); operators are timed only when
-    ``timed`` (the clock adds a little to each call).
+    ``timed`` (the clock adds a little to each call). Blocks not in ``real`` (when given) drop what they
+    save for backward and create (see :func:`_observe`).
     """
 
-    def __init__(self, n_blocks: int, *, clock: Callable[[], float] | None) -> None:
+    def __init__(
+        self, n_blocks: int, *, clock: Callable[[], float] | None, real: set[int] | None = None
+    ) -> None:
         super().__init__()
         self.clock = clock
+        self.real = real
+        self.dropped: list[tuple[weakref.ref[_Dropped], int]] = []
         self.block: int | None = None
         self.blocks_run = 0
         self.created: dict[int, _Created] = {}
@@ -406,7 +426,7 @@ class _BlockRecorder(TorchDispatchMode):
         if self.tracker is not None and self.spans[index][at] < 0:
             self.spans[index][at] = len(self.tracker.curve)
 
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor | _Dropped:
         """``saved_tensors_hooks`` pack hook: backward will read ``tensor``.
 
         Autograd saves an operator's inputs before the operator runs and its outputs after, so the
@@ -414,6 +434,13 @@ class _BlockRecorder(TorchDispatchMode):
         """
         if self.block is not None:
             self.last_read[self.block] = len(self.order[self.block]) - 1
+            key = _storage_key(tensor)
+            created = self.created.get(key) if key is not None else None
+            if self.real is not None and self.block not in self.real and type(tensor) is torch.Tensor:
+                if created is not None and created.block == self.block and key is not None:
+                    dropped = _Dropped(tensor)
+                    self.dropped.append((weakref.ref(dropped), key))
+                    return dropped
         return tensor
 
     def __torch_dispatch__(
@@ -513,6 +540,8 @@ class _Observation:
     backward_ms: float
     curve: list[int]
     """Bytes alive after each operator of the step (:class:`_LiveBytes`); empty without backward."""
+    dropped: set[int]
+    """Keys in ``alive`` only because a saved tensor was dropped: freed in this step, alive without AC."""
 
 
 def _clock(device: torch.device) -> Callable[[], float]:
@@ -540,14 +569,19 @@ def _observe(
     timed: bool,
     backward: bool = True,
     tracked: bool = False,
+    real: set[int] | None = None,
 ) -> _Observation:
     """Runs forward and loss under a :class:`_BlockRecorder` (then backward); returns what it saw.
 
     ``tracked``: the step also runs under a :class:`_LiveBytes`, whose curve the observation keeps.
+    ``real``: only these blocks keep what they save for backward and create themselves; the others
+    keep what they save from outside (inputs, as a checkpoint does) and drop the rest, so the step
+    needs about full checkpointing's memory plus the real blocks'. What a step without AC holds at the
+    end of forward stays exact: a dropped tensor counts as long as the autograd graph holds it.
     """
     modules = dict(model.named_modules())
     clock = _clock(workload.batch.device)
-    recorder = _BlockRecorder(len(names), clock=clock if timed else None)
+    recorder = _BlockRecorder(len(names), clock=clock if timed else None, real=real)
     handles = []
     for index, name in enumerate(names):
         module = modules[name]
@@ -560,18 +594,22 @@ def _observe(
         with (
             recorder,
             tracker or contextlib.nullcontext(),
-            torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t),
+            torch.autograd.graph.saved_tensors_hooks(
+                recorder.pack, lambda t: t() if isinstance(t, _Dropped) else t
+            ),
         ):
             loss = workload.loss(model, workload.batch)
         forward_ms = (clock() - start) * 1e3
     finally:
         for handle in handles:
             handle.remove()
+    held = {key for ref, key in recorder.dropped if ref() is not None}
     alive = {
         key: created
         for key, created in recorder.created.items()
-        if not created.ref.expired() and key not in excluded
+        if (not created.ref.expired() or key in held) and key not in excluded
     }
+    dropped = {key for key in held if recorder.created[key].ref.expired()}
     start = clock()
     curve: list[int] = []
     if backward:
@@ -579,15 +617,15 @@ def _observe(
             loss.backward()
         curve = tracker.without_gradients(model) if tracker is not None else []
         model.zero_grad(set_to_none=True)
-    return _Observation(recorder, alive, forward_ms, (clock() - start) * 1e3, curve)
+    return _Observation(recorder, alive, forward_ms, (clock() - start) * 1e3, curve, dropped)
 
 
-def _held_by_block(observation: _Observation, n_blocks: int) -> tuple[list[int], list[int], int]:
+def _held_by_block(alive: dict[int, _Created], n_blocks: int) -> tuple[list[int], list[int], int]:
     """Per block the bytes alive it created; per block the outside bytes created before it; all outside."""
     held = [0] * n_blocks
     before = [0] * n_blocks
     outside = 0
-    for created in observation.alive.values():
+    for created in alive.values():
         if created.block is not None:
             held[created.block] += created.nbytes
         else:
@@ -629,8 +667,31 @@ def profile(
     model = workload.model
     names = ModulePolicy(workload.blocks).names(model)
     modules = dict(model.named_modules())
-    total = 2 + repeats + len(strategies)
     done = 0
+    if workload.batch.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(workload.batch.device)
+        allocated = torch.cuda.memory_allocated(workload.batch.device)
+
+    seen: list[tuple[str, str, tuple[int, ...]] | None] = []
+    first_block = modules[names[0]] if names else model
+    handle = first_block.register_forward_pre_hook(
+        lambda m, a, k: seen.append(block_inputs(a, k)), with_kwargs=True
+    )
+    try:  # warm-up: first calls allocate and select kernels
+        warm = _observe(workload, model, names, timed=False, real=set())
+    finally:
+        handle.remove()
+    # Every step drops what blocks save (see _observe) but for one block of a kind in the tracked steps,
+    # whose backward is then observed: blocks of one class, calls and bytes share it.
+    warm_held = _held_by_block(warm.alive, len(names))[0]
+    reps: dict[tuple[Any, ...], int] = {}
+    rep_of = [
+        reps.setdefault(
+            (type(modules[name]).__name__, *(n for n, _ in warm.recorder.calls[i]), warm_held[i]), i
+        )
+        for i, name in enumerate(names)
+    ]
+    total = 1 + repeats + len(reps) + len(strategies)
 
     def advance() -> None:
         nonlocal done
@@ -638,19 +699,10 @@ def profile(
         if progress is not None:
             progress(done, total)
 
-    seen: list[tuple[str, str, tuple[int, ...]] | None] = []
-    first_block = modules[names[0]] if names else model
-    handle = first_block.register_forward_pre_hook(
-        lambda m, a, k: seen.append(block_inputs(a, k)), with_kwargs=True
-    )
-    try:
-        workload.step()  # warm-up: first calls allocate and select kernels
-    finally:
-        handle.remove()
     advance()
     observations = []
     for _ in range(repeats):
-        observations.append(_observe(workload, model, names, timed=True))
+        observations.append(_observe(workload, model, names, timed=True, real=set()))
         advance()
     first = observations[0]
     recorder = first.recorder
@@ -660,9 +712,13 @@ def profile(
             "a block that runs twice (weights shared across positions) cannot be planned alone. "
             "Select modules that run once per forward."
         )
-    held, before, outside = _held_by_block(first, len(names))
-    head, transients = _transients(_observe(workload, model, names, timed=False, tracked=True), held, before)
-    advance()
+    held, before, outside = _held_by_block(first.alive, len(names))
+    head, transients = 0, {}
+    for index in reps.values():
+        head, transients[index] = _transients(
+            _observe(workload, model, names, timed=False, tracked=True, real={index}), index
+        )
+        advance()
     measured: dict[str, list[int]] = {}
     for strategy in strategies:
         measured[strategy] = _strategy_bytes(workload, names, strategy)
@@ -706,7 +762,7 @@ def profile(
                 other_ms=other_ms,
                 forward_ms=forward_ms,
                 measured_bytes={strategy: measured[strategy][index] for strategy in strategies},
-                backward_bytes=transients[index],
+                backward_bytes=transients[rep_of[index]],
             )
         )
     return Profile(
@@ -717,7 +773,9 @@ def profile(
         outside_bytes=outside,
         forward_ms=statistics.median(obs.forward_ms for obs in observations),
         backward_ms=statistics.median(obs.backward_ms for obs in observations),
-        allocator_bytes=_allocator_bytes(workload),
+        allocator_bytes=int(torch.cuda.max_memory_allocated(workload.batch.device) - allocated)
+        if workload.batch.device.type == "cuda"
+        else None,
         head_backward_bytes=head,
         origin=None
         if not seen or seen[0] is None
@@ -727,20 +785,20 @@ def profile(
     )
 
 
-def _transients(traced: _Observation, held: list[int], before: list[int]) -> tuple[int, list[int]]:
-    """The head's bytes beyond the end of forward, and each block's beyond what it holds.
+def _transients(traced: _Observation, i: int) -> tuple[int, int]:
+    """The head's bytes beyond the end of forward, and block ``i``'s beyond what it holds.
 
-    From a tracked step; see :attr:`Profile.head_backward_bytes` and :attr:`BlockProfile.backward_bytes`.
+    From a tracked step where block ``i`` is real; see :attr:`Profile.head_backward_bytes` and
+    :attr:`BlockProfile.backward_bytes`. Dropped tensors lower the curve and what blocks hold alike.
     """
     curve, spans = traced.curve, traced.recorder.spans
-    end = sum(c.nbytes for c in traced.alive.values())
+    alive = {key: c for key, c in traced.alive.items() if key not in traced.dropped}
+    held, before, _ = _held_by_block(alive, len(spans))
+    end = sum(c.nbytes for c in alive.values())
     starts = [span[2] if span[2] >= 0 else len(curve) for span in spans] + [len(curve)]
     head = max(curve[spans[-1][1] : starts[-2]], default=end) - end if spans else 0
-    transients = []
-    for i, (start, stop, _) in enumerate(spans):
-        seen = curve[start:stop] + curve[starts[i] : starts[i - 1] if i else len(curve)]
-        transients.append(max(max(seen, default=0) - before[i] - sum(held[: i + 1]), 0))
-    return max(head, 0), transients
+    seen = curve[spans[i][0] : spans[i][1]] + curve[starts[i] : starts[i - 1] if i else len(curve)]
+    return max(head, 0), max(max(seen, default=0) - before[i] - sum(held[: i + 1]), 0)
 
 
 def _block_figures(
@@ -809,17 +867,4 @@ def block_bytes(workload: Workload, model: nn.Module | None = None) -> BlockByte
     names = ModulePolicy(workload.blocks).names(model)
     workload.loss(model, workload.batch)
     observation = _observe(workload, model, names, timed=False, backward=False)
-    return BlockBytes(*_held_by_block(observation, len(names)))
-
-
-def _allocator_bytes(workload: Workload) -> int | None:
-    """On CUDA, the allocator's growth over one forward and loss; None elsewhere."""
-    if workload.batch.device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    start = torch.cuda.memory_allocated()
-    loss = workload.loss(workload.model, workload.batch)
-    torch.cuda.synchronize()
-    grown = torch.cuda.memory_allocated() - start
-    del loss
-    return int(grown)
+    return BlockBytes(*_held_by_block(observation.alive, len(names)))

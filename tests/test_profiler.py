@@ -11,7 +11,16 @@ from torch import nn
 
 from fsdp_ac import ActivationPlan
 from fsdp_ac.planner import plan
-from fsdp_ac.profiler import Profile, Workload, builtin_workload, peak_bytes, profile, workload_from_spec
+from fsdp_ac.profiler import (
+    Profile,
+    Workload,
+    _LiveBytes,
+    _storage_key,
+    builtin_workload,
+    peak_bytes,
+    profile,
+    workload_from_spec,
+)
 
 TINY = {"batch": 2, "seq": 16, "d_model": 32, "heads": 4, "vocab": 64}
 
@@ -121,3 +130,46 @@ def test_a_user_model_by_import_path() -> None:
     assert measured.blocks[0].none_bytes > measured.blocks[0].kept_bytes == 8 * 16 * 4
     with pytest.raises(ValueError, match=r"package\.module:factory"):
         workload_from_spec("no_colon", (1,), blocks="Sequential")
+
+
+class _Limited(_LiveBytes):
+    """Live bytes (parameters and buffers excluded, their gradients counted) that refuse to pass ``limit``."""
+
+    def __init__(self, model: nn.Module, limit: int) -> None:
+        super().__init__({_storage_key(t) for t in (*model.parameters(), *model.buffers())})
+        self.limit = limit
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.curve[-1] > self.limit:
+            raise MemoryError(f"{self.curve[-1]} bytes alive, over the limit of {self.limit}")
+        return out
+
+
+def test_a_model_whose_step_without_ac_does_not_fit_is_profiled_and_planned() -> None:
+    workload = builtin_workload("gpt", layers=6, **{**TINY, "batch": 4, "seq": 64})  # type: ignore[arg-type]
+    model = workload.model
+    full = copy.deepcopy(model)
+    ActivationPlan(dict.fromkeys(measured_names := [f"layers.{i}" for i in range(6)], "full")).apply(full)
+    peaks = {}
+    for name, m in (("none", model), ("full", full)):
+        with _Limited(m, 1 << 40) as meter:
+            workload.step(m)
+        peaks[name] = max(meter.curve)
+    limit = peaks["full"] + held_bytes_after_steps(workload, copy.deepcopy(model)) // 6  # + about one block
+    with pytest.raises(MemoryError), _Limited(model, limit):
+        workload.step()
+    model.zero_grad(set_to_none=True)
+    with _Limited(model, limit) as meter:
+        measured = profile(workload, repeats=1, strategies=())
+    assert [b.name for b in measured.blocks] == measured_names
+    # Measured: 1,222,056 bytes against full AC's 977,960 (+ a block's 532,480) and no AC's 3,461,672.
+    assert peaks["full"] < max(meter.curve) <= peaks["full"] + measured.blocks[0].none_bytes < peaks["none"]
+    # The profile is the one a step without AC gives (the other tests check its bytes exactly).
+    assert measured.no_ac_bytes == held_bytes_after_steps(workload, copy.deepcopy(model))
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    result = plan(measured, limit - grads)
+    planned = copy.deepcopy(model)
+    result.to_activation_plan().apply(planned)
+    with _Limited(planned, limit):
+        workload.step(planned)
