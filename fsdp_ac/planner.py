@@ -19,7 +19,10 @@ it), modelled as the largest of:
 - each block's recompute and backward: what was created before the block (outside bytes and earlier
   blocks' held bytes; later blocks have been freed by then), everything the block holds without
   checkpointing (the recompute rebuilds it), saved outputs that backward does not read, and what its
-  backward adds (:attr:`~fsdp_ac.profiler.BlockProfile.backward_bytes`, the same for every strategy).
+  backward adds (:attr:`~fsdp_ac.profiler.BlockProfile.backward_bytes`, the same for every strategy);
+
+both with the inputs that checkpoints keep (:attr:`~fsdp_ac.profiler.Profile.kept_inputs`), from the
+first checkpointed block that takes them on.
 
 docs/planning.md says how close the model comes to the measured peak.
 """
@@ -395,6 +398,23 @@ def _budget_bytes(profile: Profile, budget: int | float) -> int:
     return budget
 
 
+def _kept_inputs(profile: Profile, chosen: Sequence[BlockChoice]) -> tuple[list[int], int]:
+    """Bytes of inputs that checkpoints keep, at each block's recompute and at the end of forward."""
+    at, end = [0] * len(chosen), 0
+    for nbytes, blocks in profile.kept_inputs:
+        first = min((i for i in blocks if chosen[i].saved is not None), default=len(chosen))
+        end += nbytes if first < len(chosen) else 0
+        at[first:] = [a + nbytes for a in at[first:]]
+    return at, end
+
+
+def _predicted_peak(profile: Profile, options: Sequence[Sequence[BlockChoice]], picks: Sequence[int]) -> int:
+    """:func:`_peak` with the inputs that the chosen checkpoints keep."""
+    at, end = _kept_inputs(profile, [options[i][pick] for i, pick in enumerate(picks)])
+    before = [b + a for b, a in zip(profile.outside_before, at, strict=True)]
+    return _peak(options, before, _end(profile) + end, picks)
+
+
 def smallest_budget(profile: Profile) -> int:
     """The least budget any plan fits: full checkpointing of every block.
 
@@ -402,7 +422,7 @@ def smallest_budget(profile: Profile) -> int:
     recompute than the block's no-AC bytes, which full needs; so no plan needs less.
     """
     options = [[min(curve, key=lambda c: (c.held_bytes, c.recompute_bytes))] for curve in _curves(profile)]
-    return _peak(options, profile.outside_before, _end(profile), [0] * len(options))
+    return _predicted_peak(profile, options, [0] * len(options))
 
 
 def plan(profile: Profile, budget: int | float) -> MemoryPlan:
@@ -427,6 +447,12 @@ def plan(profile: Profile, budget: int | float) -> MemoryPlan:
     budget_bytes = _budget_bytes(profile, budget)
     options = _curves(profile)
     picks = solve(options, profile.outside_before, _end(profile), budget_bytes)
+    if picks is not None and _predicted_peak(profile, options, picks) > budget_bytes:
+        # The kept inputs pushed the optimum over: plan as if they were held all through (a few bytes
+        # of positions or masks: the plan may recompute a little more than it needs to).
+        kept = sum(nbytes for nbytes, _ in profile.kept_inputs)
+        before = [b + kept for b in profile.outside_before]
+        picks = solve(options, before, _end(profile) + kept, budget_bytes)
     if picks is None:
         smallest = smallest_budget(profile)
         raise BudgetError(
@@ -441,8 +467,10 @@ def plan(profile: Profile, budget: int | float) -> MemoryPlan:
     return MemoryPlan(
         budget_bytes=budget_bytes,
         choices={b.name: c for b, c in zip(profile.blocks, chosen, strict=True)},
-        predicted_bytes=profile.outside_bytes + sum(c.held_bytes for c in chosen),
-        predicted_peak_bytes=_peak(options, profile.outside_before, _end(profile), picks),
+        predicted_bytes=profile.outside_bytes
+        + sum(c.held_bytes for c in chosen)
+        + _kept_inputs(profile, chosen)[1],
+        predicted_peak_bytes=_predicted_peak(profile, options, picks),
         predicted_extra_ms=sum(c.extra_ms for c in chosen),
         no_ac_bytes=profile.no_ac_bytes,
         step_ms=profile.step_ms,

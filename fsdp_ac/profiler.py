@@ -298,6 +298,9 @@ class Profile:
     head_backward_bytes: int = 0
     """Most bytes alive beyond the end of forward from the last block's output to its gradient: the
     head, the loss and their backward (the gradient of the logits), which no plan changes."""
+    kept_inputs: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    """Blocks' inputs made outside the blocks that no AC frees by the end of forward but a checkpoint
+    keeps until its backward (position ids, masks): per storage, its bytes and the blocks taking it."""
 
     @property
     def step_ms(self) -> float:
@@ -398,6 +401,7 @@ class _BlockRecorder(TorchDispatchMode):
         """Per block: the position of the last operator that ran before the block's last save for
         backward; torch's checkpoint replays up to there and stops."""
         self.outputs: list[set[int]] = [set() for _ in range(n_blocks)]
+        self.inputs: list[set[int]] = [set() for _ in range(n_blocks)]
         self.tracker: _LiveBytes | None = None
         self.spans = [[-1, -1, -1] for _ in range(n_blocks)]
         """Per block, with a tracker: the curve's length when its forward starts and ends, and when
@@ -406,8 +410,11 @@ class _BlockRecorder(TorchDispatchMode):
         """Per block: its saveable calls whose outputs a later operator of the block modifies in place."""
         self.counts: defaultdict[Any, int] = defaultdict(int)
 
-    def enter(self, index: int) -> None:
+    def enter(self, index: int, inputs: Any) -> None:
         self.block = index
+        self.inputs[index] = {
+            key for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and (key := _storage_key(t))
+        }
         self.counts.clear()
         self._mark(index, 0)
 
@@ -585,7 +592,11 @@ def _observe(
     handles = []
     for index, name in enumerate(names):
         module = modules[name]
-        handles.append(module.register_forward_pre_hook(lambda m, a, i=index: recorder.enter(i)))
+        handles.append(
+            module.register_forward_pre_hook(
+                lambda m, a, k, i=index: recorder.enter(i, (a, k)), with_kwargs=True
+            )
+        )
         handles.append(module.register_forward_hook(lambda m, a, out, i=index: recorder.leave(i, out)))
     excluded = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
     tracker = recorder.tracker = _LiveBytes(excluded) if tracked else None
@@ -733,6 +744,12 @@ def profile(
         ):
             call_bytes[created.block][created.call] += created.nbytes
             call_alive[created.block][created.call] |= key in first.alive
+    takers: defaultdict[int, list[int]] = defaultdict(list)
+    params = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    for index, keys in enumerate(recorder.inputs):
+        for key in keys - first.alive.keys() - params:
+            if key in recorder.created and recorder.created[key].block is None:
+                takers[key].append(index)
     # Blocks of one kind run the same calls: their times are pooled, which steadies the medians, and
     # blocks alike in bytes too are worked out once.
     kinds = [
@@ -777,6 +794,7 @@ def profile(
         if workload.batch.device.type == "cuda"
         else None,
         head_backward_bytes=head,
+        kept_inputs=tuple((recorder.created[key].nbytes, tuple(blocks)) for key, blocks in takers.items()),
         origin=None
         if not seen or seen[0] is None
         else PlanOrigin(
