@@ -441,13 +441,11 @@ class _BlockRecorder(TorchDispatchMode):
         """
         if self.block is not None:
             self.last_read[self.block] = len(self.order[self.block]) - 1
-            key = _storage_key(tensor)
-            created = self.created.get(key) if key is not None else None
-            if self.real is not None and self.block not in self.real and type(tensor) is torch.Tensor:
-                if created is not None and created.block == self.block and key is not None:
-                    dropped = _Dropped(tensor)
-                    self.dropped.append((weakref.ref(dropped), key))
-                    return dropped
+            key = _storage_key(tensor) if self.real is not None and self.block not in self.real else None
+            if key in self.created and self.created[key].block == self.block and type(tensor) is torch.Tensor:
+                dropped = _Dropped(tensor)
+                self.dropped.append((weakref.ref(dropped), key))
+                return dropped
         return tensor
 
     def __torch_dispatch__(
@@ -656,8 +654,10 @@ def profile(
     """Measures ``workload`` for :func:`fsdp_ac.planner.plan`.
 
     Runs one warm-up step, then ``repeats`` steps whose forward runs under an operator recorder (its
-    clock adds a little to the forward time), and two forwards per strategy of ``strategies`` on a copy
-    of the model (the first lets the ``default`` preset learn).
+    clock adds a little to the forward time), one step per kind of block tracking live storages, and
+    two forwards per strategy of ``strategies`` on a copy of the model (the first lets the ``default``
+    preset learn). The steps need about full checkpointing's memory plus one block's (the module
+    docstring says how); the strategies' forwards need what each strategy holds.
 
     Args:
         workload: The model, its blocks, a sample batch and the loss.
