@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import random
 
@@ -12,7 +13,17 @@ from models import held_bytes_after_steps
 
 from fsdp_ac import ActivationPlan
 from fsdp_ac.plan import PlanOrigin
-from fsdp_ac.planner import BlockChoice, BudgetError, _peak, block_options, plan, smallest_budget, solve
+from fsdp_ac.planner import (
+    BlockChoice,
+    BudgetError,
+    _curves,
+    _peak,
+    _predicted_peak,
+    block_options,
+    plan,
+    smallest_budget,
+    solve,
+)
 from fsdp_ac.profiler import BlockProfile, OpProfile, Profile, Workload, builtin_workload, peak_bytes, profile
 
 
@@ -117,6 +128,24 @@ def test_impossible_budget_names_the_smallest_feasible_one() -> None:
     # has to fit the end of forward (20 outside + 20 + its held bytes), so it may save both calls (80).
     strategies = [c.strategy for c in plan(measured, smallest).choices.values()]
     assert strategies == ["full", "full", "selective:aten.mm.default#0,aten.mm.default#1"]
+
+
+def test_inputs_that_checkpoints_keep_count_from_the_first_checkpointed_block() -> None:
+    measured = dataclasses.replace(_synthetic_profile(), kept_inputs=((7, (0, 1, 2)),))
+    # Full everywhere keeps the 7 bytes from block 0's checkpoint on: 130 becomes 137.
+    assert smallest_budget(measured) == 137
+    with pytest.raises(BudgetError, match="137 bytes"):
+        plan(measured, 136)
+    # At 140, 200 and 260 the optimum without the kept inputs needs 7 bytes more than the budget: the
+    # planner sees it and plans again with them held all through.
+    for budget in (137, 140, 200, 260):
+        picks = solve(_curves(measured), measured.outside_before, 20, budget)
+        assert picks is not None and _predicted_peak(measured, _curves(measured), picks) == budget + 7 * (
+            budget != 137
+        )
+        assert plan(measured, budget).predicted_peak_bytes <= budget
+    # No block checkpointed: nothing is kept, the budget is no AC's own peak.
+    assert plan(measured, 320).predicted_extra_ms == 0.0 and plan(measured, 320).predicted_peak_bytes == 320
 
 
 def test_larger_budgets_buy_less_recompute() -> None:
