@@ -16,8 +16,8 @@ modules a policy selects) it records, exactly as a step without checkpointing gi
   output backward reads: torch's checkpoint stops replaying there), and the block's forward time;
 - the bytes held with full checkpointing and with each selective preset, measured on copies of the
   model by the same meter;
-- on one more step per kind of block, with one block of the kind keeping what it saves, under a
-  tracker of live storages through backward, what the block's backward adds
+- on one more step per kind of block (the first and last apart), with one block of the kind keeping
+  what it saves, under a tracker of live storages through backward, what the block's backward adds
   beyond its held bytes, and what the head's and the loss's backward add beyond the end of forward:
   with the above, the step's peak (:func:`peak_bytes` measures it for any model).
 
@@ -693,14 +693,22 @@ def profile(
     finally:
         handle.remove()
     # Every step drops what blocks save (see _observe) but for one block of a kind in the tracked steps,
-    # whose backward is then observed: blocks of one class, calls and bytes share it.
+    # whose backward is then observed: blocks of one class, calls and bytes share it, except the first
+    # (its input may need no gradient; its backward runs until the step's end) and the last.
     warm_held = _held_by_block(warm.alive, len(names))[0]
     reps: dict[tuple[Any, ...], int] = {}
+    ends = (0, len(names) - 1)
     rep_of = [
         reps.setdefault(
-            (type(modules[name]).__name__, *(n for n, _ in warm.recorder.calls[i]), warm_held[i]), i
+            (
+                type(modules[n]).__name__,
+                *(c for c, _ in warm.recorder.calls[i]),
+                warm_held[i],
+                i if i in ends else -1,
+            ),
+            i,
         )
-        for i, name in enumerate(names)
+        for i, n in enumerate(names)
     ]
     total = 1 + repeats + len(reps) + len(strategies)
 

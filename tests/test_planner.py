@@ -212,6 +212,13 @@ def test_outputs_modified_in_place_are_never_saved_and_every_plan_trains_like_no
     measured = profile(workload, repeats=1, strategies=())
     # The first matmul's output is modified in place: it is not offered; the second one is.
     assert [op.name for op in measured.blocks[0].ops] == ["aten.addmm.default#1"]
+    # The first block's input needs no gradient: its backward adds less than the others' (the profile
+    # observes it apart from the blocks alike).
+    assert (
+        measured.blocks[0].backward_bytes
+        < measured.blocks[1].backward_bytes
+        == measured.blocks[2].backward_bytes
+    )
     reference = copy.deepcopy(workload.model)
     workload.loss(reference, x).backward()
     options = block_options(measured.blocks[0])
