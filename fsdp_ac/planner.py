@@ -421,8 +421,13 @@ def smallest_budget(profile: Profile) -> int:
     Full checkpointing holds the fewest bytes in each block, and no option needs fewer bytes at its
     recompute than the block's no-AC bytes, which full needs; so no plan needs less.
     """
-    options = [[min(curve, key=lambda c: (c.held_bytes, c.recompute_bytes))] for curve in _curves(profile)]
-    return _predicted_peak(profile, options, [0] * len(options))
+    options = _curves(profile)
+    return _predicted_peak(profile, options, _least_held(options))
+
+
+def _least_held(options: Sequence[Sequence[BlockChoice]]) -> list[int]:
+    """Per block, the option that holds the fewest bytes: full checkpointing."""
+    return [min(range(len(c)), key=lambda k: (c[k].held_bytes, c[k].recompute_bytes)) for c in options]
 
 
 def plan(profile: Profile, budget: int | float) -> MemoryPlan:
@@ -453,6 +458,8 @@ def plan(profile: Profile, budget: int | float) -> MemoryPlan:
         kept = sum(nbytes for nbytes, _ in profile.kept_inputs)
         before = [b + kept for b in profile.outside_before]
         picks = solve(options, before, _end(profile) + kept, budget_bytes)
+        if picks is None and _predicted_peak(profile, options, _least_held(options)) <= budget_bytes:
+            picks = _least_held(options)
     if picks is None:
         smallest = smallest_budget(profile)
         raise BudgetError(

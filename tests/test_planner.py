@@ -144,6 +144,14 @@ def test_inputs_that_checkpoints_keep_count_from_the_first_checkpointed_block() 
             budget != 137
         )
         assert plan(measured, budget).predicted_peak_bytes <= budget
+    # An input taken by the last block only: planning as if it were held all through fits nothing at
+    # 166 bytes, where full checkpointing fits (block 0's recompute binds before the input is kept).
+    blocks = (
+        _block("a", [(20, 2.0, True)], none=156, kept=2),
+        _block("b", [(36, 4.5, True)], none=137, kept=2),
+    )
+    late = Profile("late input", blocks, 297, (1, 7), 14, 1.0, 2.0, kept_inputs=((14, (1,)),))
+    assert [c.strategy for c in plan(late, 166).choices.values()] == ["full", "full"]
     # No block checkpointed: nothing is kept, the budget is no AC's own peak.
     assert plan(measured, 320).predicted_extra_ms == 0.0 and plan(measured, 320).predicted_peak_bytes == 320
 
