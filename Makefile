@@ -3,7 +3,7 @@ PYTHON ?= python
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-unit test-distributed test-torch test-torch-range bench gpu-check lint docs-testing \
+.PHONY: install demo test test-unit test-distributed test-torch test-torch-range test-min-deps bench gpu-check lint docs-testing \
 	docs-testing-results mutants soak
 
 # Uses the torch already installed; installs the CPU wheel torch==2.13.0 only when there is none,
@@ -44,6 +44,22 @@ test-torch:
 
 test-torch-range:
 	for version in $(TORCH_RANGE); do $(MAKE) test-torch TORCH=$$version || exit 1; done
+
+# The lowest releases of Accelerate, transformers, PEFT, TRL, Lightning and datasets that setup.cfg
+# admits (tests/tools/lower_bounds.py reads them from it), with torch 2.13.0, in a venv under build/
+# that is reused while it holds them: the unit tests and the launch tests of the integrations.
+MIN_DEPS_VENV = build/min-deps
+MIN_DEPS_TESTS = $(wildcard tests/test_*.py) tests/distributed/test_accelerate_launch.py \
+	tests/distributed/test_trainers.py tests/distributed/test_peft.py tests/distributed/test_lightning.py
+test-min-deps:
+	mkdir -p build
+	$(PYTHON) tests/tools/lower_bounds.py > build/min-deps.txt
+	cmp -s build/min-deps.txt $(MIN_DEPS_VENV)/constraints.txt || { rm -rf $(MIN_DEPS_VENV) \
+	&& $(PYTHON) -m venv $(MIN_DEPS_VENV) && $(MIN_DEPS_VENV)/bin/python -m pip install -q torch==2.13.0 \
+	&& $(MIN_DEPS_VENV)/bin/python -m pip install -q -c build/min-deps.txt -e ".[test]" \
+	&& cp build/min-deps.txt $(MIN_DEPS_VENV)/constraints.txt; }
+	$(MIN_DEPS_VENV)/bin/python tests/tools/lower_bounds.py --check
+	$(MIN_DEPS_VENV)/bin/python -m pytest -n 2 $(MIN_DEPS_TESTS)
 
 bench: install
 	$(PYTHON) scripts/benchmark.py

@@ -87,8 +87,9 @@ __all__ = [
 
 CHECKED_TORCH = ("2.13.0", "2.14.1")
 """The torch releases every internal here was checked on (CI's torch range)."""
-CHECKED_ACCELERATE = "1.15.0"
-"""The Accelerate release every Accelerate internal here was checked on."""
+CHECKED_ACCELERATE = ("1.15.0", "1.16.0")
+"""The Accelerate releases every Accelerate internal here was checked on (setup.cfg's lower bound and
+the newest, both run by CI)."""
 
 # --- torch's activation wrappers (torch 2.13.0, 2.14.1) -------------------------------------------
 
@@ -254,7 +255,7 @@ def hf_no_split_modules(model: nn.Module) -> list[str] | None:
     return list(names) if names else None
 
 
-# --- Accelerate (1.15.0; imported only when called) ----------------------------------------------
+# --- Accelerate (1.15.0, 1.16.0; imported only when called) --------------------------------------
 
 ROUTED_ACCELERATOR_METHODS = {
     "prepare": ["self", "args", "device_placement"],

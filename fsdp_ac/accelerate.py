@@ -16,14 +16,16 @@ policy matches, looking through checkpoint wrappers, so a block checkpointed bef
 two nested FSDP units (the wrapper and the block). Checkpointing after sharding gives exactly one FSDP
 unit and one activation-checkpoint region per block, for FSDP1, FSDP2 and DDP alike.
 
-What this fixes in Accelerate 1.15 (``docs/accelerate.md`` has the details and the tests):
+What this fixes in Accelerate (``docs/accelerate.md`` has the details, the tests and the releases that
+show each; all of them 1.15.0 and 1.16.0 unless said):
 
 - FSDP2 checkpoints with ``preserve_rng_state=False``: with dropout, gradients differ from those
   without checkpointing. fsdp_ac preserves the RNG state.
 - ``NO_WRAP`` with activation checkpointing crashes (FSDP2) or checkpoints every module, nested
   (FSDP1); a transformer policy whose classes match nothing checkpoints nothing. fsdp_ac raises a
   ``ValueError`` that names the setting to change.
-- FSDP2 makes two nested FSDP units per checkpointed block; fsdp_ac makes one.
+- FSDP2 makes two nested FSDP units per checkpointed block (up to 1.15; 1.16 makes one); fsdp_ac
+  makes one.
 - Without GPUs Accelerate runs DDP (or, without ``cpu=True``, one unrelated process per rank) and drops
   activation checkpointing; fsdp_ac still checkpoints, and refuses processes that would not train
   together.
@@ -994,7 +996,7 @@ def _check_accelerate_internals() -> None:
     if differences:
         raise RuntimeError(
             f"fsdp_ac.accelerate.enable() cannot route Accelerate {accelerate.__version__}: "
-            f"{'; '.join(differences)} (checked against Accelerate {CHECKED_ACCELERATE}). Install "
-            f"accelerate=={CHECKED_ACCELERATE}, or call fsdp_ac.accelerate.prepare(accelerator, ...) in "
-            "place of accelerator.prepare."
+            f"{'; '.join(differences)} (checked against Accelerate {' and '.join(CHECKED_ACCELERATE)}). "
+            f"Install accelerate=={CHECKED_ACCELERATE[-1]}, or call "
+            "fsdp_ac.accelerate.prepare(accelerator, ...) in place of accelerator.prepare."
         )

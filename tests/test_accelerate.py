@@ -23,6 +23,7 @@ from hf_models import tiny_llama
 from models import SMALL_GPT, ForwardOpsInBackward, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from upstream import release, shows, shows_error
 
 from fsdp_ac import ActivationPlan, clean_name, planner
 from fsdp_ac.profiler import Profile, Workload, block_bytes, profile
@@ -312,11 +313,14 @@ def test_no_wrap_with_checkpointing_is_a_configuration_error(monkeypatch: pytest
 
 
 def test_a_policy_that_matches_nothing_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate.utils.fsdp_utils import fsdp2_apply_ac
+
     anonymous = GPT(SMALL_GPT)  # no _no_split_modules
+    accelerator = fsdp_accelerator(plugin(auto_wrap_policy="transformer_based_wrap"))
+    theirs = fsdp2_apply_ac(accelerator, GPT(SMALL_GPT))
+    shows("accelerate", "a policy matching nothing checkpoints nothing, silently", regions(theirs) == [])
     with pytest.raises(ValueError, match=r"TRANSFORMER_BASED_WRAP, but no block class is known.*GPT has no"):
-        fsdp_ac_accelerate.activation_plan(
-            fsdp_accelerator(plugin(auto_wrap_policy="transformer_based_wrap")), anonymous
-        )
+        fsdp_ac_accelerate.activation_plan(accelerator, anonymous)
     monkeypatch.setenv("FSDP_AC_POLICY", "all")
     with pytest.raises(ValueError, match=r"nothing names the blocks of GPT.* Set FSDP_AC_BLOCKS"):
         fsdp_ac_accelerate.activation_plan(no_fsdp_accelerator(), anonymous)
@@ -354,8 +358,12 @@ def test_accelerates_fsdp2_checkpointing_crashes_with_no_wrap() -> None:
     from accelerate.utils.fsdp_utils import fsdp2_apply_ac
 
     accelerator = fsdp_accelerator(plugin(auto_wrap_policy="no_wrap"))
-    with pytest.raises(TypeError, match=r"'NoneType' object is not callable"):
+    with shows_error(
+        "accelerate", "fsdp2_apply_ac crashes with no_wrap", TypeError, "'NoneType' object is not"
+    ):
         fsdp2_apply_ac(accelerator, gpt())
+    with pytest.raises(ValueError, match=r"NO_WRAP.*Set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP"):
+        fsdp_ac_accelerate.prepare(accelerator, gpt())  # fsdp_ac: an error naming the fix
 
 
 def test_accelerates_fsdp2_checkpointing_changes_dropout_gradients_and_fsdp_acs_does_not() -> None:
@@ -366,9 +374,10 @@ def test_accelerates_fsdp2_checkpointing_changes_dropout_gradients_and_fsdp_acs_
     accelerator = fsdp_accelerator(plugin(auto_wrap_policy="transformer_based_wrap"))
     # Accelerate's wrappers use preserve_rng_state=False: the replay draws other dropout masks.
     their_grads, recomputed = gradients(fsdp2_apply_ac(accelerator, gpt()))
-    assert recomputed == len(BLOCKS)  # both checkpoint every block
+    shows("accelerate", "fsdp2_apply_ac checkpoints every block", recomputed == len(BLOCKS))
     theirs = {clean_name(n): g for n, g in their_grads.items()}
-    assert max((theirs[n] - g).abs().max().item() for n, g in expected.items()) > 1e-3
+    differ = max((theirs[n] - g).abs().max().item() for n, g in expected.items()) > 1e-3
+    shows("accelerate", "fsdp2_apply_ac's preserve_rng_state=False changes dropout gradients", differ)
     model = fsdp_ac_accelerate.prepare(accelerator, gpt())
     assert regions(model) == BLOCKS
     got, recomputed = gradients(model)
@@ -447,6 +456,15 @@ def test_prepare_refuses_processes_that_would_train_apart(
 
 
 def test_hugging_face_models_train_without_their_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate.utils.fsdp_utils import fsdp2_apply_ac
+    from torch.utils.checkpoint import CheckpointError
+
+    theirs = fsdp2_apply_ac(fsdp_accelerator(plugin(auto_wrap_policy="transformer_based_wrap")), tiny_llama())
+    tokens = torch.randint(0, 64, (2, 12))
+    if int(release("transformers").split(".")[0]) < 5:  # 5.x keeps no cache in training
+        claim = "Accelerate's AC with the cache on: the replay appends to the cache, backward fails"
+        with shows_error("transformers", claim, CheckpointError, "different metadata"):
+            theirs(input_ids=tokens, labels=tokens).loss.backward()
     model = tiny_llama()
     assert model.config.use_cache is True
     monkeypatch.setenv("FSDP_AC_STRATEGY", "selective")

@@ -94,7 +94,8 @@ def test_an_accelerate_with_other_internals_is_refused_naming_its_version(
 
     monkeypatch.delattr(accelerate.accelerator, "fsdp2_apply_ac")
     monkeypatch.setattr(accelerate, "__version__", "9.0.0")
-    with pytest.raises(RuntimeError, match=r"cannot route Accelerate 9\.0\.0: its FSDP2 .* 1\.15\.0"):
+    checked = r"1\.15\.0 and 1\.16\.0\)\. Install accelerate==1\.16\.0"
+    with pytest.raises(RuntimeError, match=r"cannot route Accelerate 9\.0\.0: its FSDP2 .* " + checked):
         fsdp_ac_accelerate.enable()
     assert {n: accelerate.Accelerator.__dict__[n] for n in ACCELERATES_OWN} == ACCELERATES_OWN
 

@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.testing._internal.two_tensor import TwoTensor
+from upstream import shows_error
 
 from fsdp_ac import apply_activation_checkpointing, checkpoint_wrapper, offload_wrapper
 from fsdp_ac import offload as offload_module
@@ -417,7 +418,9 @@ def test_dtensor_activations_are_copied_locally_and_rebuilt(placement: Any, save
     reference(x * 1.0).sum().backward()
     assert_grads_bitwise(module, reference)
     # torch's wrapper copies into a plain tensor at the global shape, which DTensor refuses.
-    with pytest.raises(RuntimeError, match=r"mixed torch\.Tensor and DTensor"):
+    with shows_error(
+        "torch", "offload_wrapper fails on a DTensor", RuntimeError, r"mixed torch\.Tensor and DTensor"
+    ):
         torch_wrappers.offload_wrapper(module)(distribute_tensor(x, mesh, [placement]) * 1.0)
 
 

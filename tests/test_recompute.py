@@ -19,6 +19,7 @@ import torch
 from models import ConvNet, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
+from upstream import shows, shows_error
 
 from fsdp_ac import (
     CheckpointImpl,
@@ -70,7 +71,7 @@ def test_reentrant_trains_a_region_whose_inputs_need_no_gradient() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = theirs(tokens).square().mean()
-    assert not out.requires_grad  # torch: the block silently trains nothing
+    shows("torch", "reentrant AC of a block with frozen inputs trains nothing", not out.requires_grad)
 
     ours = copy.deepcopy(plain)
     ours.zero_grad(set_to_none=True)
@@ -114,7 +115,8 @@ def test_random_op_without_rng_state_is_refused_unless_allowed() -> None:
     theirs = torch_wrappers.checkpoint_wrapper(dropout_block(), preserve_rng_state=False)
     torch.manual_seed(3)
     theirs(x).sum().backward()
-    assert not torch.equal(theirs[0].weight.grad, plain[0].weight.grad)  # torch: silently wrong
+    silently_wrong = not torch.equal(theirs[0].weight.grad, plain[0].weight.grad)
+    shows("torch", "preserve_rng_state=False with dropout: other gradients, no error", silently_wrong)
 
     ours = checkpoint_wrapper(dropout_block(), preserve_rng_state=False)
     with pytest.raises(RandomOpWithoutRngStateError, match=r"preserve_rng_state=False.*allow_rng_divergence"):
@@ -150,11 +152,16 @@ def test_batchnorm_statistics_update_once_per_step(impl: CheckpointImpl) -> None
     theirs = batchnorm_model()
     theirs.block = torch_wrappers.checkpoint_wrapper(theirs.block, impl)
     torch_recomputed = recomputed_in_backward(theirs(x).sum(), convolution)
-    assert theirs.block[1].num_batches_tracked.item() == 2  # torch: counted twice
+    shows(
+        "torch",
+        "BatchNorm's num_batches_tracked counted twice",
+        theirs.block[1].num_batches_tracked.item() == 2,
+    )
 
     ours = batchnorm_model()
     ours.block = checkpoint_wrapper(ours.block, impl)
-    assert recomputed_in_backward(ours(x).sum(), convolution) == torch_recomputed == 1
+    assert recomputed_in_backward(ours(x).sum(), convolution) == 1
+    shows("torch", "the BatchNorm block's convolution is recomputed once", torch_recomputed == 1)
     for (name, want), (_, have) in zip(plain.state_dict().items(), ours.state_dict().items(), strict=True):
         assert torch.equal(want, have), name
     assert_same_grads(plain, ours)
@@ -165,13 +172,21 @@ def test_wrapping_twice_is_idempotent() -> None:
     once = checkpoint_wrapper(linear)
     assert checkpoint_wrapper(once) is once
     nested = torch_wrappers.checkpoint_wrapper(torch_wrappers.checkpoint_wrapper(nn.Linear(4, 4)))
-    assert isinstance(nested._checkpoint_wrapped_module, torch_wrappers.CheckpointWrapper)  # torch nests
+    shows(
+        "torch",
+        "checkpoint_wrapper twice nests",
+        isinstance(nested._checkpoint_wrapped_module, torch_wrappers.CheckpointWrapper),
+    )
     offloaded = torch_wrappers.offload_wrapper(once)
     assert checkpoint_wrapper(offloaded) is offloaded
     with pytest.raises(ValueError, match=r"other settings.*fsdp_ac\.unwrap"):
         checkpoint_wrapper(once, CheckpointImpl.REENTRANT)
     torch_twice = torch_wrappers.offload_wrapper(torch_wrappers.offload_wrapper(nn.Linear(4, 4)))
-    assert isinstance(torch_twice._checkpoint_wrapped_module, torch_wrappers.OffloadWrapper)  # torch nests
+    shows(
+        "torch",
+        "offload_wrapper twice nests",
+        isinstance(torch_twice._checkpoint_wrapped_module, torch_wrappers.OffloadWrapper),
+    )
     ours_offloaded = offload_wrapper(nn.Linear(4, 4), min_offload_bytes=0)
     assert offload_wrapper(ours_offloaded, min_offload_bytes=0) is ours_offloaded
     with pytest.raises(ValueError, match=r"offloading with other settings.*fsdp_ac\.unwrap"):
@@ -335,9 +350,9 @@ def test_a_replay_with_other_shapes_names_the_region() -> None:
     theirs = torch_wrappers.checkpoint_wrapper(StatefulBlock())
     loss = theirs(torch.randn(2, 8)).sum()
     theirs._checkpoint_wrapped_module.width = 4  # torch's wrapper does not forward attribute writes
-    with pytest.raises(Exception) as torch_error:
+    with shows_error("torch", "a replay with other shapes fails", Exception) as torch_error:
         loss.backward()
-    assert "StatefulBlock" not in str(torch_error.value)  # torch: no idea which module
+    shows("torch", "its replay error does not name the module", "StatefulBlock" not in str(torch_error.value))
 
     model = nn.Sequential(nn.Linear(8, 8), StatefulBlock())
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, StatefulBlock))

@@ -18,6 +18,7 @@ from models import ConvNet, ForwardOpsInBackward, recomputed_in_backward
 from torch import nn
 from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
 from torch.utils._python_dispatch import TorchDispatchMode
+from upstream import shows
 
 from fsdp_ac import (
     ActivationMemoryMeter,
@@ -101,7 +102,7 @@ def test_value_changing_hooks_replay_and_observing_hooks_run_once(impl: Checkpoi
 
     torch_grads, torch_calls, torch_recomputed = train_step(theirs(impl))
     assert_equal_grads(plain, torch_grads)
-    assert torch_calls.count("observes") == 2  # torch: an observer fires again in backward
+    shows("torch", "an observing hook fires again in backward", torch_calls.count("observes") == 2)
 
     grads, calls, recomputed = train_step(ours(impl))
     assert_equal_grads(plain, grads)  # every value-changing hook replayed: exact gradients
@@ -186,7 +187,7 @@ def test_is_recomputing_is_true_in_forward_code_during_a_real_replay(impl: Check
     assert is_recomputing() is False
     torch_block = Recorder()
     theirs(impl)(torch_block)(torch.randn(2, 4, requires_grad=True)).sum().backward()
-    assert torch_block.seen == [False, False]  # torch's wrapper gives forward code no way to tell
+    shows("torch", "forward code cannot tell a replay", torch_block.seen == [False, False])
 
 
 def test_distributed_hooks_always_replay() -> None:
@@ -255,7 +256,7 @@ def test_compiled_regions_follow_the_same_rule(backend: str) -> None:
     assert calls == eager_calls  # the observer once, value hooks replayed
     assert recomputed == eager_recomputed == 3  # the region's 3 Linears, recomputed eagerly
     _, torch_calls, _ = train_step(theirs(CheckpointImpl.NO_REENTRANT), compile_backend=backend)
-    assert torch_calls.count("observes") == 2
+    shows("torch", "compiled, an observing hook fires again", torch_calls.count("observes") == 2)
 
 
 class BufferedBlock(nn.Module):
@@ -313,7 +314,11 @@ def test_only_buffers_the_forward_mutates_are_restored(impl: CheckpointImpl) -> 
     # batch count, the step counter), never the 4 MiB table.
     assert copies - plain_copies == 2 * (16 + 16 + 1 + 1)
     torch_state, _, _ = run(theirs(impl))
-    assert int(torch_state["norm.num_batches_tracked"]) == 4  # torch: counted twice per step
+    shows(
+        "torch",
+        "num_batches_tracked counted twice per step",
+        int(torch_state["norm.num_batches_tracked"]) == 4,
+    )
 
 
 def test_batchnorm_on_cpu_is_restored_although_its_version_does_not_move() -> None:

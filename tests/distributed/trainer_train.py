@@ -210,6 +210,20 @@ def run_all(out: Path, on_fsdp_cpu: bool, kinds: list[str]) -> dict[str, Any]:
     return results
 
 
+def restore_indexed_cpu_storages() -> None:
+    """Lets ``torch.load`` take ``map_location="cpu:0"``, as ``Trainer`` before transformers 5.18.0 asks.
+
+    Its resume loads the optimizer with ``map_location=args.device``, which on a multi-process CPU run
+    is ``cpu:0``, a location torch (2.13) cannot restore; 5.18.0 passes ``cpu``. A test-side stand-in
+    for that fix, so that the resume is checked on setup.cfg's lower bound too.
+    """
+
+    def on_cpu(storage: Any, location: str) -> Any:
+        return storage if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(30, lambda storage: None, on_cpu)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -217,6 +231,8 @@ def main() -> None:
     parser.add_argument("--kinds", default="trainer,sft", help=f"which of {KINDS}, comma-separated")
     options = parser.parse_args()
     kinds = options.kinds.split(",")
+    if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 18):
+        restore_indexed_cpu_storages()
     if options.enable:
         import fsdp_ac.accelerate
 
