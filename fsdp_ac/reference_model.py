@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["GPT", "GPTConfig", "TransformerBlock"]
+
 
 @dataclass(frozen=True)
 class GPTConfig:
