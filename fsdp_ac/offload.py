@@ -464,8 +464,8 @@ class OffloadEngine:
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Copies and pickles as a new engine with the same settings (its own pool and cap)."""
-        settings = {"max_host_bytes": self.pool.max_bytes, "on_cap": self.on_cap}
-        return partial(OffloadEngine, prefetch_blocks=self.prefetch_blocks, **settings), ()
+        engine = partial(OffloadEngine, max_host_bytes=self.pool.max_bytes, on_cap=self.on_cap)
+        return partial(engine, prefetch_blocks=self.prefetch_blocks), ()
 
     @contextmanager
     def block(self, module: nn.Module, options: OffloadOptions) -> Iterator[None]:

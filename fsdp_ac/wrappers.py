@@ -22,13 +22,13 @@ from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from fsdp_ac._compat import (
     WRAPPED_MODULE_ATTR,
-    CheckpointImpl,
     TorchActivationWrapper,
     TorchCheckpointWrapper,
     TorchOffloadWrapper,
     active_ddp_module,
     checkpoint_function,
 )
+from fsdp_ac._compat import CheckpointImpl as CheckpointImpl  # re-exported
 from fsdp_ac.names import (
     activation_wrappers,
     clean_load_report,
