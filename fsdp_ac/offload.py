@@ -86,10 +86,7 @@ def owned_storages(module: nn.Module) -> frozenset[int]:
 def decide(tensor: torch.Tensor, options: OffloadOptions, owned: frozenset[int]) -> Decision:
     """Says what offloading does with ``tensor``, a tensor autograd saves for backward.
 
-    Args:
-        tensor: The saved tensor.
-        options: The offload's options.
-        owned: The storages of the module's parameters and buffers (:func:`owned_storages`).
+    ``owned`` holds the storages of the module's parameters and buffers (:func:`owned_storages`).
 
     Raises:
         TypeError: ``tensor`` would be copied but is a subclass without ``__tensor_flatten__``.
@@ -99,13 +96,14 @@ def decide(tensor: torch.Tensor, options: OffloadOptions, owned: frozenset[int])
         # FSDP1's flat-parameter views, FSDP2's sharded and unsharded parameters, an input the
         # caller keeps for its .grad.
         return Decision.PARAMETER
+    # One cast of a leaf that requires grad (its AccumulateGrad):
     cast = base.grad_fn
     if (
         cast is not None
         and cast.name() == "ToCopyBackward0"
         and hasattr(cast.next_functions[0][0], "variable")
     ):
-        return Decision.WEIGHT_CAST  # one cast of a leaf that requires grad (its AccumulateGrad)
+        return Decision.WEIGHT_CAST
     if tensor.device.type == "cpu" and not options.copy_cpu_tensors:
         return Decision.ON_HOST
     if is_traceable_wrapper_subclass(tensor):
@@ -127,12 +125,7 @@ def decide(tensor: torch.Tensor, options: OffloadOptions, owned: frozenset[int])
 
 
 def pins(source: torch.device, pin_memory: bool) -> bool:
-    """Whether a host copy of a tensor on ``source`` is page-locked: when asked, from CUDA only.
-
-    Example:
-        >>> pins(torch.device("cuda", 0), pin_memory=True), pins(torch.device("cpu"), pin_memory=True)
-        (True, False)
-    """
+    """Whether a host copy of a tensor on ``source`` is page-locked: when asked, from CUDA only."""
     return pin_memory and source.type == "cuda"
 
 
@@ -188,7 +181,7 @@ def pack_saved_tensor(
     Args:
         tensor: The saved tensor.
         options: The offload's options.
-        owned: The storages of the module's parameters and buffers (:func:`owned_storages`).
+        owned: See :func:`decide`.
         copy: Offloads one plain tensor to copy (default :func:`copy_to_host`); may return it to keep it.
 
     Raises:
@@ -224,12 +217,7 @@ def unpack_saved_tensor(packed: Packed) -> torch.Tensor:
         return packed.host.to(packed.device, non_blocking=packed.pinned)
     if isinstance(packed, Offloaded):
         return packed.engine.load(packed)
-    inner = {
-        name: unpack_saved_tensor(value)
-        if isinstance(value, (torch.Tensor, HostCopy, FlattenedCopy, Offloaded))
-        else value
-        for name, value in packed.inner.items()
-    }
+    inner = {name: unpack_saved_tensor(v) if isinstance(v, Packed) else v for name, v in packed.inner.items()}
     rebuilt: torch.Tensor = packed.cls.__tensor_unflatten__(  # type: ignore[attr-defined]
         inner, packed.context, packed.size, packed.stride
     )
