@@ -211,6 +211,7 @@ class CheckpointWrapper(ActivationWrapper, TorchCheckpointWrapper):
         self.checkpoint_impl = checkpoint_impl
         self.allow_rng_divergence = allow_rng_divergence
         self.check_recomputed_values = check_recomputed_values
+        reentrant = checkpoint_impl == CheckpointImpl.REENTRANT
         self.checkpoint_fn: partial[Any]
         if checkpoint_fn is None:
             if "use_reentrant" in checkpoint_fn_kwargs:
@@ -218,22 +219,14 @@ class CheckpointWrapper(ActivationWrapper, TorchCheckpointWrapper):
                     "Pass checkpoint_impl=CheckpointImpl.REENTRANT or NO_REENTRANT instead of "
                     "use_reentrant; checkpoint_wrapper sets use_reentrant from checkpoint_impl."
                 )
-            self.checkpoint_fn = partial(
-                _torch_checkpoint,
-                use_reentrant=checkpoint_impl == CheckpointImpl.REENTRANT,
-                **checkpoint_fn_kwargs,
-            )
+            self.checkpoint_fn = partial(_torch_checkpoint, use_reentrant=reentrant, **checkpoint_fn_kwargs)
         else:
             self.checkpoint_fn = partial(checkpoint_fn, **checkpoint_fn_kwargs)
-        self._uses_torch_reentrant = checkpoint_fn is None and checkpoint_impl == CheckpointImpl.REENTRANT
+        self._uses_torch_reentrant = checkpoint_fn is None and reentrant
         # The region's audit checks saved tensors unless the user chose torch's check themselves;
         # with torch's non-reentrant checkpoint it replaces torch's check of the same metadata.
         self._audit_saved_tensors = "determinism_check" not in checkpoint_fn_kwargs
-        self._replaces_torch_check = (
-            self._audit_saved_tensors
-            and checkpoint_fn is None
-            and checkpoint_impl == CheckpointImpl.NO_REENTRANT
-        )
+        self._replaces_torch_check = self._audit_saved_tensors and checkpoint_fn is None and not reentrant
         self._checked_first_forward = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -265,13 +258,12 @@ class CheckpointWrapper(ActivationWrapper, TorchCheckpointWrapper):
             refuse_hf_gradient_checkpointing(wrapped, self.region_name)
             self._checked_first_forward = True
         _refuse_stateful_cache(self.region_name, args, kwargs)
+        guard = (
+            not self.checkpoint_fn.keywords.get("preserve_rng_state", True) and not self.allow_rng_divergence
+        )
+        audit, check_values = self._audit_saved_tensors, self.check_recomputed_values
         region = RecomputeRegion(
-            wrapped,
-            self.region_name,
-            guard_random_ops=not self.checkpoint_fn.keywords.get("preserve_rng_state", True)
-            and not self.allow_rng_divergence,
-            audit=self._audit_saved_tensors,
-            check_values=self.check_recomputed_values,
+            wrapped, self.region_name, guard_random_ops=guard, audit=audit, check_values=check_values
         )
         if self._uses_torch_reentrant:
             return _reentrant_call(self.checkpoint_fn, region, args, kwargs)
