@@ -362,9 +362,17 @@ def checkpoint_wrapper(
     require_module(module, "checkpoint_wrapper")
     existing = next((m for m in activation_wrappers(module) if isinstance(m, TorchCheckpointWrapper)), None)
     if existing is not None:
-        return _reuse_checkpoint_wrapper(
-            module, existing, (checkpoint_impl, offload, engine), checkpoint_fn, checkpoint_fn_kwargs
-        )
+        existing_fn, existing_kwargs = checkpoint_function(existing)
+        existing_kwargs.pop("use_reentrant", None)
+        settings = tuple(getattr(existing, n, None) for n in ("checkpoint_impl", "offload", "engine"))
+        same = settings == (checkpoint_impl, offload, engine) and existing_kwargs == checkpoint_fn_kwargs
+        if not (same and checkpoint_fn is None and existing_fn is _torch_checkpoint):
+            raise ValueError(
+                f"{type(unwrap(module)).__name__} is already wrapped for activation checkpointing with "
+                "other settings; checkpointing it twice would recompute twice. Call fsdp_ac.unwrap(module) "
+                "first, or keep the existing wrapper."
+            )
+        return module
     refuse_hf_gradient_checkpointing(module, type(module).__name__)
     return CheckpointWrapper(
         module,
@@ -443,31 +451,6 @@ def require_module(value: Any, caller: str) -> None:
     else:
         got, fix = f"{type(value).__name__} {value!r:.60}", "pass the nn.Module to wrap"
     raise TypeError(f"{caller} takes an nn.Module instance, got {got}: {fix}.")
-
-
-def _reuse_checkpoint_wrapper(
-    module: nn.Module,
-    existing: nn.Module,
-    settings: tuple[CheckpointImpl, OffloadOptions | None, OffloadEngine | None],
-    checkpoint_fn: Callable[..., Any] | None,
-    checkpoint_fn_kwargs: dict[str, Any],
-) -> nn.Module:
-    existing_fn, existing_kwargs = checkpoint_function(existing)
-    existing_kwargs.pop("use_reentrant", None)
-    existing_settings = tuple(getattr(existing, n, None) for n in ("checkpoint_impl", "offload", "engine"))
-    same = (
-        existing_settings == settings
-        and checkpoint_fn is None
-        and existing_fn is _torch_checkpoint
-        and existing_kwargs == checkpoint_fn_kwargs
-    )
-    if not same:
-        raise ValueError(
-            f"{type(unwrap(module)).__name__} is already wrapped for activation checkpointing with "
-            "other settings; checkpointing it twice would recompute twice. Call fsdp_ac.unwrap(module) "
-            "first, or keep the existing wrapper."
-        )
-    return module
 
 
 def refuse_hf_gradient_checkpointing(module: nn.Module, where: str) -> None:
