@@ -99,9 +99,7 @@ class ModulePolicy(FsdpTargetsPolicy):
         if isinstance(spec, ModulePolicy):
             self.__dict__.update(custom_policy_fields(spec))
             return
-        if isinstance(spec, str):
-            spec = {spec}
-        if isinstance(spec, type):
+        if isinstance(spec, (str, type)):
             spec = {spec}
         if isinstance(spec, FsdpPolicy):
             self._fsdp_policy = spec
