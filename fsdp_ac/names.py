@@ -30,13 +30,7 @@ class _PendingReport(NamedTuple):
 
 
 def clean_name(name: str) -> str:
-    """Returns ``name`` with every ``_checkpoint_wrapped_module`` segment removed.
-
-    Args:
-        name: A dotted parameter, buffer, module or state-dict name.
-
-    Returns:
-        The name an unwrapped model uses for the same object.
+    """Returns ``name`` (a dotted parameter, buffer, module or state-dict name) as an unwrapped model has it.
 
     Example:
         >>> clean_name("layers.0._checkpoint_wrapped_module.attn.weight")
@@ -198,10 +192,7 @@ def activation_wrappers(module: nn.Module) -> list[TorchActivationWrapper]:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """Returns the module inside any stack of activation wrappers (fsdp_ac's or torch's).
-
-    Args:
-        module: A wrapper, or any module (returned as it is).
+    """Returns the module inside any stack of activation wrappers (fsdp_ac's or torch's), or ``module``.
 
     Example:
         >>> linear = nn.Linear(2, 2)

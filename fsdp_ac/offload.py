@@ -457,11 +457,7 @@ class OffloadEngine:
 
     @contextmanager
     def block(self, module: nn.Module, options: OffloadOptions) -> Iterator[None]:
-        """Offloads, as one block, the tensors autograd saves inside this context.
-
-        Args:
-            module: The module running inside the context; its parameters and buffers stay.
-            options: Which tensors are copied (:func:`decide`) and whether into pinned memory.
+        """Offloads, as one block, the tensors autograd saves inside this context (``module``'s own stay).
 
         Raises:
             TypeError: See :func:`decide`.

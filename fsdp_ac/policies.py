@@ -147,27 +147,17 @@ class ModulePolicy(FsdpTargetsPolicy):
     def every(self, n: int) -> ModulePolicy:
         """Returns a policy that keeps the first match and every ``n``-th one after it.
 
-        Give the result to AC and ``self`` to FSDP to checkpoint one block in ``n``.
-
-        Raises:
-            ValueError: ``n`` is below 1.
+        Give the result to AC and ``self`` to FSDP to checkpoint one block in ``n``. Raises
+        ``ValueError`` when ``n`` < 1, as :meth:`first` and :meth:`last` do.
         """
         return self._with_subset("every", n)
 
     def first(self, k: int) -> ModulePolicy:
-        """Returns a policy that keeps the first ``k`` matches (Megatron's ``recompute_method='block'``).
-
-        Raises:
-            ValueError: ``k`` is below 1.
-        """
+        """Returns a policy that keeps the first ``k`` matches (Megatron's ``recompute_method='block'``)."""
         return self._with_subset("first", k)
 
     def last(self, k: int) -> ModulePolicy:
-        """Returns a policy that keeps the last ``k`` matches.
-
-        Raises:
-            ValueError: ``k`` is below 1.
-        """
+        """Returns a policy that keeps the last ``k`` matches."""
         return self._with_subset("last", k)
 
     def _with_subset(self, kind: str, n: int) -> ModulePolicy:
@@ -178,11 +168,7 @@ class ModulePolicy(FsdpTargetsPolicy):
         return derived
 
     def names(self, model: nn.Module) -> list[str]:
-        """Returns the clean qualified names of the modules this policy selects in ``model``.
-
-        Raises:
-            ValueError: The policy matches no submodule of ``model``.
-        """
+        """Returns the clean qualified names of the modules :meth:`sites` selects in ``model``."""
         return [site.name for site in self.sites(model)]
 
     def sites(self, model: nn.Module, ignored: frozenset[nn.Module] = frozenset()) -> list[Site]:
@@ -246,11 +232,7 @@ class ModulePolicy(FsdpTargetsPolicy):
         )
 
     def fsdp_targets(self, root: nn.Module, ignored: frozenset[nn.Module]) -> list[nn.Module]:
-        """What FSDP1 makes units of: the outermost activation wrapper of each match, or the match.
-
-        Raises:
-            ValueError: The policy matches no submodule of ``root``.
-        """
+        """What FSDP1 makes units of: the outermost activation wrapper of each match (see :meth:`sites`)."""
         return [site.top for site in self.sites(root, ignored)]
 
 

@@ -91,9 +91,6 @@ def _init_weights(module: nn.Module) -> None:
 class GPT(nn.Module):
     """Decoder-only language model returning logits of shape ``(batch, seq, vocab_size)``.
 
-    Args:
-        config: Model sizes.
-
     Example:
         >>> model = GPT(GPTConfig(n_layers=2))
         >>> model(torch.zeros(1, 8, dtype=torch.long)).shape
