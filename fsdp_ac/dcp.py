@@ -1,28 +1,8 @@
 """torch DCP's parameter names through an activation wrapper that holds an FSDP1 unit.
 
-Applying activation checkpointing before FSDP1's auto-wrap (torch's standard FSDP1 recipe) gives
-``CheckpointWrapper(FSDP(block))``. It trains, but torch's distributed checkpoint (DCP) cannot restore
-its optimizer state: ``set_optimizer_state_dict`` raises "Missing optimizer state for parameter
-'layers.0._fsdp_wrapped_module.ln_1.weight'". DCP maps each parameter to its fully qualified name
-(FQN) with ``torch.distributed.checkpoint.state_dict._get_fqns``, a walk down the model along the
-parameter's attribute path. The walk first deletes every ``_checkpoint_wrapped_module`` segment, so
-from the wrapper it goes on through the wrapper's attribute forwarding and never stands on the FSDP
-unit: its ``isinstance(module, FSDP)`` step never runs there, the unit's ``_fsdp_wrapped_module``
-stays in the FQN, and a flat parameter (``use_orig_params=False``) is not expanded into the names of
-the parameters it holds. FSDP saves the optimizer state under clean names, so none is found on load.
-
-No attribute of the wrapper can fix that: the walk puts every segment it reads at a module other
-than DDP, FSDP1 or a compiled module into the FQN, and the one segment between the wrapper and the
-unit is the one it deletes. So this module adapts the walk, the one place where fsdp_ac changes a
-torch internal: a name whose path reaches one of fsdp_ac's activation wrappers around an FSDP1 unit is
-resolved in two parts, the path to the wrapper from the model and the rest from the unit, each by
-torch's own walk; every other name, those through torch's own wrappers included, goes to torch's walk
-unchanged. fsdp_ac installs the adaptation (:func:`adapt_dcp_names`) when one of its wrappers first
-takes an FSDP1 unit, never at import, and keeps it for the rest of the process.
-
-Checked on torch 2.13.0 and 2.14.1 (:data:`CHECKED_TORCH`). On a torch whose ``_get_fqns`` is missing
-or has another signature the adaptation is not installed and the nesting is refused instead, naming
-the nestings that need none.
+``CheckpointWrapper(FSDP(block))`` (AC before FSDP1's auto-wrap) trains, but DCP's name walk cannot
+restore its optimizer state; :func:`adapt_dcp_names` adapts the walk for such names only, when a
+wrapper first takes an FSDP1 unit. See docs/differences.md, "DCP's name walk".
 """
 
 from __future__ import annotations
@@ -35,10 +15,14 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from fsdp_ac._compat import CHECKED_TORCH, DCP_FQN_WALK_PARAMETERS, dcp_fqn_walk, replace_dcp_fqn_walk
-from fsdp_ac.names import WRAPPED_MODULE_ATTR, unwrap
-
-__all__ = ["CHECKED_TORCH", "adapt_dcp_names"]
+from fsdp_ac._compat import (
+    CHECKED_TORCH,
+    DCP_FQN_WALK_PARAMETERS,
+    WRAPPED_MODULE_ATTR,
+    dcp_fqn_walk,
+    replace_dcp_fqn_walk,
+)
+from fsdp_ac.names import unwrap
 
 _Walk = Callable[..., set[str]]
 
@@ -65,9 +49,8 @@ class _WalkThroughWrappedUnits:
         path, unit, rest = split
         prefix = ""
         if path:
-            # torch's walk returns a dotless name as it is (DDP's "module" would stay), so the path
-            # goes with the segment after it, which the walk appends unchanged at the wrapper: the
-            # FQN up to the wrapper is what precedes that segment.
+            # A dotless name comes back as it is (DDP's "module" would stay), so the path goes with
+            # the next segment, which the walk appends unchanged at the wrapper.
             (through,) = self.__wrapped__(model, ".".join([*path, rest[0]]), *options)
             prefix = through.rpartition(".")[0]
         inner = self(unit, ".".join(rest), *options)
@@ -78,15 +61,14 @@ def adapt_dcp_names(region_name: str, wrapper_type: type[nn.Module]) -> None:
     """Makes DCP name parameters under an fsdp_ac wrapper that holds an FSDP1 unit; idempotent.
 
     Replaces ``torch.distributed.checkpoint.state_dict._get_fqns`` by a walk that resolves such names
-    in two parts (see the module docstring) and hands every other name to the function it replaces.
+    in two parts (to the wrapper, then from the unit) and hands every other name to torch's.
 
     Args:
         region_name: The wrapper's region, named in the error.
         wrapper_type: fsdp_ac's activation wrapper class (torch's own wrappers keep torch's walk).
 
     Raises:
-        ValueError: This torch's ``_get_fqns`` is missing or differs from the checked torch's, so the
-            adaptation cannot be checked to hold; the message names the nestings that need none.
+        ValueError: This torch's ``_get_fqns`` is missing or differs from the checked torch's.
     """
     current = dcp_fqn_walk()
     if isinstance(current, _WalkThroughWrappedUnits):
@@ -107,12 +89,7 @@ def adapt_dcp_names(region_name: str, wrapper_type: type[nn.Module]) -> None:
 def _split_at_wrapped_unit(
     model: nn.Module, name: str, wrapper_type: type[nn.Module]
 ) -> tuple[list[str], nn.Module, list[str]] | None:
-    """Where the path of ``name`` reaches an fsdp_ac wrapper around an FSDP1 unit.
-
-    Returns:
-        The segments up to the wrapper, the unit, and the segments after it without the wrapper's
-        own; None when the path reaches no such wrapper (or a segment is no module's attribute).
-    """
+    """The segments of ``name`` up to an fsdp_ac wrapper around an FSDP1 unit, the unit, the rest; or None."""
     segments = name.split(".")
     module: object = model
     for index, segment in enumerate(segments):

@@ -1,17 +1,8 @@
 """Clean parameter, buffer, module and state-dict names through activation wrappers.
 
-An activation wrapper keeps the module it wraps as the attribute ``_checkpoint_wrapped_module``
-(torch's FSDP and DCP look for that exact name). Left alone, that attribute leaks into every name
-computed from above the wrapper: ``layers.0._checkpoint_wrapped_module.attn.weight`` instead of
-``layers.0.attn.weight``. This module holds the one definition of that prefix and the hooks that keep
-it out of names, state dicts, load errors and optimizer ``param_names``, and put it back on load.
-
-It also holds the two walks every other module uses: :func:`wrapper_chain` (down a stack of
-activation and FSDP1 wrappers) and :func:`walk` (over a model's module tree, wrappers folded into
-the module they hold, each module under its clean name).
-
-Loading accepts both spellings of a key: the clean one (what fsdp_ac and a plain model write) and the
-legacy one that still carries the prefix (what older tools wrote). It never doubles the prefix.
+Holds the one definition of the ``_checkpoint_wrapped_module`` prefix, the hooks that keep it out
+of names, state dicts and load reports (and accept it on load), and the two walks the other modules
+use: :func:`wrapper_chain` and :func:`walk`. See docs/names.md.
 """
 
 from __future__ import annotations
@@ -25,19 +16,6 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from fsdp_ac._compat import FSDP1_WRAPPED_ATTR, WRAPPED_MODULE_ATTR, TorchActivationWrapper
 
-__all__ = [
-    "FSDP1_WRAPPED_ATTR",
-    "WRAPPED_MODULE_ATTR",
-    "Site",
-    "activation_wrappers",
-    "children_first",
-    "clean_name",
-    "clean_state_dict",
-    "unwrap",
-    "walk",
-    "wrapper_chain",
-]
-
 _WRAPPED_SEGMENT = WRAPPED_MODULE_ATTR + "."
 _PENDING_REPORT_ATTR = "_fsdp_ac_pending_load_report"
 
@@ -45,24 +23,14 @@ _PENDING_REPORT_ATTR = "_fsdp_ac_pending_load_report"
 class _PendingReport(NamedTuple):
     """What a wrapper's load pre-hook leaves for its post-hook: where its subtree's report begins."""
 
-    error_msgs: list[str]
-    """The load call's error messages; the post-hook gets the key lists but not this one."""
+    error_msgs: list[str]  # the post-hook gets the key lists but not this one
     missing_start: int
-    """Length of the load call's missing keys when the wrapper's subtree began loading."""
     unexpected_start: int
-    """Length of its unexpected keys then."""
     error_start: int
-    """Length of its error messages then."""
 
 
 def clean_name(name: str) -> str:
-    """Returns ``name`` with every ``_checkpoint_wrapped_module`` segment removed.
-
-    Args:
-        name: A dotted parameter, buffer, module or state-dict name.
-
-    Returns:
-        The name an unwrapped model uses for the same object.
+    """Returns ``name`` (a dotted parameter, buffer, module or state-dict name) as an unwrapped model has it.
 
     Example:
         >>> clean_name("layers.0._checkpoint_wrapped_module.attn.weight")
@@ -76,9 +44,7 @@ def clean_name(name: str) -> str:
 def clean_state_dict(state_dict: MutableMapping[str, Any]) -> dict[str, Any]:
     """Returns a copy of ``state_dict`` with wrapper prefixes removed from every key.
 
-    Use it to load a checkpoint written by an older tool (keys with ``_checkpoint_wrapped_module``)
-    into a model that has no activation wrappers. fsdp_ac's own wrappers accept both spellings, so a
-    wrapped model does not need it.
+    For loading an older tool's checkpoint into a model without wrappers (fsdp_ac's accept both).
 
     Args:
         state_dict: A model state dict, possibly with legacy keys.
@@ -87,8 +53,7 @@ def clean_state_dict(state_dict: MutableMapping[str, Any]) -> dict[str, Any]:
         A new dict with clean keys, in the original order.
 
     Raises:
-        ValueError: Two keys differ only by the wrapper prefix, so one would overwrite the other.
-            Remove the duplicate key from the checkpoint.
+        ValueError: Two keys differ only by the wrapper prefix.
     """
     cleaned: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -109,12 +74,8 @@ def strip_prefix_on_save(
 ) -> None:
     """State-dict post-hook: rewrites ``{prefix}_checkpoint_wrapped_module.*`` as ``{prefix}*``.
 
-    The key order is kept, so a clean state dict lists tensors exactly as an unwrapped model does.
-    Version metadata moves with the keys, which a plain model's ``load_state_dict`` reads; the wrapped
-    module's version replaces the wrapper's, since it is the one that describes the tensors.
-
-    Only this wrapper's subtree is visited (see :func:`_strip_trailing`), so ``state_dict()`` of a
-    model with one wrapper per block costs time linear in its number of keys.
+    Keeps the key order; version metadata moves with the keys (the wrapped module's replaces the
+    wrapper's).
     """
     del module, local_metadata
     _strip_trailing(state_dict, prefix)
@@ -126,19 +87,8 @@ def strip_prefix_on_save(
 def _strip_trailing(mapping: MutableMapping[str, Any], prefix: str) -> None:
     """Removes the wrapper's segment after ``prefix`` from the trailing keys under ``prefix``.
 
-    ``{prefix}_checkpoint_wrapped_module.{rest}`` becomes ``{prefix}{rest}``, and the metadata entry
-    ``{prefix}_checkpoint_wrapped_module`` (a module name has no trailing dot) becomes the wrapper's
-    own entry. Keys keep their order; a new key that already exists earlier takes that key's place,
-    as with the dict's own assignment.
-
-    ``nn.Module.state_dict`` inserts a module's keys and ``_metadata`` entries last, just before it
-    runs the module's post-hooks, so the trailing run of keys under ``prefix`` is the wrapper's
-    subtree. Visiting only that run, instead of every key, is what keeps a model with one wrapper per
-    block linear in its number of keys.
-
-    Args:
-        mapping: The state dict or its ``_metadata``.
-        prefix: The wrapper's prefix, ending with a dot unless the wrapper is the root.
+    ``state_dict`` inserts a module's keys last, just before its post-hooks, so the trailing run under
+    ``prefix`` is the wrapper's subtree: visiting only it keeps a save linear in the number of keys.
     """
     wrapped = prefix + WRAPPED_MODULE_ATTR
     wrapped_prefix = wrapped + "."
@@ -175,19 +125,14 @@ def restore_prefix_on_load(
 ) -> None:
     """Load pre-hook: routes every key under ``prefix`` to the wrapped module.
 
-    A key that already goes through ``_checkpoint_wrapped_module`` (a legacy checkpoint) is left as it
-    is, so the prefix is never doubled. The wrapper owns no tensors itself, so every other key under
-    ``prefix`` belongs to the wrapped module. torch passes a module's load hooks only the keys under
-    its prefix, so this visits the wrapper's subtree, once per enclosing wrapper: a load costs time
-    linear in the number of keys.
+    A legacy key (already through ``_checkpoint_wrapped_module``) is left as it is: never doubled.
 
     Raises:
         ValueError: The state dict holds both the clean and the prefixed spelling of one key.
     """
     del local_metadata, strict
-    # The wrapped module's loading, which runs after this hook, appends its missing and unexpected
-    # keys and load errors to these lists (shared by the whole load_state_dict call); the post-hook
-    # cleans what was appended from here on, so each entry is cleaned once per enclosing wrapper.
+    # The wrapped module's loading appends to these lists (shared by the whole call); the post-hook
+    # cleans what was appended from here on.
     module.__dict__[_PENDING_REPORT_ATTR] = _PendingReport(
         error_msgs, len(missing_keys), len(unexpected_keys), len(error_msgs)
     )
@@ -203,11 +148,7 @@ def restore_prefix_on_load(
 
 
 def clean_load_report(module: nn.Module, incompatible_keys: Any) -> None:
-    """Load post-hook: reports missing and unexpected keys, and load errors, in clean names.
-
-    Only the entries appended while the wrapper's subtree loaded are rewritten (the lists belong to the
-    whole ``load_state_dict`` call), so a load that reports many keys stays linear in their number.
-    """
+    """Load post-hook: reports missing and unexpected keys, and load errors, in clean names."""
     pending: _PendingReport | None = module.__dict__.pop(_PENDING_REPORT_ATTR, None)
     missing, unexpected = incompatible_keys.missing_keys, incompatible_keys.unexpected_keys
     # Without the pre-hook's record (torch always runs it first), every entry is cleaned.
@@ -225,10 +166,7 @@ def clean_load_report(module: nn.Module, incompatible_keys: Any) -> None:
 
 
 def wrapper_chain(module: nn.Module) -> tuple[nn.Module, ...]:
-    """Returns ``module`` and each module held by the activation or FSDP1 wrapper before it.
-
-    Outermost first, the wrapped module last; a module that is no wrapper is a chain of one.
-    """
+    """Returns ``module`` and each module the activation or FSDP1 wrapper before it holds; outermost first."""
     chain = [module]
     while True:
         last = chain[-1]
@@ -254,10 +192,7 @@ def activation_wrappers(module: nn.Module) -> list[TorchActivationWrapper]:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """Returns the module inside any stack of activation wrappers (fsdp_ac's or torch's).
-
-    Args:
-        module: A wrapper, or any module (returned as it is).
+    """Returns the module inside any stack of activation wrappers (fsdp_ac's or torch's), or ``module``.
 
     Example:
         >>> linear = nn.Linear(2, 2)
@@ -271,14 +206,10 @@ def unwrap(module: nn.Module) -> nn.Module:
 class Site:
     """One module of a model together with the activation and FSDP1 wrappers stacked on it."""
 
-    name: str
-    """Clean qualified name (no wrapper segments); ``""`` for the root."""
-    chain: tuple[nn.Module, ...]
-    """Outermost wrapper first, the wrapped module last (see :func:`wrapper_chain`)."""
-    ancestors: tuple[nn.Module, ...]
-    """The raw modules above ``chain[0]``, outermost first (wrappers included)."""
-    slots: list[tuple[nn.Module, str]] = field(default_factory=list)
-    """Every ``(parent, attribute)`` that holds ``chain[0]``: a shared module has several."""
+    name: str  # clean; "" for the root
+    chain: tuple[nn.Module, ...]  # :func:`wrapper_chain`
+    ancestors: tuple[nn.Module, ...]  # the raw modules above chain[0], outermost first
+    slots: list[tuple[nn.Module, str]] = field(default_factory=list)  # each (parent, attr) holding chain[0]
 
     @property
     def module(self) -> nn.Module:
@@ -301,10 +232,9 @@ class Site:
 
 
 def walk(root: nn.Module) -> list[Site]:
-    """Returns every module of ``root`` once, in forward-definition (pre-)order, wrappers folded in.
+    """Returns every module of ``root`` once, in definition (pre-)order, wrappers folded in; the root first.
 
-    The root's site comes first, named ``""``. Walks ``_modules``, not ``named_children()``: the raw
-    tree, with the wrappers that ``named_children`` hides and every slot of a shared module.
+    Walks ``_modules``: the raw tree, with the wrappers ``named_children`` hides and every shared slot.
     """
     sites: dict[nn.Module, Site] = {}
 

@@ -1,11 +1,7 @@
-"""Activation offloading: autograd keeps the tensors it saves for backward in host (CPU) memory.
+"""Activation offloading: the tensors autograd saves for backward wait in host (CPU) memory.
 
-Only tensors whose copy frees memory move (:func:`decide`): not parameters, buffers, their views or
-casts, tensors already on the CPU, or small ones. DTensor and other wrapper subclasses move through
-their inner tensors. Both ways of copying share :func:`pack_saved_tensor` / :func:`unpack_saved_tensor`:
-synchronous copies (:func:`copy_to_host`) by default, or an :class:`OffloadEngine`'s side-stream copies
-into a host pool with prefetch. ``copy_cpu_tensors=True`` copies CPU tensors too, so that tests run
-every decision and copy without an accelerator. See docs/offload.md.
+:func:`decide` says which tensors move; copies are synchronous, or an :class:`OffloadEngine`'s
+side-stream copies into a host pool with prefetch. See docs/offload.md.
 """
 
 from __future__ import annotations
@@ -18,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -26,56 +23,24 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from fsdp_ac._compat import StorageWeakRef, is_traceable_wrapper_subclass
 
-__all__ = [
-    "DEFAULT_MIN_OFFLOAD_BYTES",
-    "CudaTransfers",
-    "Decision",
-    "FlattenedCopy",
-    "HostCopy",
-    "HostPool",
-    "OffloadEngine",
-    "OffloadOptions",
-    "Offloaded",
-    "Operation",
-    "Packed",
-    "SynchronousTransfers",
-    "Transfers",
-    "copy_to_host",
-    "decide",
-    "host_bytes",
-    "offload_saved_tensors",
-    "owned_storages",
-    "pack_saved_tensor",
-    "pins",
-    "unpack_saved_tensor",
-]
-
 DEFAULT_MIN_OFFLOAD_BYTES = 1024
-"""Saved tensors smaller than this many bytes are not offloaded by default."""
 
 
 @dataclass(frozen=True)
 class OffloadOptions:
-    """What an offload copies, and how.
+    """What an offload copies, and how (see :func:`offload_saved_tensors` for each field).
 
     Raises:
         ValueError: ``min_offload_bytes`` is negative.
     """
 
     pin_memory: bool = True
-    """Copy into page-locked memory so the copy back to the accelerator can overlap; applies to
-    tensors copied from a CUDA device only (see :func:`pins`)."""
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES
-    """Saved tensors whose storage is smaller than this stay on their device."""
     copy_cpu_tensors: bool = False
-    """Also copy saved tensors already in CPU memory, into separate CPU memory: it frees nothing, but
-    runs the offload path for real where there is no accelerator (tests, CI)."""
 
     def __post_init__(self) -> None:
         if self.min_offload_bytes < 0:
-            raise ValueError(
-                f"min_offload_bytes must be >= 0 (a size in bytes), got {self.min_offload_bytes}."
-            )
+            raise ValueError(f"min_offload_bytes must be >= 0 (bytes), got {self.min_offload_bytes}.")
 
 
 class Decision(enum.Enum):
@@ -92,7 +57,6 @@ class Decision(enum.Enum):
 
 
 def _flatten(tensor: torch.Tensor) -> tuple[dict[str, object], Any] | None:
-    """A wrapper subclass's inner attributes by name (tensors, a device mesh...) and context, or None."""
     if not is_traceable_wrapper_subclass(tensor):
         return None
     names, context = tensor.__tensor_flatten__()
@@ -100,7 +64,6 @@ def _flatten(tensor: torch.Tensor) -> tuple[dict[str, object], Any] | None:
 
 
 def _inner_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The plain tensors inside ``tensor``: itself, or a wrapper subclass's inner ones, recursively."""
     flat = _flatten(tensor)
     if flat is None:
         yield tensor
@@ -123,31 +86,24 @@ def owned_storages(module: nn.Module) -> frozenset[int]:
 def decide(tensor: torch.Tensor, options: OffloadOptions, owned: frozenset[int]) -> Decision:
     """Says what offloading does with ``tensor``, a tensor autograd saves for backward.
 
-    Args:
-        tensor: The saved tensor.
-        options: The offload's options.
-        owned: The storages of the module's parameters and buffers (:func:`owned_storages`).
-
-    Returns:
-        :attr:`Decision.COPY` when a host copy frees memory, :attr:`Decision.FLATTEN` for a traceable
-        wrapper subclass (DTensor...) whose inner tensors are each decided, else why it stays.
+    ``owned`` holds the storages of the module's parameters and buffers (:func:`owned_storages`).
 
     Raises:
-        TypeError: ``tensor`` would be copied but is a tensor subclass without
-            ``__tensor_flatten__``: a plain copy would drop its type.
+        TypeError: ``tensor`` would be copied but is a subclass without ``__tensor_flatten__``.
     """
     base = tensor._base if tensor._base is not None else tensor
     if isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad):
         # FSDP1's flat-parameter views, FSDP2's sharded and unsharded parameters, an input the
         # caller keeps for its .grad.
         return Decision.PARAMETER
+    # One cast of a leaf that requires grad (its AccumulateGrad):
     cast = base.grad_fn
     if (
         cast is not None
         and cast.name() == "ToCopyBackward0"
         and hasattr(cast.next_functions[0][0], "variable")
     ):
-        return Decision.WEIGHT_CAST  # one cast of a leaf that requires grad (its AccumulateGrad)
+        return Decision.WEIGHT_CAST
     if tensor.device.type == "cpu" and not options.copy_cpu_tensors:
         return Decision.ON_HOST
     if is_traceable_wrapper_subclass(tensor):
@@ -162,20 +118,14 @@ def decide(tensor: torch.Tensor, options: OffloadOptions, owned: frozenset[int])
     if type(tensor) is not torch.Tensor:
         raise TypeError(
             f"Offloading cannot copy a saved tensor of type {type(tensor).__qualname__}: it is not a "
-            "traceable wrapper subclass (__tensor_flatten__ / __tensor_unflatten__), so a copy would "
-            "lose its type. Keep the module that saves it outside the offload wrapper, or give the "
-            "subclass __tensor_flatten__ and __tensor_unflatten__."
+            "traceable wrapper subclass, so a copy would lose its type. Keep the module that saves it "
+            "outside the offload wrapper, or give the subclass __tensor_flatten__ and __tensor_unflatten__."
         )
     return Decision.COPY
 
 
 def pins(source: torch.device, pin_memory: bool) -> bool:
-    """Whether a host copy of a tensor on ``source`` is page-locked: when asked, from CUDA only.
-
-    Example:
-        >>> pins(torch.device("cuda", 0), pin_memory=True), pins(torch.device("cpu"), pin_memory=True)
-        (True, False)
-    """
+    """Whether a host copy of a tensor on ``source`` is page-locked: when asked, from CUDA only."""
     return pin_memory and source.type == "cuda"
 
 
@@ -193,9 +143,7 @@ class FlattenedCopy:
     """A traceable wrapper subclass whose inner tensors were packed one by one."""
 
     cls: type[torch.Tensor]
-    inner: dict[str, Any]
-    """Each inner attribute packed (a tensor, :class:`HostCopy` or :class:`FlattenedCopy`), or as it
-    was when it is no tensor (DTensor's device mesh)."""
+    inner: dict[str, Any]  # each inner attribute, packed where it is a tensor
     context: Any
     size: torch.Size
     stride: tuple[int, ...]
@@ -203,23 +151,15 @@ class FlattenedCopy:
 
 @dataclass(eq=False, repr=False, slots=True, weakref_slot=True)
 class Offloaded:
-    """An :class:`OffloadEngine`'s handle on one saved tensor it copied to host memory.
-
-    Autograd holds it in place of the tensor; once autograd let go of every handle on a copy, the
-    engine takes the copy's host buffer back.
-    """
+    """An :class:`OffloadEngine`'s handle on one saved tensor it copied, held by autograd."""
 
     engine: OffloadEngine
     copy: _Copy
-    view: tuple[torch.Size, tuple[int, ...], int]
-    """The original's size, stride and storage offset."""
-    host_view: tuple[torch.Size, tuple[int, ...], int]
-    """Its size, stride and offset in the flat copy."""
+    view: tuple[torch.Size, tuple[int, ...], int]  # the original's size, stride and storage offset
+    host_view: tuple[torch.Size, tuple[int, ...], int]  # the same in the flat copy
 
 
 Packed = torch.Tensor | HostCopy | FlattenedCopy | Offloaded
-"""What :func:`pack_saved_tensor` returns: the tensor itself when it stays, else its copy or an
-engine's handle on it."""
 
 
 def copy_to_host(tensor: torch.Tensor, options: OffloadOptions) -> HostCopy:
@@ -241,20 +181,19 @@ def pack_saved_tensor(
     Args:
         tensor: The saved tensor.
         options: The offload's options.
-        owned: The storages of the module's parameters and buffers (:func:`owned_storages`).
-        copy: Offloads one plain tensor that :func:`decide` says to copy (an engine's asynchronous
-            copy); by default :func:`copy_to_host`. It may return the tensor itself to keep it.
+        owned: See :func:`decide`.
+        copy: Offloads one plain tensor to copy (default :func:`copy_to_host`); may return it to keep it.
 
     Raises:
         TypeError: See :func:`decide`.
+        RuntimeError: Under CUDA graph capture.
     """
     decision = decide(tensor, options, owned)
     if decision is Decision.COPY:
         if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
-                "Offloading cannot copy a saved tensor during CUDA graph capture: host copies and "
-                "pinned allocation are not capturable. Keep offload wrappers out of the captured "
-                "region (capture the checkpointed model without offload_wrapper)."
+                "Offloading cannot copy a saved tensor during CUDA graph capture (host copies are not "
+                "capturable). Keep offload wrappers out of the captured region."
             )
         return copy_to_host(tensor, options) if copy is None else copy(tensor)
     flat = _flatten(tensor) if decision is Decision.FLATTEN else None
@@ -271,22 +210,14 @@ def pack_saved_tensor(
 
 
 def unpack_saved_tensor(packed: Packed) -> torch.Tensor:
-    """The tensor backward reads: ``packed`` itself, or its copy on the device it came from.
-
-    A copy from the CPU (``copy_cpu_tensors``) is returned as it is: backward reads the copy.
-    """
+    """The tensor backward reads: ``packed`` itself, or its copy on the device it came from."""
     if isinstance(packed, torch.Tensor):
         return packed
     if isinstance(packed, HostCopy):
         return packed.host.to(packed.device, non_blocking=packed.pinned)
     if isinstance(packed, Offloaded):
         return packed.engine.load(packed)
-    inner = {
-        name: unpack_saved_tensor(value)
-        if isinstance(value, (torch.Tensor, HostCopy, FlattenedCopy, Offloaded))
-        else value
-        for name, value in packed.inner.items()
-    }
+    inner = {name: unpack_saved_tensor(v) if isinstance(v, Packed) else v for name, v in packed.inner.items()}
     rebuilt: torch.Tensor = packed.cls.__tensor_unflatten__(  # type: ignore[attr-defined]
         inner, packed.context, packed.size, packed.stride
     )
@@ -295,29 +226,20 @@ def unpack_saved_tensor(packed: Packed) -> torch.Tensor:
 
 # --- the asynchronous engine -----------------------------------------------------------------------
 
-Event = object
-"""A point on a stream the engine can make another stream wait for (a ``torch.cuda.Event``)."""
+Event = object  # a point on a stream another stream can wait for (a torch.cuda.Event)
 
 
 @dataclass(frozen=True)
 class Operation:
-    """One operation an engine's :class:`Transfers` ran, in the order the engine issued them."""
+    """One operation an engine's :class:`Transfers` ran (docs/offload.md, "The CPU test mode")."""
 
-    kind: str
-    """``"to_host"``, ``"to_device"`` (a reload), ``"wait"`` (the compute stream waits for a reload
-    before backward reads it) or ``"release"`` (it waits for a copy before its memory is let go)."""
-    block: int
-    """The block's position in forward (0 is the first block of a step)."""
-    position: int
-    """The copy's position among its block's copies."""
+    kind: str  # "to_host", "to_device", "wait" (for a reload) or "release" (waits for a copy)
+    block: int  # the block's position in forward
+    position: int  # the copy's position in its block
 
 
 class Transfers(Protocol):
-    """The copies an :class:`OffloadEngine` issues between one device and host memory, in stream order.
-
-    :class:`CudaTransfers` runs them on a side stream; :class:`SynchronousTransfers` runs them at
-    once on the CPU and records them.
-    """
+    """The copies an :class:`OffloadEngine` issues between one device and host memory, in stream order."""
 
     def host_buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:
         """A new flat ``uint8`` host buffer."""
@@ -335,11 +257,7 @@ class Transfers(Protocol):
 
 
 class CudaTransfers:
-    """Copies on one side stream of a CUDA device, ordered against the compute stream by events.
-
-    The compute stream is the current stream when a method is called. Memory a copy reads or writes
-    is let go only after the compute stream waited for the copy (docs/offload.md, "The engine").
-    """
+    """Copies on one side stream of a CUDA device, ordered against the (current) compute stream by events."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -352,7 +270,7 @@ class CudaTransfers:
     def copy(
         self, source: torch.Tensor, target: torch.Tensor, after: Event | None, label: Operation
     ) -> Event:
-        """Copies on the side stream, once it has waited for the compute stream and ``after``."""
+        """Copies on the side stream after the compute stream's work so far and ``after``."""
         # Waiting for the compute stream: the source is written there, and a reload target's memory
         # may still be read there by work queued before it was freed.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -368,10 +286,7 @@ class CudaTransfers:
 
 
 class SynchronousTransfers:
-    """The CPU test mode's stand-in for :class:`CudaTransfers`: copies at once.
-
-    ``operations`` records every copy and wait in the order the engine issued them.
-    """
+    """The CPU test mode's :class:`CudaTransfers`: copies at once, and records each copy and wait."""
 
     def __init__(self) -> None:
         self.operations: list[Operation] = []
@@ -394,11 +309,7 @@ class SynchronousTransfers:
 
 
 def host_bytes(nbytes: int, pinned: bool) -> int:
-    """The host memory a buffer of ``nbytes`` takes.
-
-    torch's pinned (CUDA caching host) allocator rounds each allocation up to a power of two;
-    pageable memory is taken as asked.
-    """
+    """The host memory a buffer of ``nbytes`` takes: the pinned allocator rounds up to a power of two."""
     return 1 << max(nbytes - 1, 0).bit_length() if pinned else nbytes
 
 
@@ -411,22 +322,16 @@ class _Buffer:
 
 
 class HostPool:
-    """Host buffers reused across steps, keyed by their size (:func:`host_bytes`) and pinning.
+    """Host buffers reused across steps, keyed by size (:func:`host_bytes`) and pinning.
 
-    Once warm, a step of fixed shapes allocates nothing. A step starts when a block starts with no
-    other block alive; then the free buffers that the step before did not take are freed, so shapes
-    that change from step to step cannot grow the pool. ``max_bytes`` caps what the pool holds, in
-    use or free, as the allocator counts it; free buffers are given up to make room under it.
+    ``max_bytes`` caps what it holds, in use or free (docs/offload.md, "The pool").
     """
 
     def __init__(self, max_bytes: int | None) -> None:
         self.max_bytes = max_bytes
-        self.bytes = 0
-        """Host memory the pool holds, in use or free."""
+        self.bytes = 0  # in use or free
         self.in_use_bytes = 0
-        """Host memory that holds saved tensors now."""
         self.allocations = 0
-        """How many buffers the pool ever allocated."""
         self.step = 0
         self._free: dict[tuple[int, bool], list[_Buffer]] = {}
 
@@ -470,7 +375,7 @@ class HostPool:
 
 @dataclass(eq=False, repr=False)
 class _Block:
-    """One call of an offload wrapper: its copies, in the order forward made them."""
+    """One call of an offload wrapper."""
 
     index: int
     copies: list[_Copy] = field(default_factory=list)
@@ -497,23 +402,18 @@ class _Copy:
     users: int = 0
     reads: int = 0
     reload: tuple[torch.Tensor, Event] | None = None
-    last: Event | None = None
-    """The last copy that used the buffer."""
+    last: Event | None = None  # the last copy that used the buffer
 
 
 class OffloadEngine:
     """Offloads saved activations asynchronously: side-stream copies, a host pool, prefetch.
 
-    Share one engine between the offload wrappers of a model (``offload_wrapper(block,
-    engine=engine)``); each wrapper call is a block. Copies run on a side stream into pooled host
-    buffers; originals are let go in stream order, a block after their own (a one-block stash); in
-    backward, reads prefetch ``prefetch_blocks`` blocks ahead, last saved first (docs/offload.md).
+    One engine serves the offload wrappers of a model (``offload_wrapper(block, engine=engine)``);
+    each wrapper call is a block (docs/offload.md, "The engine").
 
     Args:
-        max_host_bytes: The most host memory the engine's pool holds, as the pinned allocator
-            counts it (:func:`host_bytes`); None for no limit. Past it tensors stay on their device
-            (with one warning), or the engine raises.
-        on_cap: ``"keep"`` (stay on the device) or ``"raise"`` when a copy would pass the cap.
+        max_host_bytes: The most host memory the pool holds (:func:`host_bytes`); None for no limit.
+        on_cap: ``"keep"`` (stay on the device, warned once) or ``"raise"`` past the cap.
         prefetch_blocks: How many blocks ahead backward reloads (0: each block when it is read).
 
     Raises:
@@ -542,9 +442,7 @@ class OffloadEngine:
         self.prefetch_blocks = prefetch_blocks
         self.pool = HostPool(max_host_bytes)
         self.kept_for_cap = 0
-        """How many tensors stayed on their device because of ``max_host_bytes``."""
         self.cpu_transfers: Transfers = SynchronousTransfers()
-        """The CPU test mode's transfers; its ``operations`` record what the engine did on CPU."""
         self._cuda: dict[torch.device, CudaTransfers] = {}
         self._blocks: list[_Block] = []
         self._stash: deque[_Block] = deque()
@@ -554,15 +452,12 @@ class OffloadEngine:
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Copies and pickles as a new engine with the same settings (its own pool and cap)."""
-        return _engine_with, (self.pool.max_bytes, self.on_cap, self.prefetch_blocks)
+        engine = partial(OffloadEngine, max_host_bytes=self.pool.max_bytes, on_cap=self.on_cap)
+        return partial(engine, prefetch_blocks=self.prefetch_blocks), ()
 
     @contextmanager
     def block(self, module: nn.Module, options: OffloadOptions) -> Iterator[None]:
-        """Offloads, as one block, the tensors autograd saves inside this context.
-
-        Args:
-            module: The module running inside the context; its parameters and buffers stay.
-            options: Which tensors are copied (:func:`decide`) and whether into pinned memory.
+        """Offloads, as one block, the tensors autograd saves inside this context (``module``'s own stay).
 
         Raises:
             TypeError: See :func:`decide`.
@@ -657,13 +552,12 @@ class OffloadEngine:
         )
         if self.on_cap == "raise":
             raise RuntimeError(
-                f"{message}. Raise max_host_bytes, offload fewer blocks, or pass on_cap='keep' to "
-                "keep such tensors on their device."
+                f"{message}. Raise max_host_bytes, offload fewer blocks, or pass on_cap='keep'."
             )
         if self.kept_for_cap == 0:
             warnings.warn(
-                f"{message}: it stays on {tensor.device}, as will any other tensor past the cap "
-                "(said once). Raise max_host_bytes to offload them.",
+                f"{message}: it stays on {tensor.device}, as will others past the cap (said once). "
+                "Raise max_host_bytes to offload them.",
                 ResourceWarning,
                 stacklevel=2,
             )
@@ -739,10 +633,6 @@ def _holds(copy: _Copy, tensor: torch.Tensor, start: int, end: int) -> bool:
     )
 
 
-def _engine_with(max_host_bytes: int | None, on_cap: str, prefetch_blocks: int) -> OffloadEngine:
-    return OffloadEngine(max_host_bytes=max_host_bytes, on_cap=on_cap, prefetch_blocks=prefetch_blocks)
-
-
 @contextmanager
 def offload_saved_tensors(
     module: nn.Module,
@@ -754,17 +644,12 @@ def offload_saved_tensors(
 ) -> Iterator[None]:
     """Moves the activations that autograd saves inside this context to CPU memory.
 
-    Without ``engine`` each copy is synchronous, on the current stream, into new host memory; with
-    one, the context is one of the engine's blocks (asynchronous copies, a pool, prefetch).
-
     Args:
         module: The module running inside the context; its parameters and buffers are never copied.
-        pin_memory: Copy into page-locked memory so the copy back to the accelerator can overlap
-            (for tensors on a CUDA device only).
+        pin_memory: Copy into page-locked memory so reloads can overlap (tensors on CUDA only).
         min_offload_bytes: Saved tensors whose storage is smaller than this stay on their device.
-        copy_cpu_tensors: Also copy saved tensors already in CPU memory, into separate CPU memory
-            (see :attr:`OffloadOptions.copy_cpu_tensors`): for tests on machines without an accelerator.
-        engine: The :class:`OffloadEngine` that copies, or None for synchronous copies.
+        copy_cpu_tensors: Also copy tensors already in CPU memory: runs the path without an accelerator.
+        engine: The :class:`OffloadEngine` that copies, or None for synchronous copies on the current stream.
 
     Raises:
         ValueError: ``min_offload_bytes`` is negative.
@@ -782,8 +667,7 @@ def offload_saved_tensors(
         with engine.block(module, options):
             yield
         return
-    # Taken when the context is entered, not when the module was wrapped: FSDP2 swaps unsharded
-    # parameters in during forward.
+    # Taken on entry, not at wrapping: FSDP2 swaps unsharded parameters in during forward.
     owned = owned_storages(module)
 
     def pack(tensor: torch.Tensor) -> Packed:

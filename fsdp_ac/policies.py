@@ -1,18 +1,8 @@
 """Where to checkpoint and where to shard: one policy object for FSDP1, FSDP2 and activation checkpointing.
 
-A :class:`ModulePolicy` names the blocks of a model once (module classes, class names, a predicate, or
-one of FSDP's auto-wrap policies) and answers the same way wherever it is used:
-
-- ``FullyShardedDataParallel(model, auto_wrap_policy=policy)`` (FSDP1) makes one unit per block;
-- :func:`fully_shard_by_policy` calls FSDP2's ``fully_shard`` on each block, then on the root;
-- ``apply_activation_checkpointing(model, auto_wrap_policy=policy)`` makes one AC region per block.
-
-A block and the activation wrappers around it count as one match, so the order of application does
-not matter: FSDP1 in either order gives ``FSDP(CheckpointWrapper(block))``, and no policy ever puts
-an FSDP unit around a wrapper and another around the block inside it. :meth:`ModulePolicy.every`,
-:meth:`~ModulePolicy.first` and :meth:`~ModulePolicy.last` derive the policy for "checkpoint one block
-in N" from the sharding policy. :func:`check_alignment` finds AC regions that span several FSDP units
-or that an FSDP unit splits.
+A :class:`ModulePolicy` names the blocks of a model once and answers the same way for FSDP1's
+``auto_wrap_policy``, :func:`fully_shard_by_policy` (FSDP2) and ``apply_activation_checkpointing``;
+:func:`check_alignment` finds AC regions that FSDP units split or span. See docs/policies.md.
 """
 
 from __future__ import annotations
@@ -35,14 +25,10 @@ from fsdp_ac._compat import (
 )
 from fsdp_ac.names import Site, children_first, walk
 
-__all__ = ["ModulePolicy", "PolicySpec", "check_alignment", "fully_shard_by_policy"]
-
+# What ModulePolicy accepts (see its docstring).
 PolicySpec: TypeAlias = (
     type[nn.Module] | str | Iterable[type[nn.Module] | str] | Callable[..., bool] | FsdpPolicy
 )
-"""What :class:`ModulePolicy` accepts: a module class, a class name, a collection of either, a
-predicate ``(module) -> bool``, an FSDP policy object, or an FSDP callable ``(module, recurse,
-nonwrapped_numel) -> bool`` such as ``partial(transformer_auto_wrap_policy, ...)``."""
 
 
 def _class_names(module: nn.Module) -> set[str]:
@@ -51,7 +37,6 @@ def _class_names(module: nn.Module) -> set[str]:
 
 
 def _is_fsdp_callable(fn: Callable[..., Any]) -> bool:
-    """True for FSDP's ``(module, recurse, nonwrapped_numel)`` callables, False for predicates."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -80,23 +65,15 @@ def _run_fsdp_callable(fn: Callable[..., bool], root: nn.Module) -> set[nn.Modul
 class ModulePolicy(FsdpTargetsPolicy):
     """Selects the blocks of a model for FSDP units and activation checkpointing, the same way for both.
 
-    It is an FSDP policy object (a ``CustomPolicy``), so FSDP1 and torch's own
-    ``apply_activation_checkpointing`` accept it as ``auto_wrap_policy``, as do fsdp_ac's
-    :func:`~fsdp_ac.apply_activation_checkpointing` and :func:`fully_shard_by_policy`.
-
-    A module matches when it, or any activation or FSDP1 wrapper around it, matches ``spec``; a
-    module and its wrappers count once. FSDP1 wraps the outermost activation wrapper of a match and
-    activation checkpointing wraps the module inside any FSDP1 wrapper, so both orders give
-    ``FSDP(CheckpointWrapper(block))``. Matches are ordered as the model defines its modules.
+    An FSDP ``CustomPolicy``, so FSDP1 and torch's ``apply_activation_checkpointing`` accept it. A
+    module and the wrappers around it count as one match, so both orders of FSDP1 and AC give
+    ``FSDP(CheckpointWrapper(block))``; matches come in model order.
 
     Args:
-        spec: A module class, a class name (``"LlamaDecoderLayer"``, as Accelerate's
-            ``transformer_cls_names_to_wrap`` and Hugging Face's ``_no_split_modules`` give them; a
-            name matches subclasses too), a collection of classes and names, a predicate
-            ``(module) -> bool``, an FSDP policy object (``ModuleWrapPolicy``, ``CustomPolicy``), an
-            FSDP callable ``(module, recurse, nonwrapped_numel) -> bool`` (``partial`` of
-            ``transformer_auto_wrap_policy``, ``size_based_auto_wrap_policy`` or
-            ``lambda_auto_wrap_policy``), or another ``ModulePolicy``.
+        spec: A module class, a class name (``"LlamaDecoderLayer"``; matches subclasses too), a
+            collection of classes and names, a predicate ``(module) -> bool``, an FSDP policy object
+            or ``(module, recurse, nonwrapped_numel) -> bool`` callable (``partial`` of
+            ``transformer_auto_wrap_policy``...), or another ``ModulePolicy``.
 
     Raises:
         TypeError: ``spec`` is none of these.
@@ -122,9 +99,7 @@ class ModulePolicy(FsdpTargetsPolicy):
         if isinstance(spec, ModulePolicy):
             self.__dict__.update(custom_policy_fields(spec))
             return
-        if isinstance(spec, str):
-            spec = {spec}
-        if isinstance(spec, type):
+        if isinstance(spec, (str, type)):
             spec = {spec}
         if isinstance(spec, FsdpPolicy):
             self._fsdp_policy = spec
@@ -169,37 +144,20 @@ class ModulePolicy(FsdpTargetsPolicy):
         subsets = "".join(f".{kind}({n})" for kind, n in self._subsets)
         return f"ModulePolicy({self._spec_repr}){subsets}"
 
-    # --- deriving "one block in N" policies --------------------------------------------------------
-
     def every(self, n: int) -> ModulePolicy:
         """Returns a policy that keeps the first match and every ``n``-th one after it.
 
-        Give the result to activation checkpointing and ``self`` to FSDP: every block stays its own
-        FSDP unit and one in ``n`` is checkpointed. The first block is kept because its activations
-        live longest (torchtune's and torchtitan's "checkpoint every N layers").
-
-        Args:
-            n: The period; 1 keeps every match.
-
-        Raises:
-            ValueError: ``n`` is below 1.
+        Give the result to AC and ``self`` to FSDP to checkpoint one block in ``n``. Raises
+        ``ValueError`` when ``n`` < 1, as :meth:`first` and :meth:`last` do.
         """
         return self._with_subset("every", n)
 
     def first(self, k: int) -> ModulePolicy:
-        """Returns a policy that keeps the first ``k`` matches (Megatron's ``recompute_method='block'``).
-
-        Raises:
-            ValueError: ``k`` is below 1.
-        """
+        """Returns a policy that keeps the first ``k`` matches (Megatron's ``recompute_method='block'``)."""
         return self._with_subset("first", k)
 
     def last(self, k: int) -> ModulePolicy:
-        """Returns a policy that keeps the last ``k`` matches.
-
-        Raises:
-            ValueError: ``k`` is below 1.
-        """
+        """Returns a policy that keeps the last ``k`` matches."""
         return self._with_subset("last", k)
 
     def _with_subset(self, kind: str, n: int) -> ModulePolicy:
@@ -209,14 +167,8 @@ class ModulePolicy(FsdpTargetsPolicy):
         derived._subsets = (*self._subsets, (kind, n))
         return derived
 
-    # --- selection --------------------------------------------------------------------------------
-
     def names(self, model: nn.Module) -> list[str]:
-        """Returns the clean qualified names of the modules this policy selects in ``model``.
-
-        Raises:
-            ValueError: The policy matches no submodule of ``model``.
-        """
+        """Returns the clean qualified names of the modules :meth:`sites` selects in ``model``."""
         return [site.name for site in self.sites(model)]
 
     def sites(self, model: nn.Module, ignored: frozenset[nn.Module] = frozenset()) -> list[Site]:
@@ -227,8 +179,7 @@ class ModulePolicy(FsdpTargetsPolicy):
             ignored: Modules to leave out (FSDP's ``ignored_modules``).
 
         Raises:
-            ValueError: The policy matches no submodule of ``model`` (the message lists the model's
-                module classes).
+            ValueError: The policy matches no submodule of ``model``.
         """
         chosen: frozenset[nn.Module] = frozenset()
         if self._fsdp_policy is not None:
@@ -253,7 +204,6 @@ class ModulePolicy(FsdpTargetsPolicy):
         return matched
 
     def _matches_alone(self, module: nn.Module) -> bool:
-        """Per-module answer for class, name and predicate specs (CustomPolicy's ``lambda_fn``)."""
         return self._member_matches(module, frozenset())
 
     def _member_matches(self, module: nn.Module, chosen: frozenset[nn.Module]) -> bool:
@@ -282,11 +232,7 @@ class ModulePolicy(FsdpTargetsPolicy):
         )
 
     def fsdp_targets(self, root: nn.Module, ignored: frozenset[nn.Module]) -> list[nn.Module]:
-        """What FSDP1 makes units of: the outermost activation wrapper of each match, or the match.
-
-        Raises:
-            ValueError: The policy matches no submodule of ``root``.
-        """
+        """What FSDP1 makes units of: the outermost activation wrapper of each match (see :meth:`sites`)."""
         return [site.top for site in self.sites(root, ignored)]
 
 
@@ -295,18 +241,14 @@ def fully_shard_by_policy(
 ) -> nn.Module:
     """Applies FSDP2's ``fully_shard`` to each module ``policy`` selects, then to the root.
 
-    FSDP2 takes no auto-wrap policy; this is the FSDP2 counterpart of
-    ``FullyShardedDataParallel(model, auto_wrap_policy=policy)``. A checkpointed block is sharded
-    through its outermost wrapper (torchtitan's order), and blocks sharded already are left alone, so
-    calling it twice changes nothing. Afterwards :func:`check_alignment` warns about AC regions that
-    do not coincide with FSDP units.
+    FSDP2's counterpart of ``auto_wrap_policy``: a checkpointed block is sharded through its outermost
+    wrapper, blocks sharded already are left alone, and :func:`check_alignment` runs afterwards.
 
     Args:
         model: The model to shard in place.
         policy: Anything :class:`ModulePolicy` accepts.
         shard_root: Also shard the root (holding the parameters outside the blocks).
-        **fully_shard_kwargs: Passed to every ``fully_shard`` call (``mesh``, ``mp_policy``,
-            ``reshard_after_forward``, ...).
+        **fully_shard_kwargs: Passed to every ``fully_shard`` call (``mesh``, ``mp_policy``...).
 
     Returns:
         ``model``, now an ``FSDPModule`` when ``shard_root``.
@@ -331,9 +273,6 @@ def fully_shard_by_policy(
     return model
 
 
-# --- alignment of AC regions and FSDP units --------------------------------------------------------
-
-
 def _is_unit(module: nn.Module) -> bool:
     return isinstance(module, (FullyShardedDataParallel, FSDPModule))
 
@@ -341,21 +280,13 @@ def _is_unit(module: nn.Module) -> bool:
 def check_alignment(model: nn.Module, *, strict: bool = False, stacklevel: int = 2) -> list[str]:
     """Finds activation-checkpoint regions that do not coincide with FSDP units.
 
-    Two placements cost memory and communication without a word from torch:
-
-    - an AC region that spans several FSDP units: recomputing it in backward unshards all of them
-      at once;
-    - an FSDP unit that splits an AC region (the unit lies inside the region, but some of the
-      region's parameters belong to a unit around it): the recomputation needs both units at once.
-
-    FSDP1 (``FullyShardedDataParallel``) and FSDP2 (``fully_shard``) units are both recognised; a
-    model without FSDP units has nothing to check.
+    A region that spans several FSDP1 or FSDP2 units, or that a unit splits, needs them all
+    unsharded at once when it is recomputed.
 
     Args:
         model: The model after both activation checkpointing and FSDP were applied.
         strict: Raise instead of warning.
-        stacklevel: Where the warnings point, as for ``warnings.warn`` (callers that check on behalf
-            of their own caller pass one more).
+        stacklevel: Where the warnings point, as for ``warnings.warn``.
 
     Returns:
         One message per misplaced region, naming the region and the units (empty when aligned).
@@ -381,7 +312,7 @@ def check_alignment(model: nn.Module, *, strict: bool = False, stacklevel: int =
     ancestors_of = {m: a for _, m, a in entries}
 
     def owner(module: nn.Module) -> nn.Module | None:
-        """The FSDP unit that manages ``module``'s own parameters: the nearest unit at or above it."""
+        # The FSDP unit that manages module's own parameters: the nearest at or above it.
         return next((m for m in reversed((*ancestors_of[module], module)) if _is_unit(m)), None)
 
     def label(unit: nn.Module | None) -> str:

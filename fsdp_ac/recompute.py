@@ -1,28 +1,8 @@
 """What happens when a checkpointed region runs again in backward: the replay rule.
 
-Recomputation replays a module's forward. The replay must compute exactly the values the forward
-computed, and nothing else should happen twice. :class:`RecomputeRegion` runs one call of a
-checkpointed module and applies one rule to everything the forward touched:
-
-**The replay rule.** Whatever can change a value runs again in the replay; whatever only observes runs
-once per step. The forward records, for each forward hook and pre-hook inside the region, whether that
-call changed a value: it returned something, bumped the version counter of a tensor it was given (an
-in-place edit of an input or output), or changed a tensor of its module (a parameter or buffer edited
-in place, a tensor attribute replaced, as ``weight_norm`` does). The replay calls exactly those hooks
-again, in the same order; hooks that only observed (returned nothing, changed nothing) are skipped.
-Hooks of ``torch.distributed`` (FSDP2 units, grouped ones included, tensor-parallel layouts,
-``distribute_module``) always run again, as in torch's wrapper, and so do hooks registered after the
-forward (torch's behaviour). :func:`replay_hook` overrides the rule for one hook in either direction.
-Buffers the forward mutated (version counter moved, or running statistics of a batch/instance norm in
-training, whose CPU kernels update without bumping the counter) are restored after the replay, so
-running statistics count each step once; other buffers are never copied. :func:`is_recomputing` is
-``True`` during the replay, for forward code that must act once per step. Under ``torch.compile`` the
-replay happens inside the compiled backward graph, which recomputes the traced ops (value-changing
-hooks included) and no Python side effects, so the same rule holds.
-
-Also, every tensor saved for backward is checked against the replay, and a mismatch raises
-:class:`RecomputationMismatchError` naming the region and the likely cause; with
-``preserve_rng_state=False``, a random op in the region is refused unless allowed.
+:class:`RecomputeRegion` runs one call of a checkpointed module: hooks that changed a value in the
+forward run again in the replay, observing ones run once per step, mutated buffers are restored, and
+each saved tensor is checked against the forward's (docs/differences.md, "The replay rule").
 """
 
 from __future__ import annotations
@@ -46,15 +26,6 @@ from fsdp_ac._compat import (
     tree_leaves,
 )
 
-__all__ = [
-    "RandomOpWithoutRngStateError",
-    "RecomputationMismatchError",
-    "RecomputeRegion",
-    "has_user_hooks",
-    "is_recomputing",
-    "replay_hook",
-]
-
 _RECOMPUTING: ContextVar[bool] = ContextVar("fsdp_ac_recomputing", default=False)
 
 _REPLAY_ATTR = "__fsdp_ac_replay__"
@@ -65,8 +36,7 @@ _Hook = TypeVar("_Hook", bound=Callable[..., Any])
 def is_recomputing() -> bool:
     """Returns True while a checkpointed region replays its forward during backward.
 
-    Use it in forward code (or a hook marked with :func:`replay_hook`) that must act once per
-    training step, not once per execution.
+    For forward code (or a hook marked with :func:`replay_hook`) that must act once per step.
 
     Example:
         >>> class Counter(nn.Module):
@@ -93,12 +63,9 @@ class _MarkedHook:
 def replay_hook(hook: _Hook, *, replay: bool = True) -> _Hook:
     """Marks a forward hook or pre-hook to run again in every replay (``replay=True``) or never.
 
-    By default the replay runs exactly the hooks whose forward call changed a value (see the module
-    docstring). Mark a hook when that decision is wrong for it: ``replay=True`` for a hook whose
-    effect the replay needs although it returns nothing and edits no tensor (it sets a plain
-    attribute that the forward reads, say); ``replay=False`` for a hook that returns a value but
-    must act once per step (it returns its input unchanged while counting calls, say; its return
-    value is then not applied in the replay, so it must not change a value).
+    By default the replay runs exactly the hooks whose forward call changed a value. ``replay=True``
+    suits a hook that sets a plain attribute the forward reads; ``replay=False`` one that returns
+    its input unchanged while counting calls (its return value is not applied in the replay).
 
     Args:
         hook: The hook to register with ``register_forward_hook`` or ``register_forward_pre_hook``.
@@ -125,12 +92,7 @@ def replay_hook(hook: _Hook, *, replay: bool = True) -> _Hook:
 
 
 def _is_framework_hook(hook: Callable[..., Any]) -> bool:
-    """Hooks of torch's distributed stack (FSDP2, tensor parallel) behave as in torch's wrapper.
-
-    They are recognised by where they are defined, looking through ``functools.wraps`` and
-    ``functools.partial`` layers (FSDP2 wraps the hooks of a grouped unit), or by being bound to a
-    composable distributed state.
-    """
+    """Whether a hook is torch.distributed's (by module, through wraps/partial layers, or its state)."""
     fn: Any = hook
     for _ in range(8):
         if isinstance(getattr(fn, "__self__", None), ComposableState):
@@ -154,8 +116,7 @@ def _mark(hook: Callable[..., Any]) -> bool | None:
 def has_user_hooks(root: nn.Module) -> bool:
     """Whether a forward hook or pre-hook inside ``root`` is not one of ``torch.distributed``'s.
 
-    Under ``torch.compile`` such a region runs eagerly (see ``CheckpointWrapper.forward``); written so
-    that Dynamo evaluates it while tracing, guarded on the hooks like any module attribute.
+    Dynamo evaluates it while tracing, guarded on the hooks like any module attribute.
     """
     for module in _submodules(root):
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
@@ -179,8 +140,7 @@ def _module_state(module: nn.Module) -> list[int]:
     return state
 
 
-_HookKey = tuple[int, int]
-"""A hook's place: the id of the hooks dict that holds it and its handle id there."""
+_HookKey = tuple[int, int]  # id of the hooks dict, handle id
 
 
 class _Recorder:
@@ -217,8 +177,7 @@ class _Replayer:
         return self.hook(*args)
 
 
-def _skip(*args: Any) -> None:
-    """Stands in for a hook marked ``replay=False`` during the replay."""
+def _skip(*args: Any) -> None:  # a hook marked replay=False, in the replay
     del args
 
 
@@ -253,7 +212,7 @@ def _swapped_hooks(
 
 
 def _submodules(root: nn.Module) -> list[nn.Module]:
-    """The modules of ``root``, each once, as ``root.modules()`` gives them (breadth first)."""
+    """``root.modules()``, breadth first."""
     found = [root]
     seen = {id(root)}
     for module in found:
@@ -292,12 +251,7 @@ _LIKELY_CAUSES = (
 
 
 class _SavedTensorAudit:
-    """Saved-tensor hooks layered over torch's checkpoint hooks that compare forward and replay.
-
-    Pushed inside the checkpointed function, they delegate every pack and unpack to the hooks torch's
-    checkpoint installed, so checkpointing behaves exactly as without them. The wrapper turns torch's
-    own metadata check off when this audit runs, so each saved tensor is checked once.
-    """
+    """Saved-tensor hooks over (and delegating to) torch's checkpoint hooks: compare forward and replay."""
 
     __slots__ = ("check_values", "metadata", "position", "region_name", "values")
 
@@ -309,7 +263,6 @@ class _SavedTensorAudit:
         self.position = 0
 
     def recording(self) -> contextlib.AbstractContextManager[Any]:
-        """Hooks that record the metadata (and values, if checked) of each tensor the forward saves."""
         outer = saved_tensors_hooks_in_scope()
         if outer is None:  # not under torch's non-reentrant checkpoint: nothing to audit
             return contextlib.nullcontext()
@@ -325,7 +278,6 @@ class _SavedTensorAudit:
         return TransparentSavedTensorsHooks(pack, outer)
 
     def comparing(self) -> contextlib.AbstractContextManager[Any]:
-        """Hooks that compare each tensor the replay saves with the forward's; see :meth:`check_count`."""
         self.position = 0
         outer = saved_tensors_hooks_in_scope()
         if outer is None or not self.metadata:
@@ -361,11 +313,7 @@ class _SavedTensorAudit:
         return TransparentSavedTensorsHooks(pack, outer)
 
     def check_count(self) -> None:
-        """Raises if a replay that ran to its end saved fewer tensors than the forward.
-
-        torch's early stop ends a replay at its last saved tensor, so a replay reaches its end only
-        when it saved fewer (or, with early stop off, exactly as many).
-        """
+        """Raises if a replay that ran to its end saved fewer tensors (early stop ends a full one sooner)."""
         if self.position < len(self.metadata):
             raise RecomputationMismatchError(
                 f"Checkpointed region '{self.region_name}' saved fewer tensors when recomputed in "
@@ -403,9 +351,6 @@ class _RandomOpGuard(TorchDispatchMode):
 
 class RecomputeRegion:
     """One call of a checkpointed module: its original forward, then any replays in backward.
-
-    The forward records which hooks changed a value and which buffers it mutated; each replay applies
-    the replay rule (module docstring) to them.
 
     Args:
         module: The checkpointed module.

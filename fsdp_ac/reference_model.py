@@ -1,8 +1,7 @@
 """A small GPT-like reference model for the demo, the benchmark and the distributed suite.
 
-It is a real decoder-only transformer (pre-LN blocks, causal scaled-dot-product attention, a 4x GELU
-MLP, tied input and output embeddings), sized by :class:`GPTConfig`, so that every wrapper, policy and
-plan is exercised on the structure users actually train.
+A real decoder-only transformer (pre-LN blocks, causal attention, GELU MLP, tied embeddings), so that
+wrappers, policies and plans are exercised on the structure users train.
 """
 
 from __future__ import annotations
@@ -21,21 +20,13 @@ class GPTConfig:
     """Sizes of the reference model."""
 
     vocab_size: int = 512
-    """Number of token ids."""
     max_seq_len: int = 256
-    """Longest sequence the learned position embedding covers."""
     d_model: int = 128
-    """Width of the residual stream."""
-    n_heads: int = 4
-    """Attention heads; must divide ``d_model``."""
+    n_heads: int = 4  # must divide d_model
     n_layers: int = 4
-    """Number of transformer blocks."""
-    mlp_ratio: int = 4
-    """Hidden width of the MLP as a multiple of ``d_model``."""
-    dropout: float = 0.0
-    """Dropout probability after attention and MLP (random ops that recomputation must replay)."""
+    mlp_ratio: int = 4  # MLP width / d_model
+    dropout: float = 0.0  # after attention and MLP: random ops the recomputation must replay
     tie_embeddings: bool = True
-    """Share the token embedding with the output projection."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -90,7 +81,7 @@ class TransformerBlock(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """GPT-2's initialisation: small weights keep the initial loss near ln(vocab_size)."""
+    # GPT-2's initialisation: small weights keep the initial loss near ln(vocab_size).
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
@@ -99,9 +90,6 @@ def _init_weights(module: nn.Module) -> None:
 
 class GPT(nn.Module):
     """Decoder-only language model returning logits of shape ``(batch, seq, vocab_size)``.
-
-    Args:
-        config: Model sizes.
 
     Example:
         >>> model = GPT(GPTConfig(n_layers=2))

@@ -1,24 +1,8 @@
 """Drop-in activation checkpointing and offloading wrappers.
 
-The names, parameter order and defaults are those of
-``torch.distributed.algorithms._checkpoint.checkpoint_wrapper`` (torch 2.13), so switching is one
-import line. The wrapper classes subclass torch's, so torch's FSDP and DCP treat them exactly as they
-treat torch's own (``FSDP(checkpoint_wrapper(m)).module is m``, FQN cleaning, ``get_model_state_dict``).
-
-What differs:
-
-- Names: in ``named_modules()`` a wrapper and the module it wraps share one clean name, so
-  ``named_parameters()``, ``named_buffers()`` and optimizer ``param_names`` computed from any module
-  are the unwrapped model's; state dicts are saved with clean keys and load from clean or legacy keys.
-- Correctness by default: reentrant checkpointing trains a region whose inputs need no gradient, takes
-  any nesting of tensors in and out, and trains under DDP in every pattern exactly as without AC
-  (tied weights, a region run twice, ``find_unused_parameters``); the replay
-  in backward recomputes what the forward computed (value-changing, tensor-parallel and FSDP2 hooks
-  run again) while observing hooks and buffer updates happen once per step (the replay rule,
-  :mod:`fsdp_ac.recompute`); a random op with ``preserve_rng_state=False`` is refused; a replay that
-  differs from the forward names the region.
-- Wrapping is idempotent and undoable (:func:`~fsdp_ac.unwrap`,
-  :func:`~fsdp_ac.remove_activation_checkpointing`).
+Names, parameter order and defaults are those of torch's ``checkpoint_wrapper`` (torch 2.13), and the
+classes subclass torch's, so FSDP and DCP treat them as torch's own. What differs (clean names, the
+replay rule, reentrant regions that train under DDP) is in docs/differences.md and docs/names.md.
 """
 
 from __future__ import annotations
@@ -38,13 +22,13 @@ from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from fsdp_ac._compat import (
     WRAPPED_MODULE_ATTR,
-    CheckpointImpl,
     TorchActivationWrapper,
     TorchCheckpointWrapper,
     TorchOffloadWrapper,
     active_ddp_module,
     checkpoint_function,
 )
+from fsdp_ac._compat import CheckpointImpl as CheckpointImpl  # re-exported
 from fsdp_ac.names import (
     activation_wrappers,
     clean_load_report,
@@ -55,29 +39,14 @@ from fsdp_ac.names import (
 from fsdp_ac.offload import DEFAULT_MIN_OFFLOAD_BYTES, OffloadEngine, OffloadOptions, offload_saved_tensors
 from fsdp_ac.recompute import RecomputeRegion, has_user_hooks
 
-__all__ = [
-    "ActivationWrapper",
-    "CheckpointImpl",
-    "CheckpointWrapper",
-    "OffloadWrapper",
-    "checkpoint_wrapper",
-    "naming_regions",
-    "offload_wrapper",
-    "refuse_hf_gradient_checkpointing",
-    "require_module",
-]
-
-
 _REGION_NAME: ContextVar[str | None] = ContextVar("fsdp_ac_region_name", default=None)
-"""The qualified name the application path is wrapping; a wrapper built meanwhile takes it."""
 
 
 @contextlib.contextmanager
 def naming_regions(name: str) -> Iterator[None]:
     """Wrappers built inside this context take ``name`` as their ``region_name``.
 
-    The application path (:mod:`fsdp_ac.apply`) calls a user's ``checkpoint_wrapper_fn(module)``,
-    which has no name argument; this is how the wrapper learns its qualified name at construction.
+    How :mod:`fsdp_ac.apply` names the wrappers a user's ``checkpoint_wrapper_fn(module)`` builds.
     """
     token = _REGION_NAME.set(name)
     try:
@@ -86,16 +55,11 @@ def naming_regions(name: str) -> Iterator[None]:
         _REGION_NAME.reset(token)
 
 
-_CONSTRUCTING = "_fsdp_ac_constructing"
-"""Present in a wrapper's ``__dict__`` until its whole ``__init__`` chain has returned."""
+_CONSTRUCTING = "_fsdp_ac_constructing"  # in a wrapper's __dict__ until its __init__ chain returns
 
 
-class _Constructed(abc.ABCMeta):
-    """The wrappers' metaclass: marks a wrapper constructed once its outermost ``__init__`` returns.
-
-    A subclass's ``__init__`` runs on after the base class's, so only the call that constructs the
-    instance knows when construction ends. ``abc.ABCMeta`` because torch's wrappers are ABCs.
-    """
+class _Constructed(abc.ABCMeta):  # ABCMeta: torch's wrappers are ABCs
+    """Marks a wrapper constructed once its outermost ``__init__`` returns (a subclass's runs on)."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         wrapper = super().__call__(*args, **kwargs)
@@ -106,25 +70,21 @@ class _Constructed(abc.ABCMeta):
 class ActivationWrapper(TorchActivationWrapper, metaclass=_Constructed):
     """Base class of the checkpoint and offload wrappers; not meant to be instantiated directly.
 
-    The wrapped module lives at ``self._checkpoint_wrapped_module``. Attribute reads, ``len()``,
-    iteration and indexing reach it, and so do writes of public attributes the wrapper does not own
-    (see :meth:`__setattr__`). In ``named_modules()`` the wrapper and the wrapped
-    module share one name, so every name derived from module traversal is the unwrapped model's.
+    The wrapped module lives at ``self._checkpoint_wrapped_module``; attribute reads and writes the
+    wrapper does not own, ``len()``, iteration and indexing reach it. In ``named_modules()`` the
+    wrapper and the wrapped module share one clean name (docs/names.md).
 
     Args:
         mod: The module to wrap.
-        region_name: The name messages give the region; default: the name :func:`naming_regions`
-            gives, else the wrapped module's class name.
+        region_name: The region's name in messages; default: the one :func:`naming_regions` gives,
+            else the wrapped module's class name.
 
     Raises:
         TypeError: ``mod`` is not an ``nn.Module``.
-        ValueError: ``mod`` is an FSDP1 unit and this torch's DCP cannot be adapted to restore the
-            nesting (see :func:`fsdp_ac.dcp.adapt_dcp_names`).
+        ValueError: ``mod`` is an FSDP1 unit and DCP cannot be adapted (:func:`fsdp_ac.dcp.adapt_dcp_names`).
     """
 
     region_name: str
-    """The wrapped module's name in messages: its qualified name when wrapped by
-    the application path (:mod:`fsdp_ac.apply`), else its class name."""
 
     def __init__(self, mod: nn.Module, *, region_name: str | None = None) -> None:
         require_module(mod, type(self).__name__)
@@ -141,17 +101,12 @@ class ActivationWrapper(TorchActivationWrapper, metaclass=_Constructed):
     def __setattr__(self, name: str, value: Any) -> None:
         """Sets a public attribute the wrapper does not own on the wrapped module.
 
-        The wrapper owns every attribute set while it is constructed (wrappers take all their options
-        then), every private one, and, later, each one it already has (in its ``__dict__``, parameters,
-        buffers or submodules) or its class defines. So a subclass's new option stays on the wrapper
-        without being listed anywhere, and ``wrapper.dropout_p = 0.0`` reaches the wrapped module.
-
-        FSDP1's auto-wrap replaces the wrapped module by its FSDP unit through here (AC applied
-        before FSDP1 gives ``CheckpointWrapper(FSDP(block))``); DCP then needs
-        :func:`fsdp_ac.dcp.adapt_dcp_names` to restore the nesting's optimizer state.
+        The wrapper owns what is set during construction, private names, and what it already has or
+        its class defines: so ``wrapper.dropout_p = 0.0`` reaches the wrapped module.
 
         Raises:
-            ValueError: See :func:`fsdp_ac.dcp.adapt_dcp_names`.
+            ValueError: FSDP1 auto-wrap put an FSDP unit inside and DCP cannot be adapted
+                (:func:`fsdp_ac.dcp.adapt_dcp_names`).
         """
         state = self.__dict__
         modules = state.get("_modules", {})
@@ -170,31 +125,21 @@ class ActivationWrapper(TorchActivationWrapper, metaclass=_Constructed):
         else:
             super().__setattr__(name, value)
 
-    def __bool__(self) -> bool:
-        """Always true, as for any module (``__len__`` alone would make an empty one falsy or fail)."""
+    def __bool__(self) -> bool:  # as any module, although it has __len__
         return True
 
     def __len__(self) -> int:
-        """The wrapped module's length (e.g. of an ``nn.Sequential`` or ``nn.ModuleList``)."""
         return len(self._modules[WRAPPED_MODULE_ATTR])  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Any]:
-        """Iterates the wrapped module (e.g. the layers of an ``nn.Sequential``)."""
         return iter(self._modules[WRAPPED_MODULE_ATTR])  # type: ignore[call-overload]
 
     def named_modules(
-        self,
-        memo: set[nn.Module] | None = None,
-        prefix: str = "",
-        remove_duplicate: bool = True,
+        self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Module]]:
         """Yields this wrapper, then the wrapped module's ``named_modules()``, under one clean name.
 
-        ``nn.Module.named_modules`` of a parent calls this method for each child, so every module
-        of the model, the root included, lists clean names. The wrapper and the module it wraps
-        share a name; the wrapped module comes second, so ``dict(model.named_modules())`` maps each
-        name to the same module an unwrapped model has there. The wrapper itself stays visible:
-        FSDP2 finds the state of a ``fully_shard``-ed wrapper by walking ``named_modules()``.
+        The wrapped module comes second, so ``dict(model.named_modules())`` is the unwrapped model's.
         """
         if memo is None:
             memo = set()
@@ -209,47 +154,38 @@ class ActivationWrapper(TorchActivationWrapper, metaclass=_Constructed):
     def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]:
-        """Same as ``nn.Module.named_parameters``; names are clean through ``named_modules``.
-
-        Overridden only to drop torch's base-class override, which rewrites names a second time.
-        """
+        """``nn.Module.named_parameters``: torch's wrapper override would rewrite clean names again."""
         return nn.Module.named_parameters(self, prefix, recurse, remove_duplicate)
 
 
 class CheckpointWrapper(ActivationWrapper, TorchCheckpointWrapper):
     """Recomputes the wrapped module's activations in backward instead of saving them.
 
-    Use it through :func:`checkpoint_wrapper` or :func:`~fsdp_ac.apply_activation_checkpointing`. Every call
-    autograd records is checkpointed, in eval mode too; calls under ``torch.no_grad()`` or
-    ``torch.inference_mode()`` run the module directly. The replay follows the replay rule of
-    :mod:`fsdp_ac.recompute`.
+    Every call autograd records is checkpointed, in eval mode too (RL and LoRA runs call ``.eval()``
+    and still backpropagate); calls without autograd run the module directly. The replay follows the
+    replay rule of :mod:`fsdp_ac.recompute`.
 
     Args:
         mod: The module to wrap.
         checkpoint_impl: ``CheckpointImpl.NO_REENTRANT`` (default) or ``CheckpointImpl.REENTRANT``;
             ignored when ``checkpoint_fn`` is given.
         checkpoint_fn: A functional checkpoint to use instead of ``torch.utils.checkpoint.checkpoint``.
-        allow_rng_divergence: With ``preserve_rng_state=False``, allow random ops in the region
-            although their recomputation draws different numbers.
+        allow_rng_divergence: With ``preserve_rng_state=False``, allow random ops in the region.
         check_recomputed_values: Compare every recomputed saved tensor with the forward's, bitwise,
-            and raise on a difference. A debugging aid: it keeps a copy of each saved tensor.
-        offload: Also keep what the checkpoint saves (its inputs) in CPU memory, with these options:
-            ``offload_wrapper(checkpoint_wrapper(m))`` in one wrapper, which is what an FSDP1 unit
-            without ``use_orig_params`` can hold (it looks through one wrapper only).
+            and raise on a difference (a debugging aid: it keeps a copy of each saved tensor).
+        offload: Also keep the checkpoint's inputs in CPU memory: ``offload_wrapper(checkpoint_wrapper(m))``
+            in one wrapper, which an FSDP1 unit without ``use_orig_params`` can hold.
         engine: The :class:`~fsdp_ac.offload.OffloadEngine` that copies for ``offload``; None copies
             synchronously.
         region_name: See :class:`ActivationWrapper`.
         **checkpoint_fn_kwargs: Passed to the checkpoint function on every call.
 
     Raises:
-        TypeError: ``checkpoint_impl`` is not a ``CheckpointImpl``, or ``use_reentrant`` is passed
-            alongside it.
+        TypeError: ``checkpoint_impl`` is not a ``CheckpointImpl``, or ``use_reentrant`` is passed.
     """
 
     offload: OffloadOptions | None = None
-    """How the checkpoint's inputs are offloaded; None keeps them on their device."""
     engine: OffloadEngine | None = None
-    """The engine that copies for ``offload``, or None for synchronous copies."""
 
     def __init__(
         self,
@@ -275,6 +211,7 @@ class CheckpointWrapper(ActivationWrapper, TorchCheckpointWrapper):
         self.checkpoint_impl = checkpoint_impl
         self.allow_rng_divergence = allow_rng_divergence
         self.check_recomputed_values = check_recomputed_values
+        reentrant = checkpoint_impl == CheckpointImpl.REENTRANT
         self.checkpoint_fn: partial[Any]
         if checkpoint_fn is None:
             if "use_reentrant" in checkpoint_fn_kwargs:
@@ -282,31 +219,18 @@ class CheckpointWrapper(ActivationWrapper, TorchCheckpointWrapper):
                     "Pass checkpoint_impl=CheckpointImpl.REENTRANT or NO_REENTRANT instead of "
                     "use_reentrant; checkpoint_wrapper sets use_reentrant from checkpoint_impl."
                 )
-            self.checkpoint_fn = partial(
-                _torch_checkpoint,
-                use_reentrant=checkpoint_impl == CheckpointImpl.REENTRANT,
-                **checkpoint_fn_kwargs,
-            )
+            self.checkpoint_fn = partial(_torch_checkpoint, use_reentrant=reentrant, **checkpoint_fn_kwargs)
         else:
             self.checkpoint_fn = partial(checkpoint_fn, **checkpoint_fn_kwargs)
-        self._uses_torch_reentrant = checkpoint_fn is None and checkpoint_impl == CheckpointImpl.REENTRANT
+        self._uses_torch_reentrant = checkpoint_fn is None and reentrant
         # The region's audit checks saved tensors unless the user chose torch's check themselves;
         # with torch's non-reentrant checkpoint it replaces torch's check of the same metadata.
         self._audit_saved_tensors = "determinism_check" not in checkpoint_fn_kwargs
-        self._replaces_torch_check = (
-            self._audit_saved_tensors
-            and checkpoint_fn is None
-            and checkpoint_impl == CheckpointImpl.NO_REENTRANT
-        )
+        self._replaces_torch_check = self._audit_saved_tensors and checkpoint_fn is None and not reentrant
         self._checked_first_forward = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Runs the wrapped module under the checkpoint function (directly when autograd is off).
-
-        Like torch's wrapper, every call that autograd records is checkpointed, in eval mode too (RL
-        and LoRA runs call ``.eval()`` to turn dropout off and still backpropagate); calls under
-        ``torch.no_grad()`` or ``torch.inference_mode()`` save nothing, so they run the module directly.
-        """
+        """Runs the wrapped module under the checkpoint function (directly when autograd is off)."""
         wrapped: nn.Module = getattr(self, WRAPPED_MODULE_ATTR)
         if not torch.is_grad_enabled():
             return wrapped(*args, **kwargs)
@@ -323,32 +247,28 @@ class CheckpointWrapper(ActivationWrapper, TorchCheckpointWrapper):
                 # The compiled backward recomputes traced ops but replays no Python side effects, so
                 # only an eager region applies the replay rule to these hooks (one graph break).
                 return _checkpoint_eagerly(self, wrapped, args, kwargs)
-            # Without user hooks the replay happens inside the compiled backward graph; the region's
-            # bookkeeping would break the graph.
+            # Else the replay is part of the compiled backward; the region's bookkeeping would break it.
             if self._uses_torch_reentrant:
                 return _reentrant_call(self.checkpoint_fn, wrapped, args, kwargs)
             return self.checkpoint_fn(wrapped, *args, **kwargs)
         return self._checkpoint(wrapped, args, kwargs)
 
     def _checkpoint(self, wrapped: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The eager path: one :class:`RecomputeRegion` per call applies the replay rule."""
         if not self._checked_first_forward:
             refuse_hf_gradient_checkpointing(wrapped, self.region_name)
             self._checked_first_forward = True
         _refuse_stateful_cache(self.region_name, args, kwargs)
+        guard = (
+            not self.checkpoint_fn.keywords.get("preserve_rng_state", True) and not self.allow_rng_divergence
+        )
+        audit, check_values = self._audit_saved_tensors, self.check_recomputed_values
         region = RecomputeRegion(
-            wrapped,
-            self.region_name,
-            guard_random_ops=not self.checkpoint_fn.keywords.get("preserve_rng_state", True)
-            and not self.allow_rng_divergence,
-            audit=self._audit_saved_tensors,
-            check_values=self.check_recomputed_values,
+            wrapped, self.region_name, guard_random_ops=guard, audit=audit, check_values=check_values
         )
         if self._uses_torch_reentrant:
             return _reentrant_call(self.checkpoint_fn, region, args, kwargs)
         if self._replaces_torch_check:
-            # The region's audit checks each saved tensor's metadata and names the region on a
-            # mismatch; torch's own check of the same metadata would only repeat the work.
+            # The region's audit names the region on a mismatch; torch's check would repeat it.
             return self.checkpoint_fn(region, *args, determinism_check="none", **kwargs)
         return self.checkpoint_fn(region, *args, **kwargs)
 
@@ -363,20 +283,15 @@ def _checkpoint_eagerly(
 class OffloadWrapper(ActivationWrapper, TorchOffloadWrapper):
     """Keeps the activations that the wrapped module saves for backward in CPU memory.
 
-    Parameters, buffers (and views of either), tensors already on the CPU and tensors below
-    ``min_offload_bytes`` are never copied; tensor subclasses such as DTensor are copied at their
-    local shape (see :mod:`fsdp_ac.offload`).
+    Which tensors move is :func:`fsdp_ac.offload.decide`'s (docs/offload.md).
 
     Args:
         mod: The module to wrap.
-        pin_memory: Offload into page-locked memory (for tensors on a CUDA device).
-        min_offload_bytes: Saved tensors whose storage is smaller than this stay on their device.
-        copy_cpu_tensors: Also copy saved tensors already in CPU memory, into separate CPU memory.
-            It frees nothing: it lets tests on machines without an accelerator run offloading for
-            real (:attr:`fsdp_ac.offload.OffloadOptions.copy_cpu_tensors`).
-        engine: An :class:`~fsdp_ac.offload.OffloadEngine`, shared by a model's offload wrappers,
-            that copies on a side stream into a reused host pool and prefetches in backward; None
-            (the default) copies synchronously, as torch's wrapper does.
+        pin_memory: See :func:`fsdp_ac.offload.offload_saved_tensors`.
+        min_offload_bytes: See :func:`fsdp_ac.offload.offload_saved_tensors`.
+        copy_cpu_tensors: See :func:`fsdp_ac.offload.offload_saved_tensors`.
+        engine: An :class:`~fsdp_ac.offload.OffloadEngine` shared by a model's offload wrappers; None
+            copies synchronously, as torch's wrapper does.
         region_name: See :class:`ActivationWrapper`.
 
     Raises:
@@ -384,7 +299,6 @@ class OffloadWrapper(ActivationWrapper, TorchOffloadWrapper):
     """
 
     engine: OffloadEngine | None = None
-    """The engine that copies, or None for synchronous copies."""
 
     def __init__(
         self,
@@ -408,14 +322,12 @@ class OffloadWrapper(ActivationWrapper, TorchOffloadWrapper):
         wrapped: nn.Module = getattr(self, WRAPPED_MODULE_ATTR)
         if not torch.is_grad_enabled():
             return wrapped(*args, **kwargs)
-        with offload_saved_tensors(
-            wrapped,
-            pin_memory=self.pin_memory,
-            min_offload_bytes=self.min_offload_bytes,
-            copy_cpu_tensors=self.copy_cpu_tensors,
-            engine=self.engine,
-        ):
+        with offload_saved_tensors(wrapped, **dataclasses.asdict(_options(self)), engine=self.engine):
             return wrapped(*args, **kwargs)
+
+
+def _options(wrapper: OffloadWrapper) -> OffloadOptions:
+    return OffloadOptions(wrapper.pin_memory, wrapper.min_offload_bytes, wrapper.copy_cpu_tensors)
 
 
 def checkpoint_wrapper(
@@ -431,26 +343,14 @@ def checkpoint_wrapper(
 ) -> nn.Module:
     """Wraps ``module`` so that every training call recomputes its activations in backward.
 
-    Wrapping is idempotent: a module that already is a checkpoint wrapper (fsdp_ac's or torch's),
-    directly or under offload wrappers, is returned as it is when the settings agree.
-
-    Args:
-        module: The module to wrap.
-        checkpoint_impl: ``CheckpointImpl.NO_REENTRANT`` (default) or ``CheckpointImpl.REENTRANT``.
-        checkpoint_fn: A functional checkpoint to use instead of ``torch.utils.checkpoint.checkpoint``;
-            ``checkpoint_impl`` is then ignored.
-        allow_rng_divergence: See :class:`CheckpointWrapper`.
-        check_recomputed_values: See :class:`CheckpointWrapper`.
-        offload: Also offload the inputs the checkpoint keeps (see :class:`CheckpointWrapper`).
-        engine: The :class:`~fsdp_ac.offload.OffloadEngine` that copies for ``offload``.
-        **checkpoint_fn_kwargs: Passed to the checkpoint function, e.g. ``context_fn``.
+    Idempotent: a module checkpointed already (by fsdp_ac or torch, under offload wrappers too) with
+    the same settings is returned as it is. Arguments as for :class:`CheckpointWrapper`.
 
     Returns:
         A :class:`CheckpointWrapper` around ``module``, or ``module`` if it is checkpointed already.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module`` instance (the message says what it is), or
-            see :class:`CheckpointWrapper`.
+        TypeError: ``module`` is not an ``nn.Module`` instance, or see :class:`CheckpointWrapper`.
         ValueError: ``module`` is checkpointed already with other settings, or has Hugging Face
             gradient checkpointing enabled.
 
@@ -462,9 +362,17 @@ def checkpoint_wrapper(
     require_module(module, "checkpoint_wrapper")
     existing = next((m for m in activation_wrappers(module) if isinstance(m, TorchCheckpointWrapper)), None)
     if existing is not None:
-        return _reuse_checkpoint_wrapper(
-            module, existing, (checkpoint_impl, offload, engine), checkpoint_fn, checkpoint_fn_kwargs
-        )
+        existing_fn, existing_kwargs = checkpoint_function(existing)
+        existing_kwargs.pop("use_reentrant", None)
+        settings = tuple(getattr(existing, n, None) for n in ("checkpoint_impl", "offload", "engine"))
+        same = settings == (checkpoint_impl, offload, engine) and existing_kwargs == checkpoint_fn_kwargs
+        if not (same and checkpoint_fn is None and existing_fn is _torch_checkpoint):
+            raise ValueError(
+                f"{type(unwrap(module)).__name__} is already wrapped for activation checkpointing with "
+                "other settings; checkpointing it twice would recompute twice. Call fsdp_ac.unwrap(module) "
+                "first, or keep the existing wrapper."
+            )
+        return module
     refuse_hf_gradient_checkpointing(module, type(module).__name__)
     return CheckpointWrapper(
         module,
@@ -488,25 +396,15 @@ def offload_wrapper(
 ) -> nn.Module:
     """Wraps ``module`` so that the activations it saves for backward live in CPU memory.
 
-    Compose with :func:`checkpoint_wrapper` (``offload_wrapper(checkpoint_wrapper(m))``) to offload
-    only the checkpointed block's inputs. Wrapping an offload wrapper again returns it as it is.
-
-    Args:
-        module: The module to wrap.
-        pin_memory: Offload into page-locked memory (for tensors on a CUDA device).
-        min_offload_bytes: Saved tensors whose storage is smaller than this stay on their device.
-        copy_cpu_tensors: Also copy saved tensors already in CPU memory (frees nothing; for tests on
-            machines without an accelerator, see :class:`OffloadWrapper`).
-        engine: An :class:`~fsdp_ac.offload.OffloadEngine` to copy asynchronously (pass the same one
-            to every block of a model, so that backward prefetches across blocks); None copies
-            synchronously.
+    ``offload_wrapper(checkpoint_wrapper(m))`` offloads only the checkpointed block's inputs.
+    Arguments as for :class:`OffloadWrapper` (pass one engine to every block of a model).
 
     Returns:
         An :class:`OffloadWrapper` around ``module``, or ``module`` if it is one already with the
         same settings.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module`` instance (the message says what it is).
+        TypeError: ``module`` is not an ``nn.Module`` instance.
         ValueError: ``min_offload_bytes`` is negative, or ``module`` is offloaded already with other
             settings.
 
@@ -518,9 +416,7 @@ def offload_wrapper(
     if isinstance(module, TorchOffloadWrapper):
         wanted = (pin_memory, min_offload_bytes, copy_cpu_tensors, engine)
         if isinstance(module, OffloadWrapper) and wanted != (
-            module.pin_memory,
-            module.min_offload_bytes,
-            module.copy_cpu_tensors,
+            *dataclasses.astuple(_options(module)),
             module.engine,
         ):
             raise ValueError(
@@ -557,44 +453,15 @@ def require_module(value: Any, caller: str) -> None:
     raise TypeError(f"{caller} takes an nn.Module instance, got {got}: {fix}.")
 
 
-def _reuse_checkpoint_wrapper(
-    module: nn.Module,
-    existing: nn.Module,
-    settings: tuple[CheckpointImpl, OffloadOptions | None, OffloadEngine | None],
-    checkpoint_fn: Callable[..., Any] | None,
-    checkpoint_fn_kwargs: dict[str, Any],
-) -> nn.Module:
-    existing_fn, existing_kwargs = checkpoint_function(existing)
-    existing_kwargs.pop("use_reentrant", None)
-    existing_settings = tuple(getattr(existing, n, None) for n in ("checkpoint_impl", "offload", "engine"))
-    same = (
-        existing_settings == settings
-        and checkpoint_fn is None
-        and existing_fn is _torch_checkpoint
-        and existing_kwargs == checkpoint_fn_kwargs
-    )
-    if not same:
-        raise ValueError(
-            f"{type(unwrap(module)).__name__} is already wrapped for activation checkpointing with "
-            "other settings; checkpointing it twice would recompute twice. Call fsdp_ac.unwrap(module) "
-            "first, or keep the existing wrapper."
-        )
-    return module
-
-
 def refuse_hf_gradient_checkpointing(module: nn.Module, where: str) -> None:
-    """Raises a ``ValueError`` when Hugging Face's own checkpointing is on in ``module``.
-
-    Inside an fsdp_ac region it would recompute every layer twice.
-    """
+    """Raises a ``ValueError`` when Hugging Face's own checkpointing (a second recompute) is on."""
     for name, sub in module.named_modules():
         if getattr(sub, "gradient_checkpointing", False) is True:
             location = f"'{name}' ({type(sub).__name__})" if name else type(sub).__name__
             raise ValueError(
                 f"Hugging Face gradient checkpointing is enabled on {location} inside {where}; with "
                 "fsdp_ac's checkpointing too, every layer would be recomputed twice. Call "
-                "model.gradient_checkpointing_disable() (or leave gradient_checkpointing off in the "
-                "TrainingArguments/config) and let fsdp_ac do the checkpointing."
+                "model.gradient_checkpointing_disable() (or leave it off in the TrainingArguments)."
             )
 
 
@@ -615,8 +482,7 @@ def _refuse_stateful_cache(region_name: str, args: tuple[Any, ...], kwargs: dict
             raise ValueError(
                 f"Checkpointed region '{region_name}' was called with a Hugging Face "
                 f"{type(value).__name__}; its recomputation in backward would append to the cache a "
-                "second time. Train with use_cache=False (model(..., use_cache=False) or "
-                "model.config.use_cache = False)."
+                "second time. Train with use_cache=False (or model.config.use_cache = False)."
             )
 
 
@@ -626,8 +492,6 @@ def _is_hugging_face_cache(cls: type) -> bool:
 
 @dataclasses.dataclass
 class _Flat:
-    """A nesting of Python containers with its tensors taken out, to rebuild it later."""
-
     rebuild: Callable[[Iterator[torch.Tensor]], Any]
     tensors: list[torch.Tensor]
 
@@ -635,8 +499,7 @@ class _Flat:
 def _flatten(value: Any) -> _Flat:
     """Takes the tensors out of tuples, lists, namedtuples, dicts and dataclasses, recursively.
 
-    The rebuild closures hold container types and skeletons, never the tensors: the reentrant
-    checkpoint node holds them, and a tensor held there would keep its own graph alive in a cycle.
+    The rebuild closures never hold the tensors: held there, a tensor would keep its graph alive.
     """
     tensors: list[torch.Tensor] = []
     return _Flat(_take(value, tensors), tensors)
@@ -645,8 +508,7 @@ def _flatten(value: Any) -> _Flat:
 def _take(node: Any, tensors: list[torch.Tensor]) -> Callable[[Iterator[torch.Tensor]], Any]:
     """Appends the tensors in ``node`` to ``tensors``; returns how to rebuild ``node`` from them.
 
-    A module-level function, not a closure: a recursive closure refers to itself, and the cycle
-    would keep ``tensors`` (and so a region's outputs and their graph) alive until a GC pass.
+    Not a closure: a recursive closure's cycle would keep ``tensors`` alive until a GC pass.
     """
     if isinstance(node, torch.Tensor):
         tensors.append(node)
@@ -690,10 +552,8 @@ def _reentrant_call(
 ) -> Any:
     """Runs reentrant checkpointing with any inputs and outputs, training even frozen-input regions.
 
-    Reentrant checkpointing sees only positional tensor arguments and returns only tensors, and it
-    builds no graph when no input needs a gradient, which silently leaves the region untrained. So
-    inputs and outputs travel as flat tuples of tensors, with one empty tensor that needs a gradient.
-    Under DDP the region's trainable parameters travel as inputs too (see :class:`_RoutedParameters`).
+    Inputs and outputs travel as flat tuples of tensors, with one empty tensor that needs a gradient
+    (else no graph is built); under DDP the parameters too (docs/differences.md, row 2).
     """
     inputs = _flatten((args, kwargs))
     module = region.module if isinstance(region, RecomputeRegion) else region
@@ -719,36 +579,24 @@ def _reentrant_call(
     return output_rebuild[0](iter(out_tensors))
 
 
+# True while a routed region replays: a reentrant region nested in it routes too.
 _ROUTING_PARAMETERS: ContextVar[bool] = ContextVar("fsdp_ac_routing_parameters", default=False)
-"""True while a region whose parameters are routed replays: a reentrant region nested in it routes too."""
 
 
 @dataclasses.dataclass
 class _RoutedParameters:
     """A reentrant region's trainable parameters under DDP, passed through the checkpoint as inputs.
 
-    Reentrant recomputation runs the region's backward as a nested backward call, in which each
-    parameter's gradient accumulator, where DDP's reducer hooks sit, runs on its own. DDP expects one
-    hook call per parameter per step: a parameter also used outside the region (tied embeddings), a
-    region run twice, two forwards or ``find_unused_parameters=True`` broke it, and a use outside the
-    region after DDP had finished the step left that gradient unsynchronized across ranks. As inputs
-    of the checkpoint, the parameters are replaced in the replay by the checkpoint's detached copies;
-    the copies' gradients come back as its input gradients, and autograd sums them with every other
-    use of the parameter into one accumulation, exactly as without AC.
+    So autograd accumulates each parameter's gradient, and DDP's hook fires, once per step as
+    without AC (docs/differences.md, row 2).
     """
 
-    params: tuple[torch.Tensor, ...]
-    """Each trainable parameter once, tied ones included (plain tensors in a nested region's replay)."""
-    slots: list[tuple[dict[str, Any], str, int]]
-    """Where the region's modules hold them: ``(module._parameters, name, index into params)``."""
+    params: tuple[torch.Tensor, ...]  # each once, tied ones included
+    slots: list[tuple[dict[str, Any], str, int]]  # (module._parameters, name, index into params)
 
     @classmethod
     def of(cls, module: nn.Module) -> _RoutedParameters | None:
-        """The routing for a call of ``module`` in DDP's forward or in a routed region's replay.
-
-        None elsewhere, and under compile, where the replay is part of the compiled backward graph
-        and no nested backward runs.
-        """
+        """The routing for a call of ``module`` in DDP's forward or a routed replay, else None."""
         if torch.compiler.is_compiling() or not (
             _ROUTING_PARAMETERS.get() or active_ddp_module() is not None
         ):
@@ -768,10 +616,7 @@ class _RoutedParameters:
 
     @contextlib.contextmanager
     def replaced(self, tensors: tuple[torch.Tensor, ...]) -> Iterator[None]:
-        """Puts ``tensors`` in the parameters' slots meanwhile, unless they are the parameters.
-
-        In the forward they are the parameters; in the replay, the checkpoint's detached copies.
-        """
+        """Puts ``tensors`` (the replay's detached copies) in the parameters' slots meanwhile."""
         if all(new is old for new, old in zip(tensors, self.params, strict=True)):
             yield
             return
