@@ -73,14 +73,14 @@ bench: install
 # Breaks fsdp_ac on purpose, one way at a time, and fails if the tests chosen to catch a breakage all
 # pass (docs/testing.md, "Mutation smoke test"). Not part of `make test`: about 4 minutes on 2 cores.
 mutants: install
-	$(PYTHON) scripts/mutants.py
+	$(PYTHON) tests/tools/mutants.py
 
 # Trains the demo model under torchrun for MINUTES with random faults (kills, a torn save, a hang) and
 # restarts, and checks the result against a fault-free run (docs/testing.md, "Elastic restarts"). Not
 # part of `make test` or CI.
 MINUTES ?= 30
 soak: install
-	$(PYTHON) scripts/soak.py --minutes $(MINUTES)
+	$(PYTHON) tests/tools/soak.py --minutes $(MINUTES)
 
 # On one CUDA GPU, offline and within 8 minutes (at most 450 s of timeouts): every gpu-marked test (one
 # rank per GPU), the demo on one rank with NCCL, and the offload benchmark with its stress checks
@@ -102,12 +102,12 @@ lint: install
 # The inventory of docs/testing.md (test counts, matrix cells, portability configurations), from the
 # code; tests/test_docs_testing.py fails when it is out of date.
 docs-testing: install
-	$(PYTHON) scripts/suite_inventory.py
+	$(PYTHON) tests/tools/suite_inventory.py
 
 # Runs the whole suite (minutes), as make test does, and writes its results into docs/testing.md.
 RESULTS_PYTEST = -m pytest -n 2 tests
 docs-testing-results: install
 	mkdir -p build
 	$(PYTHON) $(RESULTS_PYTEST) -o junit_family=xunit1 --junitxml=build/junit.xml; status=$$?; \
-	$(PYTHON) scripts/suite_inventory.py --results build/junit.xml --command "python $(RESULTS_PYTEST)" \
+	$(PYTHON) tests/tools/suite_inventory.py --results build/junit.xml --command "python $(RESULTS_PYTEST)" \
 	&& exit $$status

@@ -1,6 +1,6 @@
 """docs/testing.md matches the suite: its generated counts and tables are those the code gives today.
 
-``scripts/suite_inventory.py`` writes them (``make docs-testing``); these tests fail when a test,
+``tests/tools/suite_inventory.py`` writes them (``make docs-testing``); these tests fail when a test,
 test file, matrix cell or portability configuration is added or removed and the document is not
 regenerated, and check the script's own block and JUnit handling on small inputs.
 """
@@ -18,7 +18,7 @@ from types import ModuleType
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "suite_inventory.py"
+SCRIPT = REPO / "tests" / "tools" / "suite_inventory.py"
 
 
 @pytest.fixture(scope="module")

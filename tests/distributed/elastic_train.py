@@ -1,6 +1,6 @@
 """Trains the reference GPT under torchrun, checkpointing with DCP every step, and survives restarts.
 
-Run by ``test_elastic.py`` and ``scripts/soak.py`` exactly as a user's elastic job runs::
+Run by ``test_elastic.py`` and ``tests/tools/soak.py`` exactly as a user's elastic job runs::
 
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 python -m torch.distributed.run --standalone \\
         --nproc_per_node 2 --max-restarts 1 tests/distributed/elastic_train.py --run-dir RUN \\

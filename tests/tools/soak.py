@@ -2,7 +2,7 @@
 
 This is ``make soak`` (not part of ``make test`` or CI)::
 
-    PYTHONPATH=$PWD python scripts/soak.py --minutes 30
+    PYTHONPATH=$PWD python tests/tools/soak.py --minutes 30
 
 It runs ``tests/distributed/elastic_train.py`` (the suite's elastic training script: DCP checkpoint
 every step, committed by an atomic rename; docs/testing.md, "Elastic restarts") on 2 gloo ranks with
@@ -37,8 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # suite_settings, for the ranks
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "distributed"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # suite_settings, for the ranks
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "distributed"))
 
 from elastic_launch import Launch, mismatches, torchrun
 from elastic_train import AC_STRATEGIES, FAULTS, PARALLELS

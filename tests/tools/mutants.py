@@ -1,6 +1,6 @@
 """Mutation smoke test: breaks fsdp_ac on purpose, one way at a time, and checks that the tests notice.
 
-Run it as ``make mutants`` (``python scripts/mutants.py [KEY ...]``). For each mutant (a deliberate
+Run it as ``make mutants`` (``python tests/tools/mutants.py [KEY ...]``). For each mutant (a deliberate
 breakage, below), the script copies the ``fsdp_ac`` package into a temporary directory, applies the
 breakage there, and runs the tests chosen to catch it with that copy imported instead of the
 package: the copy's directory is the working directory and comes first on ``PYTHONPATH``, so the
@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "fsdp_ac"
 
 

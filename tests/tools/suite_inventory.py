@@ -1,8 +1,8 @@
 """Writes the suite's inventory, and a run's results, into docs/testing.md between marker comments.
 
-    python scripts/suite_inventory.py                  # rewrite the inventory blocks (make docs-testing)
-    python scripts/suite_inventory.py --check          # exit 1 when docs/testing.md is out of date
-    python scripts/suite_inventory.py --results JUNIT  # rewrite the Results block from a run's JUnit XML
+    python tests/tools/suite_inventory.py                  # rewrite the inventory blocks (make docs-testing)
+    python tests/tools/suite_inventory.py --check          # exit 1 when docs/testing.md is out of date
+    python tests/tools/suite_inventory.py --results JUNIT  # rewrite the Results block from a run's JUnit XML
 
 Nothing is counted by hand. The inventory comes from the code: pytest's own collection of ``tests/``
 (every test, by file, so a new test file or case appears by itself), the rows and cells of the
@@ -35,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "testing.md"
 TESTS = REPO / "tests"
 INVENTORY_BLOCKS = ("tests", "matrix", "portability")
@@ -46,7 +46,7 @@ INVENTORY_BLOCKS = ("tests", "matrix", "portability")
 
 
 def begin_marker(name: str) -> str:
-    return f"<!-- BEGIN GENERATED {name}: written by scripts/suite_inventory.py, do not edit -->"
+    return f"<!-- BEGIN GENERATED {name}: written by tests/tools/suite_inventory.py, do not edit -->"
 
 
 def end_marker(name: str) -> str:
