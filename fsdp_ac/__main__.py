@@ -14,7 +14,6 @@ import torch
 
 from fsdp_ac.planner import BudgetError, plan
 from fsdp_ac.profiler import Profile, Workload, builtin_workload, profile, workload_from_spec
-from fsdp_ac.report import silenced
 from fsdp_ac.settings import parse_budget
 
 BUILTINS = ("gpt", "llama")
@@ -133,8 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     progress = None if args.quiet else progress_bar
-    with silenced():  # the profile checkpoints copies of the model to measure them
-        measured: Profile = profile(workload, repeats=args.repeats, progress=progress)
+    measured: Profile = profile(workload, repeats=args.repeats, progress=progress)
     print(measured.table())
     document: dict[str, object] = {"profile": measured.to_json()}
     status = 0

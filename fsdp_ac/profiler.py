@@ -47,6 +47,7 @@ from torch import nn
 from fsdp_ac._compat import StorageWeakRef, TorchDispatchMode, tree_leaves, written_tensors
 from fsdp_ac.plan import ActivationPlan, PlanOrigin, block_inputs
 from fsdp_ac.policies import ModulePolicy, PolicySpec
+from fsdp_ac.report import silenced
 from fsdp_ac.selective import ATTENTION_OPS, MATMUL_OPS, SelectiveCheckpoint, op_call_name, op_family
 
 __all__ = [
@@ -867,7 +868,8 @@ def _block_figures(
 def _strategy_bytes(workload: Workload, names: list[str], strategy: str) -> list[int]:
     """Bytes each block holds with ``strategy`` on every block, measured on a copy of the model."""
     model = copy.deepcopy(workload.model)
-    ActivationPlan(dict.fromkeys(names, strategy)).apply(model)
+    with silenced():  # a copy checkpointed to be measured: no account line for the user
+        ActivationPlan(dict.fromkeys(names, strategy)).apply(model)
     return block_bytes(workload, model).held
 
 

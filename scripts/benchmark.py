@@ -69,6 +69,7 @@ from fsdp_ac import (
 from fsdp_ac.__main__ import BUILTINS, workload_from_args
 from fsdp_ac.planner import BudgetError, MemoryPlan, plan
 from fsdp_ac.profiler import BlockProfile, OpProfile, Profile, Workload, peak_bytes, profile
+from fsdp_ac.report import silenced
 
 MIB = 2**20
 
@@ -834,4 +835,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with silenced():  # the variants it builds are measurements, not the user's model: no account lines
+        sys.exit(main())
