@@ -14,9 +14,10 @@ install:
 	$(PYTHON) -m pip install -q -e ".[test,dev]"
 
 # What the demo needs and no more: torch and fsdp_ac (no test or dev extras).
+# numpy: torch's CPU wheel does not require it, but warns on every rank when it is missing.
 install-demo:
 	$(INSTALL_TORCH)
-	$(PYTHON) -m pip install -q -e .
+	$(PYTHON) -m pip install -q -e . numpy
 
 # The main job: a small GPT trained under torchrun with FSDP2, without and with fsdp_ac.
 demo: install-demo
